@@ -1,0 +1,194 @@
+"""M2RNNConfig: the hyper-parameters of an M2RNN or hybrid M2RNN / attention language model."""
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+from transformers.configuration_utils import remap_legacy_layer_types
+
+from ..kernels import BACKENDS
+
+# `layer_types` speaks transformers' vocabulary, which also drives the cache and mask dispatch:
+# "linear_attention" is transformers' name for a recurrent mixer, here an M2RNN layer.
+M2RNN_LAYER = "linear_attention"
+ATTENTION_LAYER = "full_attention"
+_LAYER_TYPE_ALIASES = {"m2rnn": M2RNN_LAYER}
+
+
+@strict
+class M2RNNConfig(PreTrainedConfig):
+    r"""
+    Configuration of an M2RNN language model (arXiv 2603.14360): a pre-norm decoder whose layers mix tokens
+    either with the M2RNN recurrence (`"linear_attention"`, alias `"m2rnn"`) or with softmax attention
+    (`"full_attention"`), each followed by a SwiGLU MLP. The defaults are the paper's 400M pure M2RNN;
+    `M2RNNConfig.from_preset("hybrid-m2rnn-400m")` gives the hybrid with attention at layers 4, 12 and 20.
+
+    M2RNN fields (per layer, `N = max` of the head counts, every count dividing `N`):
+        m2rnn_k_head_dim (K), m2rnn_v_head_dim (V): the state of a head is a K×V matrix.
+        m2rnn_num_{q,k,v,f,g,weight}_heads: heads of the query, key, value, forget gate, output gate and of
+            the V×V transition matrices W; an input with fewer heads is shared by consecutive heads.
+        m2rnn_conv_kernel_size: depthwise causal convolution (+ SiLU) on q, k, v; `None` for none.
+        m2rnn_use_residual: adds `D ⊙ v` to the recurrence output.
+        m2rnn_gradient_clipping: clamps the gradient reaching each state to [-c, c]; `None` for no clamp.
+        m2rnn_A_init_range, m2rnn_dt_init_range, m2rnn_dt_init_floor: Mamba2-style forget-gate initialisation.
+        m2rnn_scan_backend: "auto" (Triton on CUDA, else the PyTorch reference), "torch" or "triton".
+
+    Attention layers: `num_attention_heads`, `num_key_value_heads` (GQA), `head_dim`; no positional encoding
+    (NoPE, as in the paper) unless `rope_parameters` is given, e.g. `{"rope_type": "default", "rope_theta": 1e4}`.
+
+    ```python
+    >>> from modeling_m2rnn import M2RNNConfig, M2RNNForCausalLM
+    >>> config = M2RNNConfig(hidden_size=64, num_hidden_layers=2, layer_types=["m2rnn", "full_attention"])
+    >>> model = M2RNNForCausalLM(config)
+    ```
+    """
+
+    model_type = "m2rnn"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    }
+    base_model_pp_plan = {
+        "embed_tokens": (["input_ids"], ["inputs_embeds"]),
+        "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
+        "norm": (["hidden_states"], ["hidden_states"]),
+    }
+
+    vocab_size: int = 100352
+    hidden_size: int = 1024
+    intermediate_size: int = 2752
+    num_hidden_layers: int = 24
+    hidden_act: str = "silu"
+    layer_types: list[str] | None = None
+    num_attention_heads: int = 16
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    attention_bias: bool = False
+    attention_dropout: float | int = 0.0
+    rope_parameters: dict | None = None
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+    use_cache: bool = True
+    tie_word_embeddings: bool = False
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    m2rnn_k_head_dim: int = 64
+    m2rnn_v_head_dim: int = 16
+    m2rnn_num_q_heads: int = 1
+    m2rnn_num_k_heads: int = 1
+    m2rnn_num_v_heads: int = 84
+    m2rnn_num_f_heads: int = 84
+    m2rnn_num_g_heads: int = 84
+    m2rnn_num_weight_heads: int = 84
+    m2rnn_conv_kernel_size: int | None = 4
+    m2rnn_use_residual: bool = True
+    m2rnn_gradient_clipping: float | None = 1.0
+    m2rnn_A_init_range: list[float] | tuple[float, float] = (0.0, 16.0)
+    m2rnn_dt_init_range: list[float] | tuple[float, float] = (1e-3, 0.1)
+    m2rnn_dt_init_floor: float = 1e-4
+    m2rnn_scan_backend: str = "auto"
+
+    def __post_init__(self, **kwargs):
+        if self.layer_types is None:
+            self.layer_types = [M2RNN_LAYER] * self.num_hidden_layers
+        else:
+            layer_types = remap_legacy_layer_types(self.layer_types)
+            self.layer_types = [_LAYER_TYPE_ALIASES.get(t, t) for t in layer_types]
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None and self.num_attention_heads:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.rope_parameters is not None:
+            self.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0, **self.rope_parameters}
+        self.m2rnn_A_init_range = list(self.m2rnn_A_init_range)
+        self.m2rnn_dt_init_range = list(self.m2rnn_dt_init_range)
+        super().__post_init__(**kwargs)
+
+    @property
+    def m2rnn_num_heads(self) -> int:
+        """N: the number of recurrent heads, the largest of the M2RNN head counts."""
+        return max(self._m2rnn_head_counts().values())
+
+    def _m2rnn_head_counts(self) -> dict[str, int]:
+        return {
+            name: getattr(self, name)
+            for name in (
+                "m2rnn_num_q_heads",
+                "m2rnn_num_k_heads",
+                "m2rnn_num_v_heads",
+                "m2rnn_num_f_heads",
+                "m2rnn_num_g_heads",
+                "m2rnn_num_weight_heads",
+            )
+        }
+
+    def validate_layer_type(self):
+        allowed = (M2RNN_LAYER, ATTENTION_LAYER)
+        if not isinstance(self.layer_types, list) or any(t not in allowed for t in self.layer_types):
+            raise ValueError(
+                f"`layer_types` entries must be one of {allowed} (or the alias 'm2rnn'), got {self.layer_types}"
+            )
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(
+                f"`layer_types` must have one entry per layer: num_hidden_layers={self.num_hidden_layers}, "
+                f"got {len(self.layer_types)} entries"
+            )
+
+    def validate_architecture(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "m2rnn_k_head_dim",
+                     "m2rnn_v_head_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}")
+        counts = self._m2rnn_head_counts()
+        num_heads = max(counts.values())
+        for name, count in counts.items():
+            if count <= 0 or num_heads % count:
+                raise ValueError(
+                    f"`{name}` = {count} must be positive and divide N = max of the M2RNN head counts = {num_heads}"
+                )
+        kernel = self.m2rnn_conv_kernel_size
+        if kernel is not None and kernel < 2:
+            raise ValueError(f"`m2rnn_conv_kernel_size` must be >= 2 (or None for no convolution), got {kernel}")
+        clip = self.m2rnn_gradient_clipping
+        if clip is not None and clip <= 0:
+            raise ValueError(f"`m2rnn_gradient_clipping` must be positive (or None for no clipping), got {clip}")
+        low, high = self.m2rnn_A_init_range
+        if not 0 <= low < high:
+            raise ValueError(f"`m2rnn_A_init_range` must be [low, high] with 0 <= low < high, got {[low, high]}")
+        dt_low, dt_high = self.m2rnn_dt_init_range
+        if not 0 < dt_low <= dt_high:
+            raise ValueError(f"`m2rnn_dt_init_range` must be [low, high] with 0 < low <= high, got {[dt_low, dt_high]}")
+        if self.m2rnn_scan_backend not in BACKENDS:
+            raise ValueError(f"`m2rnn_scan_backend` must be one of {BACKENDS}, got {self.m2rnn_scan_backend!r}")
+        if ATTENTION_LAYER in self.layer_types:
+            self._validate_attention()
+
+    def _validate_attention(self):
+        if self.num_attention_heads <= 0 or self.head_dim is None or self.head_dim <= 0:
+            raise ValueError(
+                f"`num_attention_heads` and `head_dim` must be positive, got {self.num_attention_heads} and "
+                f"{self.head_dim}"
+            )
+        if self.num_key_value_heads <= 0 or self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"`num_key_value_heads` = {self.num_key_value_heads} must be positive and divide "
+                f"`num_attention_heads` = {self.num_attention_heads}"
+            )
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "M2RNNConfig":
+        """One of the paper's models by name (see `PRESETS`), with any field overridden."""
+        from .presets import PRESETS
+
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+__all__ = ["M2RNNConfig"]

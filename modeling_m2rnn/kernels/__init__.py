@@ -1,0 +1,136 @@
+"""The M2RNN recurrence op (DESIGN.md §6): one contract, a PyTorch reference and Triton kernels.
+
+This package knows nothing of transformers: it takes tensors and returns tensors.
+"""
+
+import torch
+
+from .reference import expand_heads, m2rnn_scan_reference
+
+__all__ = ["BACKENDS", "expand_heads", "m2rnn_scan", "m2rnn_scan_reference", "triton_is_available"]
+
+BACKENDS = ("auto", "torch", "triton")
+_INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
+def triton_is_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _fail(message: str):
+    raise ValueError(f"m2rnn_scan: {message}")
+
+
+def _check_dims(name: str, x: torch.Tensor, ndim: int, layout: str):
+    if not isinstance(x, torch.Tensor):
+        _fail(f"expected `{name}` to be a torch.Tensor of shape {layout}, got {type(x).__name__}")
+    if x.dim() != ndim:
+        _fail(f"expected `{name}` of shape {layout}, got a {x.dim()}-D tensor of shape {tuple(x.shape)}")
+
+
+def validate_scan_inputs(q, k, v, W, f, initial_state, gradient_clipping, cu_seqlens) -> int:
+    """Raise a ValueError naming the rule any input breaks; return the number of heads N."""
+    _check_dims("q", q, 4, "(B, S, Nq, K)")
+    _check_dims("k", k, 4, "(B, S, Nk, K)")
+    _check_dims("v", v, 4, "(B, S, Nv, V)")
+    _check_dims("W", W, 3, "(Nw, V, V)")
+    _check_dims("f", f, 3, "(B, S, Nf)")
+    batch, seq_len, _, key_dim = q.shape
+    value_dim = v.shape[-1]
+    for name, x in (("k", k), ("v", v), ("f", f)):
+        if tuple(x.shape[:2]) != (batch, seq_len):
+            _fail(f"`{name}` has (B, S) = {tuple(x.shape[:2])} but `q` has {(batch, seq_len)}")
+    if k.shape[-1] != key_dim:
+        _fail(f"`q` and `k` must share the key head dim K, got {key_dim} and {k.shape[-1]}")
+    if tuple(W.shape[1:]) != (value_dim, value_dim):
+        _fail(f"`W` must be (Nw, V, V) with V = {value_dim} from `v`, got {tuple(W.shape)}")
+    if key_dim < 1 or value_dim < 1:
+        _fail(f"head dims must be positive, got K={key_dim}, V={value_dim}")
+
+    counts = {"Nq": q.shape[2], "Nk": k.shape[2], "Nv": v.shape[2], "Nf": f.shape[2], "Nw": W.shape[0]}
+    num_heads = max(counts.values())
+    for name, count in counts.items():
+        if count < 1 or num_heads % count:
+            _fail(f"every head count must divide N = max(Nq, Nk, Nv, Nf, Nw) = {num_heads}; {name} = {count}")
+
+    for name, x in (("q", q), ("k", k), ("v", v), ("W", W)):
+        if x.dtype not in _INPUT_DTYPES:
+            _fail(f"`{name}` must be bfloat16, float16, float32 or float64, got {x.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        _fail(f"`q`, `k`, `v` must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if f.dtype not in (torch.float32, torch.float64):
+        _fail(f"`f` must be float32 (a bf16 forget gate freezes heads whose f rounds to 1), got {f.dtype}")
+    devices = {x.device for x in (q, k, v, W, f)}
+    if initial_state is not None:
+        devices.add(initial_state.device)
+    if len(devices) > 1:
+        _fail(f"all inputs must be on one device, got {sorted(str(d) for d in devices)}")
+
+    num_states = batch
+    if cu_seqlens is not None:
+        _check_dims("cu_seqlens", cu_seqlens, 1, "(num_sequences + 1,)")
+        if cu_seqlens.dtype not in (torch.int32, torch.int64):
+            _fail(f"`cu_seqlens` must be int32 or int64, got {cu_seqlens.dtype}")
+        if batch != 1:
+            _fail(f"with `cu_seqlens` the sequences are packed along S, so B must be 1, got B={batch}")
+        if len(cu_seqlens) < 2:
+            _fail("`cu_seqlens` needs at least two entries, [0, ..., S]")
+        if cu_seqlens.device != q.device:
+            _fail(f"`cu_seqlens` must be on {q.device}, got {cu_seqlens.device}")
+        if not torch.compiler.is_compiling():
+            bounds = cu_seqlens.tolist()
+            if bounds[0] != 0 or bounds[-1] != seq_len or any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
+                _fail(f"`cu_seqlens` must rise from 0 to S={seq_len} without decreasing, got {bounds}")
+        num_states = len(cu_seqlens) - 1
+
+    if initial_state is not None:
+        _check_dims("initial_state", initial_state, 4, "(B, N, K, V)")
+        expected = (num_states, num_heads, key_dim, value_dim)
+        if tuple(initial_state.shape) != expected:
+            _fail(f"`initial_state` must have shape {expected} (states, N, K, V), got {tuple(initial_state.shape)}")
+    if gradient_clipping is not None and not gradient_clipping > 0:
+        _fail(f"`gradient_clipping` must be a positive number or None, got {gradient_clipping}")
+    return num_heads
+
+
+def m2rnn_scan(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    W: torch.Tensor,
+    f: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    gradient_clipping: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the M2RNN recurrence over time for every head.
+
+    Shapes: q (B, S, Nq, K), k (B, S, Nk, K), v (B, S, Nv, V), W (Nw, V, V), f (B, S, Nf) float32 in (0, 1].
+    Every head count divides N = max(Nq, Nk, Nv, Nf, Nw); head n reads group n // (N / Nx) of an input
+    with Nx heads. With `cu_seqlens` (int, [0, ..., S]) B must be 1 and each packed sequence starts
+    from its own initial state.
+
+    Returns y (B, S, N, V) in the dtype of `v` and the final state (B, N, K, V) in float32
+    (float64 for float64 inputs); with `cu_seqlens` the state has one row per sequence.
+
+    `gradient_clipping=c` clamps, in the backward pass, the whole gradient reaching each state H_t to
+    [-c, c]. `backend`: "torch" (the reference loop), "triton" (CUDA, or the CPU under
+    TRITON_INTERPRET=1) or "auto" (Triton on CUDA when available, else the reference).
+    """
+    validate_scan_inputs(q, k, v, W, f, initial_state, gradient_clipping, cu_seqlens)
+    if backend not in BACKENDS:
+        _fail(f"`backend` must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if q.is_cuda and triton_is_available() else "torch"
+    if backend == "torch":
+        return m2rnn_scan_reference(q, k, v, W, f, initial_state, gradient_clipping, cu_seqlens)
+    if not triton_is_available():
+        _fail("backend='triton' needs the `triton` package")
+    from .triton_scan import m2rnn_scan_triton
+
+    return m2rnn_scan_triton(q, k, v, W, f, initial_state, gradient_clipping, cu_seqlens)

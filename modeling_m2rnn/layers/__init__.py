@@ -1,0 +1,8 @@
+"""nn.Modules of the model. They know nothing of generation beyond the cache object they are handed."""
+
+from .attention import Attention
+from .m2rnn import M2RNNMixer, PackedSequences, causal_conv1d
+from .mlp import GatedMLP
+from .norm import RMSNorm
+
+__all__ = ["Attention", "GatedMLP", "M2RNNMixer", "PackedSequences", "RMSNorm", "causal_conv1d"]

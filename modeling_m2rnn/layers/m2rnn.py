@@ -1,0 +1,184 @@
+"""The M2RNN token mixer (DESIGN.md §3): projections, forget gate, short convolution, recurrence, gated norm."""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels import expand_heads, m2rnn_scan
+from .norm import RMSNorm
+
+
+@dataclass
+class PackedSequences:
+    """Where sequences packed along the time axis begin, shared by every M2RNN layer of one forward pass.
+
+    The rows of the batch are laid end to end on one time axis of length B·S, so that each row start and
+    each restart inside a row begins a sequence of its own.
+    """
+
+    cu_seqlens: torch.Tensor          # (num_sequences + 1,) int32, boundaries on the flattened B·S axis
+    first_sequence: torch.Tensor      # (B,) index of each row's first sequence: it continues the cached state
+    last_sequence: torch.Tensor       # (B,) index of each row's last sequence: its final state is the row's
+    steps_since_start: torch.Tensor   # (B, S) tokens since the row's latest restart (large before any restart)
+
+    @classmethod
+    def from_sequence_ids(cls, sequence_ids: torch.Tensor) -> "PackedSequences":
+        """`sequence_ids` (B, S): 0, 0, 1, 1, 1, 2, ... counting the sequences of each row from 0."""
+        batch, seq_len = sequence_ids.shape
+        is_start = torch.ones_like(sequence_ids, dtype=torch.bool)
+        is_start[:, 1:] = sequence_ids[:, 1:] != sequence_ids[:, :-1]
+        starts = is_start.flatten().nonzero().squeeze(-1)
+        cu_seqlens = F.pad(starts, (0, 1), value=batch * seq_len).to(torch.int32)
+        sequences_per_row = is_start.sum(dim=1)
+        last_sequence = sequences_per_row.cumsum(0) - 1
+        first_sequence = last_sequence - sequences_per_row + 1
+
+        position = torch.arange(seq_len, device=sequence_ids.device).expand(batch, seq_len)
+        restart = is_start.clone()
+        restart[:, 0] = False   # a row start continues the cache, which is empty when there is nothing to continue
+        latest_restart = torch.where(restart, position, -(1 << 30)).cummax(dim=1).values
+        return cls(cu_seqlens, first_sequence, last_sequence, position - latest_restart)
+
+
+def causal_conv1d(
+    x: torch.Tensor, weight: torch.Tensor, context: torch.Tensor | None, steps_since_start: torch.Tensor | None
+) -> torch.Tensor:
+    """Depthwise causal convolution of `x` (B, S, C) with `weight` (C, k).
+
+    `context` (B, C, T) holds the inputs before `x` (or `x` itself, as the cache hands it back); it is
+    zero-filled on the left to the k − 1 steps each output looks back. A tap that reaches back past the
+    start of a packed sequence (`steps_since_start`, (B, S)) is dropped.
+    """
+    seq_len, kernel_size = x.shape[1], weight.shape[1]
+    window = x.transpose(1, 2) if context is None else context                   # (B, C, ≤ k − 1 + S)
+    window = F.pad(window, (max(0, kernel_size - 1 + seq_len - window.shape[-1]), 0))
+    window = window[..., -(kernel_size - 1 + seq_len):]                           # (B, C, k − 1 + S)
+    out = torch.zeros_like(x.transpose(1, 2))
+    for tap in range(kernel_size):
+        term = weight[:, tap, None] * window[..., tap : tap + seq_len]
+        lookback = kernel_size - 1 - tap
+        if steps_since_start is not None and lookback > 0:
+            term = term * (steps_since_start >= lookback).unsqueeze(1).to(term.dtype)
+        out = out + term
+    return out.transpose(1, 2)                                                     # (B, S, C)
+
+
+class M2RNNMixer(nn.Module):
+    """One M2RNN layer: x (B, S, hidden) → (B, S, hidden).
+
+    The input projection gives q, k, v (through a short causal conv and SiLU), the forget-gate input `a`
+    and the output gate `g`. Each of the N heads carries a K×V state through the recurrence of
+    `kernels.m2rnn_scan`; the output adds `D ⊙ v`, is gated by `silu(g)`, RMS-normalised over all heads
+    and projected back.
+    """
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.key_head_dim = config.m2rnn_k_head_dim
+        self.value_head_dim = config.m2rnn_v_head_dim
+        self.num_heads = config.m2rnn_num_heads
+        self.num_q_heads = config.m2rnn_num_q_heads
+        self.num_k_heads = config.m2rnn_num_k_heads
+        self.num_v_heads = config.m2rnn_num_v_heads
+        self.num_f_heads = config.m2rnn_num_f_heads
+        self.num_g_heads = config.m2rnn_num_g_heads
+        self.gradient_clipping = config.m2rnn_gradient_clipping
+        self.scan_backend = config.m2rnn_scan_backend
+        self.qkv_sizes = [
+            self.num_q_heads * self.key_head_dim,
+            self.num_k_heads * self.key_head_dim,
+            self.num_v_heads * self.value_head_dim,
+        ]
+        qkv_size = sum(self.qkv_sizes)
+        self.projection_sizes = [qkv_size, self.num_f_heads, self.num_g_heads * self.value_head_dim]
+        self.in_proj = nn.Linear(config.hidden_size, sum(self.projection_sizes), bias=False)
+
+        self.conv_kernel_size = config.m2rnn_conv_kernel_size
+        if self.conv_kernel_size is not None:
+            self.conv_weight = nn.Parameter(torch.empty(qkv_size, self.conv_kernel_size))
+
+        # Mamba2's decay: f = exp(-exp(A_log) · softplus(a + dt_bias)), kept in float32.
+        self.A_log = nn.Parameter(torch.empty(self.num_f_heads, dtype=torch.float32))
+        self.dt_bias = nn.Parameter(torch.empty(self.num_f_heads, dtype=torch.float32))
+        # The per-head V×V transition of the state, identity at init.
+        self.W = nn.Parameter(torch.empty(config.m2rnn_num_weight_heads, self.value_head_dim, self.value_head_dim))
+        self.D = nn.Parameter(torch.empty(self.num_heads, self.value_head_dim)) if config.m2rnn_use_residual else None
+
+        self.norm = RMSNorm(self.num_heads * self.value_head_dim, eps=config.rms_norm_eps)
+        self.out_proj = nn.Linear(self.num_heads * self.value_head_dim, config.hidden_size, bias=False)
+
+    def forget_gate(self, a: torch.Tensor) -> torch.Tensor:
+        """a (B, S, Nf) → f in (0, 1], float32: in bf16 every f above ~0.998 would round to 1 and freeze its head."""
+        return torch.exp(-torch.exp(self.A_log.float()) * F.softplus(a.float() + self.dt_bias.float()))
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        packed: PackedSequences | None = None,
+        cache=None,
+    ) -> torch.Tensor:
+        """hidden_states (B, S, hidden); padding_mask (B, S), 1 for tokens, 0 for padding; `cache` a transformers
+        Cache whose layer `layer_idx` is a LinearAttentionLayer (conv window and state), or None."""
+        batch, seq_len, _ = hidden_states.shape
+        qkv, a, g = self.in_proj(hidden_states).split(self.projection_sizes, dim=-1)
+        if padding_mask is not None:
+            qkv = qkv * padding_mask[..., None].to(qkv.dtype)   # padding must not enter the conv window
+
+        if self.conv_kernel_size is not None:
+            context = None
+            if cache is not None:
+                context = cache.update_conv_state(
+                    qkv.transpose(1, 2), self.layer_idx, conv_kernel_size=self.conv_kernel_size
+                )
+            steps_since_start = packed.steps_since_start if packed is not None else None
+            qkv = F.silu(causal_conv1d(qkv, self.conv_weight, context, steps_since_start))
+        q, k, v = qkv.split(self.qkv_sizes, dim=-1)
+        q = q.view(batch, seq_len, self.num_q_heads, self.key_head_dim)
+        k = k.view(batch, seq_len, self.num_k_heads, self.key_head_dim)
+        v = v.view(batch, seq_len, self.num_v_heads, self.value_head_dim)
+
+        forget = self.forget_gate(a)                                               # (B, S, Nf) float32
+        if padding_mask is not None:
+            forget = forget.masked_fill(~padding_mask.bool()[..., None], 1.0)     # f = 1 holds the state exactly
+
+        y, final_state = self.recurrence(q, k, v, forget, self.cached_state(cache), packed)
+        if cache is not None:
+            cache.update_recurrent_state(final_state, self.layer_idx)
+            cache.layers[self.layer_idx].has_previous_state[0] = True   # without a conv nothing else sets it
+
+        if self.D is not None:
+            y = y + self.D * expand_heads(v, self.num_heads, dim=2)
+        g = expand_heads(g.view(batch, seq_len, self.num_g_heads, self.value_head_dim), self.num_heads, dim=2)
+        out = self.norm((y * F.silu(g)).flatten(2))                                # (B, S, N·V)
+        return self.out_proj(out)
+
+    def cached_state(self, cache) -> torch.Tensor | None:
+        if cache is None:
+            return None
+        layer = cache.layers[self.layer_idx]
+        return layer.recurrent_states[0] if layer.is_recurrent_states_initialized[0] else None
+
+    def recurrence(self, q, k, v, forget, initial_state, packed: PackedSequences | None):
+        """The scan over the batch, or over packed sequences laid end to end (each with its own start state)."""
+        scan = dict(W=self.W, gradient_clipping=self.gradient_clipping, backend=self.scan_backend)
+        if packed is None:
+            return m2rnn_scan(q, k, v, f=forget, initial_state=initial_state, **scan)
+
+        batch, seq_len = forget.shape[:2]
+        num_sequences = packed.cu_seqlens.numel() - 1
+        start_states = None
+        if initial_state is not None:
+            start_states = initial_state.new_zeros(num_sequences, *initial_state.shape[1:])
+            start_states = start_states.index_copy(0, packed.first_sequence, initial_state)
+        y, final_states = m2rnn_scan(
+            *(x.reshape(1, batch * seq_len, *x.shape[2:]) for x in (q, k, v)),
+            f=forget.reshape(1, batch * seq_len, -1),
+            initial_state=start_states,
+            cu_seqlens=packed.cu_seqlens,
+            **scan,
+        )
+        return y.view(batch, seq_len, *y.shape[2:]), final_states[packed.last_sequence]

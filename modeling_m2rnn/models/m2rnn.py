@@ -1,0 +1,266 @@
+"""The transformers classes: M2RNNModel, M2RNNForCausalLM, M2RNNForSequenceClassification."""
+
+import math
+
+import torch
+from torch import nn
+from transformers import DynamicCache, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.masking_utils import create_causal_mask, find_packed_sequence_indices
+from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+from transformers.utils import can_return_tuple
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from ..configuration import M2RNNConfig
+from ..configuration.m2rnn import ATTENTION_LAYER, M2RNN_LAYER
+from ..layers import Attention, GatedMLP, M2RNNMixer, PackedSequences, RMSNorm
+from .cache import M2RNNCache
+
+
+class M2RNNDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm block: x += mixer(norm(x)); x += mlp(norm(x)), the mixer an M2RNN layer or attention."""
+
+    def __init__(self, config: M2RNNConfig, layer_idx: int):
+        super().__init__()
+        self.layer_type = config.layer_types[layer_idx]
+        if self.layer_type == M2RNN_LAYER:
+            self.m2rnn = M2RNNMixer(config, layer_idx)
+        else:
+            self.self_attn = Attention(config, layer_idx)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = GatedMLP(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask=None,
+        position_embeddings=None,
+        packed: PackedSequences | None = None,
+        past_key_values=None,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        if self.layer_type == M2RNN_LAYER:
+            hidden_states = self.m2rnn(hidden_states, attention_mask, packed, past_key_values)
+        else:
+            hidden_states, _ = self.self_attn(
+                hidden_states, attention_mask, position_embeddings, past_key_values, **kwargs
+            )
+        hidden_states = residual + hidden_states
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class M2RNNPreTrainedModel(PreTrainedModel):
+    config: M2RNNConfig
+    config_class = M2RNNConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["M2RNNDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _keep_in_fp32_modules = ["A_log", "dt_bias"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _is_stateful = True
+    _can_record_outputs = {"hidden_states": M2RNNDecoderLayer, "attentions": Attention}
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        config = self.config
+        output_std = config.initializer_range / math.sqrt(2 * config.num_hidden_layers)
+        if isinstance(module, M2RNNMixer):
+            self._init_recurrence(module)
+            init.normal_(module.out_proj.weight, mean=0.0, std=output_std)
+        elif isinstance(module, Attention):
+            init.normal_(module.o_proj.weight, mean=0.0, std=output_std)
+        elif isinstance(module, GatedMLP):
+            init.normal_(module.down_proj.weight, mean=0.0, std=output_std)
+
+    def _init_recurrence(self, mixer: M2RNNMixer):
+        """DESIGN.md §3: W = I, D = 1, A ~ U[A_init_range], dt log-uniform in dt_init_range, floored."""
+        config = self.config
+        low, high = config.m2rnn_A_init_range
+        A = torch.empty_like(mixer.A_log).uniform_(low, high).clamp_min(1e-4)   # log(0) would be -inf
+        init.copy_(mixer.A_log, A.log())
+        dt_low, dt_high = config.m2rnn_dt_init_range
+        dt = torch.empty_like(mixer.dt_bias).uniform_(math.log(dt_low), math.log(dt_high)).exp()
+        dt = dt.clamp_min(config.m2rnn_dt_init_floor)
+        init.copy_(mixer.dt_bias, dt + torch.log(-torch.expm1(-dt)))   # softplus(dt_bias) = dt
+        init.copy_(mixer.W, torch.eye(mixer.value_head_dim).expand_as(mixer.W))
+        if mixer.D is not None:
+            init.ones_(mixer.D)
+        if mixer.conv_kernel_size is not None:
+            bound = 1 / math.sqrt(mixer.conv_kernel_size)   # nn.Conv1d's default for a depthwise kernel
+            init.uniform_(mixer.conv_weight, -bound, bound)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Also writes the model's code beside the weights, so `trust_remote_code=True` loads the checkpoint
+        where this package is not installed."""
+        from ..remote_code import export_remote_code
+
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            export_remote_code(save_directory)
+
+
+def padding_mask_for_recurrence(attention_mask, seq_len: int) -> torch.Tensor | None:
+    """The (B, S) padding mask of the current tokens from a 2-D attention mask over all tokens, or None."""
+    if attention_mask is None or attention_mask.dim() != 2 or seq_len == 1:
+        return None   # a decode step never holds padding
+    mask = attention_mask[:, -seq_len:]
+    if not torch.compiler.is_compiling() and bool(mask.all()):
+        return None
+    return mask
+
+
+class M2RNNModel(M2RNNPreTrainedModel):
+    def __init__(self, config: M2RNNConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([M2RNNDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config) if config.rope_parameters is not None else None
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | dict | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` (B, S) or `inputs_embeds` (B, S, hidden_size)")
+        if inputs_embeds is None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"`input_ids` must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
+            inputs_embeds = self.embed_tokens(input_ids)
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+            raise ValueError(
+                f"`inputs_embeds` must be (batch, seq_len, {self.config.hidden_size}), got {tuple(inputs_embeds.shape)}"
+            )
+        batch, seq_len = inputs_embeds.shape[:2]
+
+        if use_cache and past_key_values is None:
+            past_key_values = M2RNNCache(config=self.config)
+        if position_ids is None:
+            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(seq_len, device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)
+
+        masks = attention_mask if isinstance(attention_mask, dict) else {}
+        padding_mask = None if isinstance(attention_mask, dict) else attention_mask
+        if ATTENTION_LAYER in self.config.layer_types and ATTENTION_LAYER not in masks:
+            masks[ATTENTION_LAYER] = create_causal_mask(
+                config=self.config,
+                inputs_embeds=inputs_embeds,
+                attention_mask=padding_mask,
+                past_key_values=past_key_values,
+                position_ids=position_ids,
+            )
+        masks[M2RNN_LAYER] = padding_mask_for_recurrence(padding_mask, seq_len)
+        packed = self._packed_sequences(position_ids, batch, seq_len)
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids) if self.rotary_emb is not None else None
+
+        hidden_states = inputs_embeds
+        for layer in self.layers:
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=masks[layer.layer_type],
+                position_embeddings=position_embeddings,
+                packed=packed,
+                past_key_values=past_key_values,
+                **kwargs,
+            )
+        if isinstance(past_key_values, M2RNNCache):
+            past_key_values.advance(seq_len)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values)
+
+    @staticmethod
+    def _packed_sequences(position_ids, batch: int, seq_len: int) -> PackedSequences | None:
+        """Sequences packed in a row restart their positions; the recurrence and the conv restart with them."""
+        if seq_len == 1 or torch.compiler.is_compiling():
+            return None
+        sequence_ids = find_packed_sequence_indices(position_ids.expand(batch, -1))
+        return None if sequence_ids is None else PackedSequences.from_sequence_ids(sequence_ids)
+
+
+class M2RNNForCausalLM(M2RNNPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+
+    def __init__(self, config: M2RNNConfig):
+        super().__init__(config)
+        self.model = M2RNNModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        outputs: BaseModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, kept, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """generate() builds a plain DynamicCache; ours also counts tokens, which a pure M2RNN model needs."""
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if type(model_kwargs.get("past_key_values")) is DynamicCache:
+            model_kwargs["past_key_values"] = M2RNNCache(config=self.config.get_text_config(decoder=True))
+
+
+class M2RNNForSequenceClassification(GenericForSequenceClassification, M2RNNPreTrainedModel):
+    pass
+
+
+__all__ = [
+    "M2RNNForCausalLM",
+    "M2RNNForSequenceClassification",
+    "M2RNNModel",
+    "M2RNNPreTrainedModel",
+]
