@@ -32,7 +32,7 @@ class M2RNNConfig(PreTrainedConfig):
         m2rnn_scan_backend: "auto" (Triton on CUDA, else the PyTorch reference), "torch" or "triton".
 
     Attention layers: `num_attention_heads`, `num_key_value_heads` (GQA), `head_dim`; no positional encoding
-    (NoPE, as in the paper) unless `rope_parameters` is given, e.g. `{"rope_type": "default", "rope_theta": 1e4}`.
+    (NoPE, as in the paper) unless `use_rope=True`, with transformers' `rope_parameters` (e.g. `{"rope_theta": 1e4}`).
 
     ```python
     >>> from modeling_m2rnn import M2RNNConfig, M2RNNForCausalLM
@@ -69,6 +69,7 @@ class M2RNNConfig(PreTrainedConfig):
     head_dim: int | None = None
     attention_bias: bool = False
     attention_dropout: float | int = 0.0
+    use_rope: bool = False
     rope_parameters: dict | None = None
     max_position_embeddings: int = 4096
     rms_norm_eps: float = 1e-5
@@ -104,8 +105,6 @@ class M2RNNConfig(PreTrainedConfig):
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None and self.num_attention_heads:
             self.head_dim = self.hidden_size // self.num_attention_heads
-        if self.rope_parameters is not None:
-            self.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0, **self.rope_parameters}
         self.m2rnn_A_init_range = list(self.m2rnn_A_init_range)
         self.m2rnn_dt_init_range = list(self.m2rnn_dt_init_range)
         super().__post_init__(**kwargs)

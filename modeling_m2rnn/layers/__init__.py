@@ -1,7 +1,8 @@
 """nn.Modules of the model. They know nothing of generation beyond the cache object they are handed."""
 
 from .attention import Attention
-from .m2rnn import M2RNNMixer, PackedSequences, causal_conv1d
+from .m2rnn import M2RNNMixer, PackedSequences
+from .short_conv import causal_conv1d
 from .mlp import GatedMLP
 from .norm import RMSNorm
 

@@ -1,7 +1,7 @@
 """Softmax attention with grouped key/value heads, through transformers' attention interface.
 
 No positional encoding by default (NoPE, as in the paper's hybrids); RoPE when the config has
-`rope_parameters`, with the rotary embedding computed once per forward by the model.
+`use_rope=True`, with the rotary embedding computed once per forward by the model.
 """
 
 import torch

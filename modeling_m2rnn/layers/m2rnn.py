@@ -8,6 +8,7 @@ from torch import nn
 
 from ..kernels import expand_heads, m2rnn_scan
 from .norm import RMSNorm
+from .short_conv import causal_conv1d
 
 
 @dataclass
@@ -21,7 +22,7 @@ class PackedSequences:
     cu_seqlens: torch.Tensor          # (num_sequences + 1,) int32, boundaries on the flattened B·S axis
     first_sequence: torch.Tensor      # (B,) index of each row's first sequence: it continues the cached state
     last_sequence: torch.Tensor       # (B,) index of each row's last sequence: its final state is the row's
-    steps_since_start: torch.Tensor   # (B, S) tokens since the row's latest restart (large before any restart)
+    sequence_ids: torch.Tensor        # (B, S) 0, 0, 1, 1, 1, 2, ...: which sequence of its row each token is in
 
     @classmethod
     def from_sequence_ids(cls, sequence_ids: torch.Tensor) -> "PackedSequences":
@@ -35,34 +36,7 @@ class PackedSequences:
         last_sequence = sequences_per_row.cumsum(0) - 1
         first_sequence = last_sequence - sequences_per_row + 1
 
-        position = torch.arange(seq_len, device=sequence_ids.device).expand(batch, seq_len)
-        restart = is_start.clone()
-        restart[:, 0] = False   # a row start continues the cache, which is empty when there is nothing to continue
-        latest_restart = torch.where(restart, position, -(1 << 30)).cummax(dim=1).values
-        return cls(cu_seqlens, first_sequence, last_sequence, position - latest_restart)
-
-
-def causal_conv1d(
-    x: torch.Tensor, weight: torch.Tensor, context: torch.Tensor | None, steps_since_start: torch.Tensor | None
-) -> torch.Tensor:
-    """Depthwise causal convolution of `x` (B, S, C) with `weight` (C, k).
-
-    `context` (B, C, T) holds the inputs before `x` (or `x` itself, as the cache hands it back); it is
-    zero-filled on the left to the k − 1 steps each output looks back. A tap that reaches back past the
-    start of a packed sequence (`steps_since_start`, (B, S)) is dropped.
-    """
-    seq_len, kernel_size = x.shape[1], weight.shape[1]
-    window = x.transpose(1, 2) if context is None else context                   # (B, C, ≤ k − 1 + S)
-    window = F.pad(window, (max(0, kernel_size - 1 + seq_len - window.shape[-1]), 0))
-    window = window[..., -(kernel_size - 1 + seq_len):]                           # (B, C, k − 1 + S)
-    out = torch.zeros_like(x.transpose(1, 2))
-    for tap in range(kernel_size):
-        term = weight[:, tap, None] * window[..., tap : tap + seq_len]
-        lookback = kernel_size - 1 - tap
-        if steps_since_start is not None and lookback > 0:
-            term = term * (steps_since_start >= lookback).unsqueeze(1).to(term.dtype)
-        out = out + term
-    return out.transpose(1, 2)                                                     # (B, S, C)
+        return cls(cu_seqlens, first_sequence, last_sequence, sequence_ids)
 
 
 class M2RNNMixer(nn.Module):
@@ -129,13 +103,7 @@ class M2RNNMixer(nn.Module):
             qkv = qkv * padding_mask[..., None].to(qkv.dtype)   # padding must not enter the conv window
 
         if self.conv_kernel_size is not None:
-            context = None
-            if cache is not None:
-                context = cache.update_conv_state(
-                    qkv.transpose(1, 2), self.layer_idx, conv_kernel_size=self.conv_kernel_size
-                )
-            steps_since_start = packed.steps_since_start if packed is not None else None
-            qkv = F.silu(causal_conv1d(qkv, self.conv_weight, context, steps_since_start))
+            qkv = F.silu(self.short_conv(qkv, padding_mask, packed, cache))
         q, k, v = qkv.split(self.qkv_sizes, dim=-1)
         q = q.view(batch, seq_len, self.num_q_heads, self.key_head_dim)
         k = k.view(batch, seq_len, self.num_k_heads, self.key_head_dim)
@@ -155,6 +123,17 @@ class M2RNNMixer(nn.Module):
         g = expand_heads(g.view(batch, seq_len, self.num_g_heads, self.value_head_dim), self.num_heads, dim=2)
         out = self.norm((y * F.silu(g)).flatten(2))                                # (B, S, N·V)
         return self.out_proj(out)
+
+    def short_conv(self, qkv, padding_mask, packed: PackedSequences | None, cache) -> torch.Tensor:
+        context = None
+        if cache is not None:
+            context = cache.update_conv_state(qkv.transpose(1, 2), self.layer_idx, conv_kernel_size=self.conv_kernel_size)
+        sequence_ids = packed.sequence_ids if packed is not None else None
+        out, last_inputs = causal_conv1d(qkv, self.conv_weight, context, padding_mask, sequence_ids)
+        if cache is not None and padding_mask is not None:
+            # the cache kept the last k positions; with padding among them, the window is the last k real inputs
+            cache.layers[self.layer_idx].conv_states[0].copy_(last_inputs)
+        return out
 
     def cached_state(self, cache) -> torch.Tensor | None:
         if cache is None:

@@ -127,7 +127,7 @@ class M2RNNModel(M2RNNPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList([M2RNNDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = LlamaRotaryEmbedding(config) if config.rope_parameters is not None else None
+        self.rotary_emb = LlamaRotaryEmbedding(config) if config.use_rope else None
         self.gradient_checkpointing = False
         self.post_init()
 

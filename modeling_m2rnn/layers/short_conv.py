@@ -1,0 +1,60 @@
+"""The depthwise causal convolution in front of the recurrence, aware of padding and of packed sequences."""
+
+import torch
+import torch.nn.functional as F
+
+
+def _gather_time(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (B, C, T) reordered along time by index (B, T)."""
+    return x.gather(-1, index.unsqueeze(1).expand_as(x))
+
+
+def causal_conv1d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    context: torch.Tensor | None = None,
+    padding_mask: torch.Tensor | None = None,
+    sequence_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Depthwise causal convolution of `x` (B, S, C) with `weight` (C, k), one output per input.
+
+    context:      (B, C, T) the inputs before `x` followed by `x`, as a transformers conv cache hands them back
+                  (zero-filled on the left when shorter than k − 1 + S); None for a fresh start.
+    padding_mask: (B, S), 0 at padding. A token sees the k − 1 previous *real* inputs, padding is skipped,
+                  so padding anywhere (left, or inside a continuation) changes nothing for real tokens.
+    sequence_ids: (B, S) packed sequences of a row; a tap never reads across a sequence boundary.
+
+    Returns the output (B, S, C) and the last k real inputs (B, C, k), the window to cache for the next call.
+    """
+    batch, seq_len, _ = x.shape
+    kernel_size = weight.shape[1]
+    width = kernel_size - 1 + seq_len
+    window = x.transpose(1, 2) if context is None else context
+    window = F.pad(window, (max(0, width - window.shape[-1]), 0))[..., -width:]   # (B, C, k − 1 + S)
+
+    order = None
+    if padding_mask is not None:
+        # A stable sort moves the padding to the front: real inputs end up adjacent to their predecessors.
+        is_real = F.pad(padding_mask.bool(), (kernel_size - 1, 0), value=True)
+        order = torch.sort(is_real.to(torch.int8), dim=-1, stable=True).indices         # (B, k − 1 + S)
+        window = _gather_time(window, order)
+    same_sequence = None
+    if sequence_ids is not None:
+        # the cached inputs before the chunk belong to the row's first sequence
+        window_ids = torch.cat([sequence_ids[:, :1].expand(batch, kernel_size - 1), sequence_ids], dim=1)
+        if order is not None:
+            window_ids = window_ids.gather(-1, order)
+        same_sequence = [window_ids[:, tap : tap + seq_len] == window_ids[:, -seq_len:] for tap in range(kernel_size)]
+
+    out = torch.zeros_like(window[..., -seq_len:])
+    for tap in range(kernel_size):
+        term = weight[:, tap, None] * window[..., tap : tap + seq_len]
+        if same_sequence is not None:
+            term = term * same_sequence[tap].unsqueeze(1).to(term.dtype)
+        out = out + term                                                                 # (B, C, S)
+
+    if order is not None:
+        # back to the original token order: output j of the sorted window belongs to position order[j]
+        full = torch.zeros_like(window).scatter(-1, order[:, -seq_len:].unsqueeze(1).expand_as(out), out)
+        out = full[..., -seq_len:]
+    return out.transpose(1, 2), window[..., -kernel_size:]
