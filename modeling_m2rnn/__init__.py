@@ -11,10 +11,13 @@ from .configuration import PRESETS, M2RNNConfig
 from .kernels import m2rnn_scan
 from .models import (
     M2RNNCache,
+    M2RNNStaticCache,
     M2RNNForCausalLM,
     M2RNNForSequenceClassification,
     M2RNNModel,
     M2RNNPreTrainedModel,
+    load_prompt_state,
+    save_prompt_state,
 )
 
 AutoConfig.register(M2RNNConfig.model_type, M2RNNConfig, exist_ok=True)
@@ -26,10 +29,13 @@ __version__ = "0.1.0"
 __all__ = [
     "PRESETS",
     "M2RNNCache",
+    "M2RNNStaticCache",
     "M2RNNConfig",
     "M2RNNForCausalLM",
     "M2RNNForSequenceClassification",
     "M2RNNModel",
     "M2RNNPreTrainedModel",
+    "load_prompt_state",
     "m2rnn_scan",
+    "save_prompt_state",
 ]

@@ -4,7 +4,7 @@ import math
 
 import torch
 from torch import nn
-from transformers import DynamicCache, GenerationMixin, PreTrainedModel
+from transformers import DynamicCache, GenerationMixin, PreTrainedModel, StaticCache
 from transformers import initialization as init
 from transformers.masking_utils import create_causal_mask, find_packed_sequence_indices
 from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
@@ -17,7 +17,7 @@ from transformers.utils.output_capturing import capture_outputs
 from ..configuration import M2RNNConfig
 from ..configuration.m2rnn import ATTENTION_LAYER, M2RNN_LAYER
 from ..layers import Attention, GatedMLP, M2RNNMixer, PackedSequences, RMSNorm
-from .cache import M2RNNCache
+from .cache import M2RNNCache, M2RNNStaticCache
 
 
 class M2RNNDecoderLayer(GradientCheckpointingLayer):
@@ -186,8 +186,8 @@ class M2RNNModel(M2RNNPreTrainedModel):
                 past_key_values=past_key_values,
                 **kwargs,
             )
-        if isinstance(past_key_values, M2RNNCache):
-            past_key_values.advance(seq_len)
+        if isinstance(past_key_values, (M2RNNCache, M2RNNStaticCache)):
+            past_key_values.advance(seq_len, inputs_embeds.device)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values)
 
     @staticmethod
@@ -248,10 +248,15 @@ class M2RNNForCausalLM(M2RNNPreTrainedModel, GenerationMixin):
         )
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        """generate() builds a plain DynamicCache; ours also counts tokens, which a pure M2RNN model needs."""
+        """generate() builds a plain DynamicCache or StaticCache; ours also count tokens, which a model made only
+        of M2RNN layers needs (it has no attention layer to measure the cache length by)."""
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        if type(model_kwargs.get("past_key_values")) is DynamicCache:
-            model_kwargs["past_key_values"] = M2RNNCache(config=self.config.get_text_config(decoder=True))
+        cache = model_kwargs.get("past_key_values")
+        config = self.config.get_text_config(decoder=True)
+        if type(cache) is DynamicCache:
+            model_kwargs["past_key_values"] = M2RNNCache(config=config)
+        elif type(cache) is StaticCache:
+            model_kwargs["past_key_values"] = M2RNNStaticCache(config=config, max_cache_len=cache.get_max_length())
 
 
 class M2RNNForSequenceClassification(GenericForSequenceClassification, M2RNNPreTrainedModel):

@@ -1,0 +1,119 @@
+"""Generation beyond the basics: static cache and compiled decode, reusable prompt states, streaming, stop
+strings and the text-generation pipeline."""
+
+import threading
+
+import pytest
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import CompileConfig, PreTrainedTokenizerFast, TextIteratorStreamer, pipeline
+from torch._dynamo.utils import counters
+
+from modeling_m2rnn import M2RNNCache, load_prompt_state, save_prompt_state
+from test_modeling import random_ids, tiny_model
+
+KINDS = ["pure", "hybrid"]
+ALPHABET = "_?abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRSTUVW"   # as many as the tiny model's vocabulary
+PROMPT = "bmnh"   # ids 3, 14, 15, 9
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """A character tokenizer made in code (nothing to download), one id per character of ALPHABET, 0 is padding."""
+    backend = Tokenizer(models.WordLevel({c: i for i, c in enumerate(ALPHABET)}, unk_token="?"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="_", unk_token="?")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_static_cache_gives_the_eager_tokens(kind):
+    model = tiny_model(kind)
+    prompt = random_ids(2, 6)
+    dynamic = model.generate(prompt, max_new_tokens=8, min_new_tokens=8)
+    static = model.generate(prompt, max_new_tokens=8, min_new_tokens=8, cache_implementation="static")
+    beams = dict(num_beams=3, num_return_sequences=2, max_new_tokens=6, min_new_tokens=6)
+    assert torch.equal(dynamic, static)
+    assert torch.equal(model.generate(prompt, **beams), model.generate(prompt, cache_implementation="static", **beams))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_compiled_decode_equals_eager_in_one_graph_without_recompiles(kind):
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_model(kind)
+    prompt = random_ids(2, 6, seed=5)
+    eager = model.generate(prompt, max_new_tokens=10, min_new_tokens=10, cache_implementation="static")
+    compile_config = CompileConfig(fullgraph=True, dynamic=False)
+    compile_config._compile_all_devices = True   # generate compiles only on accelerators unless told to
+    compiled = model.generate(prompt, max_new_tokens=10, min_new_tokens=10, cache_implementation="static",
+                              compile_config=compile_config)
+    assert torch.equal(eager, compiled)
+    assert counters["stats"]["unique_graphs"] == 1   # the decode step, traced once with fullgraph=True
+    try:
+        torch._dynamo.config.error_on_recompile = True
+        again = model.generate(prompt, max_new_tokens=10, min_new_tokens=10, cache_implementation="static",
+                               compile_config=compile_config)
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+    assert torch.equal(again, eager)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_saved_prompt_state_continues_like_the_original(kind, tmp_path):
+    model = tiny_model(kind)
+    prompt = random_ids(2, 9, seed=6)
+    cache = M2RNNCache(model.config)
+    with torch.no_grad():
+        model(prompt, past_key_values=cache)
+    save_prompt_state(cache, tmp_path / "prompt.safetensors")
+    loaded = load_prompt_state(tmp_path / "prompt.safetensors", model.config)
+    assert loaded.get_seq_length() == 9
+
+    question = torch.cat([prompt, random_ids(2, 3, seed=7)], dim=1)   # the prompt, then new tokens
+    from_original = model.generate(question, past_key_values=cache, max_new_tokens=7, min_new_tokens=7)
+    from_loaded = model.generate(question, past_key_values=loaded, max_new_tokens=7, min_new_tokens=7)
+    from_scratch = model.generate(question, max_new_tokens=7, min_new_tokens=7)
+    assert torch.equal(from_loaded, from_original)
+    assert torch.equal(from_loaded, from_scratch)
+
+
+def test_loading_a_file_that_is_no_prompt_state_raises(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a prompt state"):
+        load_prompt_state(tmp_path / "other.safetensors", tiny_model("pure").config)
+
+
+def test_streaming_yields_the_generated_text():
+    model, tokenizer = tiny_model("hybrid"), char_tokenizer()
+    prompt = tokenizer(PROMPT, return_tensors="pt")
+    expected = model.generate(**prompt, max_new_tokens=8, min_new_tokens=8)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
+    thread = threading.Thread(
+        target=model.generate, kwargs=dict(**prompt, max_new_tokens=8, min_new_tokens=8, streamer=streamer)
+    )
+    thread.start()
+    streamed = "".join(streamer)
+    thread.join()
+    assert streamed == tokenizer.decode(expected[0, 4:]) and len(streamed) == 8
+
+
+def test_stop_strings_end_generation_at_the_string():
+    model, tokenizer = tiny_model("hybrid"), char_tokenizer()
+    prompt = tokenizer(PROMPT, return_tensors="pt")
+    free = model.generate(**prompt, max_new_tokens=10, min_new_tokens=10)[0, 4:]
+    stop_word = tokenizer.decode(free[3:4])   # the fourth generated word
+    first = free.tolist().index(free[3].item())
+    stopped = model.generate(**prompt, max_new_tokens=10, stop_strings=[stop_word], tokenizer=tokenizer)[0, 4:]
+    assert torch.equal(stopped, free[: first + 1])
+
+
+def test_text_generation_pipeline():
+    model, tokenizer = tiny_model("pure"), char_tokenizer()
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    text = generator(PROMPT, max_new_tokens=5, min_new_tokens=5, do_sample=False)[0]["generated_text"]
+    ids = tokenizer(PROMPT, return_tensors="pt")
+    assert ids["input_ids"].tolist() == [[3, 14, 15, 9]]
+    expected = tokenizer.decode(model.generate(**ids, max_new_tokens=5, min_new_tokens=5)[0])
+    assert text == expected and len(text) == 9
