@@ -10,7 +10,7 @@ from transformers import CompileConfig, PreTrainedTokenizerFast, TextIteratorStr
 from torch._dynamo.utils import counters
 
 from modeling_m2rnn import M2RNNCache, load_prompt_state, save_prompt_state
-from test_modeling import random_ids, tiny_model
+from test_modeling import left_pad, random_ids, tiny_model
 
 KINDS = ["pure", "hybrid"]
 ALPHABET = "_?abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRSTUVW"   # as many as the tiny model's vocabulary
@@ -34,6 +34,17 @@ def test_static_cache_gives_the_eager_tokens(kind):
     beams = dict(num_beams=3, num_return_sequences=2, max_new_tokens=6, min_new_tokens=6)
     assert torch.equal(dynamic, static)
     assert torch.equal(model.generate(prompt, **beams), model.generate(prompt, cache_implementation="static", **beams))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_static_cache_with_a_left_padded_batch(kind):
+    model = tiny_model(kind)
+    prompts = [random_ids(n, seed=n) for n in (3, 8)]
+    ids, mask = left_pad(prompts)
+    static = model.generate(ids, attention_mask=mask, max_new_tokens=5, min_new_tokens=5, cache_implementation="static")
+    for row, prompt in enumerate(prompts):
+        alone = model.generate(prompt[None], max_new_tokens=5, min_new_tokens=5)
+        assert torch.equal(static[row, -5:], alone[0, -5:])
 
 
 @pytest.mark.parametrize("kind", KINDS)

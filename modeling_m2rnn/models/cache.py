@@ -18,6 +18,13 @@ class _TokenCount:
     def get_seq_length(self, layer_idx: int = 0):
         return super().get_seq_length(layer_idx) if self.has_attention_layers else self.seen_tokens
 
+    @property
+    def is_linear(self) -> list[bool]:
+        # Newer transformers (5.24) does not trim the tokens a cache already holds off generate's input when every
+        # layer is recurrent, since such a cache has no length. This one has, so it asks for the trimming that
+        # every other cache gets: continuing from a cache takes the full sequence, as with attention.
+        return super().is_linear if self.has_attention_layers else [False] * len(self.layers)
+
 
 class M2RNNCache(_TokenCount, DynamicCache):
     """The cache `generate` and the model build by default (eager decoding)."""

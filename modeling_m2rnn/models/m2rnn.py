@@ -20,6 +20,10 @@ from ..layers import Attention, GatedMLP, M2RNNMixer, PackedSequences, RMSNorm
 from .cache import M2RNNCache, M2RNNStaticCache
 
 
+# transformers 5.17 passes the cache as `past_key_values`, later 5.x versions (5.24) as `cache`: both are accepted.
+CACHE_ARGUMENT_NAMES = ("past_key_values", "cache")
+
+
 class M2RNNDecoderLayer(GradientCheckpointingLayer):
     """Pre-norm block: x += mixer(norm(x)); x += mlp(norm(x)), the mixer an M2RNN layer or attention."""
 
@@ -141,8 +145,10 @@ class M2RNNModel(M2RNNPreTrainedModel):
         past_key_values=None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
+        cache=None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        past_key_values = past_key_values if past_key_values is not None else cache
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` (B, S) or `inputs_embeds` (B, S, hidden_size)")
         if inputs_embeds is None:
@@ -162,17 +168,15 @@ class M2RNNModel(M2RNNPreTrainedModel):
             position_ids = torch.arange(seq_len, device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
-        masks = attention_mask if isinstance(attention_mask, dict) else {}
-        padding_mask = None if isinstance(attention_mask, dict) else attention_mask
-        if ATTENTION_LAYER in self.config.layer_types and ATTENTION_LAYER not in masks:
-            masks[ATTENTION_LAYER] = create_causal_mask(
-                config=self.config,
-                inputs_embeds=inputs_embeds,
-                attention_mask=padding_mask,
-                past_key_values=past_key_values,
-                position_ids=position_ids,
-            )
-        masks[M2RNN_LAYER] = padding_mask_for_recurrence(padding_mask, seq_len)
+        if isinstance(attention_mask, dict):
+            masks = attention_mask   # built by generate for compileable caches, one entry per layer type
+        else:
+            masks = {M2RNN_LAYER: padding_mask_for_recurrence(attention_mask, seq_len)}
+            if ATTENTION_LAYER in self.config.layer_types:
+                # the cache goes by position: transformers renamed that argument after 5.17
+                masks[ATTENTION_LAYER] = create_causal_mask(
+                    self.config, inputs_embeds, attention_mask, past_key_values, position_ids=position_ids
+                )
         packed = self._packed_sequences(position_ids, batch, seq_len)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids) if self.rotary_emb is not None else None
 
@@ -222,13 +226,14 @@ class M2RNNForCausalLM(M2RNNPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        cache=None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         outputs: BaseModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            past_key_values=past_key_values if past_key_values is not None else cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -251,12 +256,13 @@ class M2RNNForCausalLM(M2RNNPreTrainedModel, GenerationMixin):
         """generate() builds a plain DynamicCache or StaticCache; ours also count tokens, which a model made only
         of M2RNN layers needs (it has no attention layer to measure the cache length by)."""
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        cache = model_kwargs.get("past_key_values")
         config = self.config.get_text_config(decoder=True)
-        if type(cache) is DynamicCache:
-            model_kwargs["past_key_values"] = M2RNNCache(config=config)
-        elif type(cache) is StaticCache:
-            model_kwargs["past_key_values"] = M2RNNStaticCache(config=config, max_cache_len=cache.get_max_length())
+        for name in CACHE_ARGUMENT_NAMES:
+            cache = model_kwargs.get(name)
+            if type(cache) is DynamicCache:
+                model_kwargs[name] = M2RNNCache(config=config)
+            elif type(cache) is StaticCache:
+                model_kwargs[name] = M2RNNStaticCache(config=config, max_cache_len=cache.get_max_length())
 
 
 class M2RNNForSequenceClassification(GenericForSequenceClassification, M2RNNPreTrainedModel):
