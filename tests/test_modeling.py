@@ -226,6 +226,7 @@ with torch.no_grad():
 
 def test_a_saved_checkpoint_loads_with_trust_remote_code_without_the_package(tmp_path):
     model = tiny_model("hybrid")
+    model.register_for_auto_class("AutoModelForCausalLM")   # transformers' habit; the export needs no registration
     model.save_pretrained(tmp_path / "checkpoint")
     auto_map = json.loads((tmp_path / "checkpoint" / "config.json").read_text())["auto_map"]
     assert auto_map["AutoModelForCausalLM"] == "models_m2rnn.M2RNNForCausalLM"

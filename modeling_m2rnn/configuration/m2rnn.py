@@ -181,6 +181,14 @@ class M2RNNConfig(PreTrainedConfig):
             )
 
     @classmethod
+    def register_for_auto_class(cls, auto_class="AutoConfig"):
+        """Nothing to register: checkpoints saved by `M2RNNPreTrainedModel.save_pretrained` carry the code and an
+        `auto_map` already (transformers' own mechanism cannot carry this package's sub-packages)."""
+        name = auto_class if isinstance(auto_class, str) else auto_class.__name__
+        if name != "AutoConfig":
+            raise ValueError(f"`auto_class` must be 'AutoConfig', got {name!r}")
+
+    @classmethod
     def from_preset(cls, name: str, **overrides) -> "M2RNNConfig":
         """One of the paper's models by name (see `PRESETS`), with any field overridden."""
         from .presets import PRESETS

@@ -104,6 +104,17 @@ class M2RNNPreTrainedModel(PreTrainedModel):
             bound = 1 / math.sqrt(mixer.conv_kernel_size)   # nn.Conv1d's default for a depthwise kernel
             init.uniform_(mixer.conv_weight, -bound, bound)
 
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoModel"):
+        """Nothing to register: every checkpoint this package saves already carries the model's code and an
+        `auto_map` for AutoConfig, AutoModel, AutoModelForCausalLM and AutoModelForSequenceClassification.
+        (transformers' own mechanism copies single files and cannot carry this package's sub-packages.)"""
+        from ..remote_code import AUTO_MAP
+
+        name = auto_class if isinstance(auto_class, str) else auto_class.__name__
+        if name not in AUTO_MAP:
+            raise ValueError(f"`auto_class` must be one of {sorted(AUTO_MAP)}, got {name!r}")
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Also writes the model's code beside the weights, so `trust_remote_code=True` loads the checkpoint
         where this package is not installed."""
