@@ -1,0 +1,146 @@
+"""Backward scan kernel: walks the chunks backwards, recomputing each chunk's states from its
+forward checkpoint, so no full state history is ever stored.
+
+Per step t, with G the whole gradient reaching H_t (from y_t and from H_{t+1}), clamped to
+[-c, c] when gradient clipping is on (DESIGN.md §3):
+    dZ = (1 - f) G;  dA = dZ ⊙ (1 - Z²)                 A = H_{t-1} W + k vᵀ,  Z = tanh(A)
+    dH_{t-1} = f G + dA Wᵀ;  dW += H_{t-1}ᵀ dA;  dk = dA v;  dv = dAᵀ k
+    df = Σ G ⊙ (H_{t-1} - Z);  dq = H_t dy
+Heads that share q and k (Nq, Nk < N) would collide on the same dq, dk rows: each program sums
+its HP heads in registers and writes one partial row per program, and PyTorch sums the partials
+of a group afterwards (no atomics). v, f, W, and the initial state get one partial per head.
+"""
+
+import triton
+import triton.language as tl
+
+from .triton_step import (
+    blend,
+    candidate,
+    checkpoint_offsets,
+    first_checkpoint_slot,
+    head_rows_offsets,
+    load_step,
+    load_weights,
+    padded_block_offsets,
+    sequence_bounds,
+)
+
+
+@triton.jit
+def load_output_grad(dy_ptr, batch, t, seq_len, valid, heads, rv, N: tl.constexpr, V: tl.constexpr):
+    """dy_t (HP, BV) in float32 from dy (B, S, N, V)."""
+    row = (batch * seq_len + t).to(tl.int64)
+    mask = tl.where(valid, rv[None, :] < V, False)
+    return tl.load(dy_ptr + (row * N + heads[:, None]) * V + rv[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def scan_backward_kernel(
+    q_ptr, k_ptr, v_ptr, W_ptr, f_ptr, cu_seqlens_ptr, checkpoint_ptr, dy_ptr, dh_final_ptr,  # inputs
+    dq_ptr, dk_ptr, dv_ptr, df_ptr, dW_ptr, dh0_ptr, scratch_ptr,  # outputs (see module doc) and scratch
+    seq_len, num_slots, clip,
+    N: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr, NV: tl.constexpr, NF: tl.constexpr, NW: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HP: tl.constexpr,
+    CHUNK: tl.constexpr, VARLEN: tl.constexpr, HAS_DH_FINAL: tl.constexpr, STORE_DH0: tl.constexpr,
+    CLIP: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr,
+    FAST_TANH: tl.constexpr,
+):
+    state_row = tl.program_id(0)
+    head_block = tl.program_id(1)
+    heads = head_block * HP + tl.arange(0, HP)  # (HP,)
+    rk = tl.arange(0, BK)
+    rv = tl.arange(0, BV)
+    batch, start, end = sequence_bounds(cu_seqlens_ptr, state_row, seq_len, VARLEN)
+
+    W = load_weights(W_ptr, heads, rv, N, NW, V)  # (HP, BV, BV) float32
+    W_dot = W.to(DOT_DTYPE)
+    W_t = tl.permute(W, (0, 2, 1))
+    state_offsets, state_mask = head_rows_offsets(heads, rk, rv, K, V)
+    state_base = state_row.to(tl.int64) * N * K * V
+    if HAS_DH_FINAL:
+        dH = tl.load(dh_final_ptr + state_base + state_offsets, mask=state_mask, other=0.0).to(tl.float32)
+    else:
+        dH = tl.zeros((HP, BK, BV), dtype=tl.float32)
+    dW = tl.zeros((HP, BV, BV), dtype=tl.float32)
+
+    checkpoint_offs = checkpoint_offsets(batch, heads, first_checkpoint_slot(start, state_row, CHUNK, VARLEN),
+                                         num_slots, N, BK, BV)
+    # This program's scratch: the CHUNK states H_{t-1} of the chunk in flight, (CHUNK, HP, BK, BV).
+    program = state_row * (N // HP) + head_block
+    scratch_base = scratch_ptr + program.to(tl.int64) * CHUNK * HP * BK * BV
+    block_offsets = padded_block_offsets(HP, BK, BV)
+    k_mask = rk < K
+    grad_row_offsets = head_block * K + rk  # within one (b, t) row of the (B, S, N // HP, K) partials
+    v_offsets = heads[:, None] * V + rv[None, :]
+    v_mask = rv[None, :] < V
+
+    num_chunks = tl.cdiv(end - start, CHUNK)
+    for chunk_from_end in range(num_chunks):
+        chunk = num_chunks - 1 - chunk_from_end
+        chunk_start = start + chunk * CHUNK
+        chunk_end = tl.minimum(chunk_start + CHUNK, end)
+
+        # Replay the chunk forward from its checkpoint, keeping every H_{t-1} in the scratch
+        # and writing dq_t = H_t dy_t while H_t is at hand.
+        H = tl.load(checkpoint_ptr + checkpoint_offs + chunk * BK * BV).to(tl.float32)
+        _q, k_t, v_t, f_t = load_step(q_ptr, k_ptr, v_ptr, f_ptr, batch, chunk_start, seq_len, True,
+                                     heads, rk, rv, N, NQ, NK, NV, NF, K, V)
+        for t in range(chunk_start, chunk_end):
+            next_valid = t + 1 < chunk_end
+            _q_next, k_next, v_next, f_next = load_step(q_ptr, k_ptr, v_ptr, f_ptr, batch, t + 1, seq_len, next_valid,
+                                                  heads, rk, rv, N, NQ, NK, NV, NF, K, V)
+            dy_t = load_output_grad(dy_ptr, batch, t, seq_len, True, heads, rv, N, V)
+            H_dot = H.to(DOT_DTYPE)
+            tl.store(scratch_base + (t - chunk_start) * HP * BK * BV + block_offsets, H_dot)
+            H = blend(H, candidate(H_dot, W_dot, k_t, v_t, DOT_PRECISION, FAST_TANH), f_t)
+            dq_t = tl.sum(tl.sum(H * dy_t[:, None, :], axis=2), axis=0)  # (BK,) summed over the HP heads
+            row = (batch * seq_len + t).to(tl.int64)
+            tl.store(dq_ptr + row * (N // HP) * K + grad_row_offsets, dq_t.to(dq_ptr.dtype.element_ty), mask=k_mask)
+            k_t, v_t, f_t = k_next, v_next, f_next
+        # Global writes of one thread become visible to the others at a barrier.
+        tl.debug_barrier()
+
+        # Walk the chunk backwards.
+        t = chunk_end - 1
+        q_t, k_t, v_t, f_t = load_step(q_ptr, k_ptr, v_ptr, f_ptr, batch, t, seq_len, True,
+                                       heads, rk, rv, N, NQ, NK, NV, NF, K, V)
+        dy_t = load_output_grad(dy_ptr, batch, t, seq_len, True, heads, rv, N, V)
+        H_prev = tl.load(scratch_base + (t - chunk_start) * HP * BK * BV + block_offsets)
+        for _step in range(chunk_end - chunk_start):
+            prev_valid = t > chunk_start
+            q_prev, k_prev, v_prev, f_prev = load_step(q_ptr, k_ptr, v_ptr, f_ptr, batch, t - 1, seq_len, prev_valid,
+                                                       heads, rk, rv, N, NQ, NK, NV, NF, K, V)
+            dy_prev = load_output_grad(dy_ptr, batch, t - 1, seq_len, prev_valid, heads, rv, N, V)
+            # At the chunk's first step this reloads its own slot: in bounds, and never used.
+            prev_slot = tl.maximum(t - 1 - chunk_start, 0)
+            H_prev_prev = tl.load(scratch_base + prev_slot * HP * BK * BV + block_offsets)
+
+            Z = candidate(H_prev, W_dot, k_t, v_t, DOT_PRECISION, FAST_TANH)
+            G = dH + q_t[:, :, None] * dy_t[:, None, :]
+            if CLIP:
+                G = tl.minimum(tl.maximum(G, -clip), clip)
+            f = f_t[:, None, None]
+            dA = (1.0 - f) * G * (1.0 - Z * Z)
+            H_prev32 = H_prev.to(tl.float32)
+            dH = f * G + tl.dot(dA, W_t, input_precision=GRAD_PRECISION)
+            dW += tl.dot(tl.permute(H_prev32, (0, 2, 1)), dA, input_precision=GRAD_PRECISION)
+
+            row = (batch * seq_len + t).to(tl.int64)
+            dk_t = tl.sum(tl.sum(dA * v_t[:, None, :], axis=2), axis=0)  # (BK,)
+            tl.store(dk_ptr + row * (N // HP) * K + grad_row_offsets, dk_t.to(dk_ptr.dtype.element_ty), mask=k_mask)
+            dv_t = tl.sum(dA * k_t[:, :, None], axis=1)  # (HP, BV)
+            tl.store(dv_ptr + row * N * V + v_offsets, dv_t.to(dv_ptr.dtype.element_ty), mask=v_mask)
+            df_t = tl.sum(tl.sum(G * (H_prev32 - Z), axis=2), axis=1)  # (HP,)
+            tl.store(df_ptr + row * N + heads, df_t)
+
+            t -= 1
+            q_t, k_t, v_t, f_t, dy_t, H_prev = q_prev, k_prev, v_prev, f_prev, dy_prev, H_prev_prev
+        # The next chunk's replay overwrites the scratch this chunk's threads just read.
+        tl.debug_barrier()
+
+    if STORE_DH0:
+        tl.store(dh0_ptr + state_base + state_offsets, dH, mask=state_mask)
+    dW_offsets = (heads[:, None, None] * V + rv[None, :, None]) * V + rv[None, None, :]
+    dW_mask = (rv[None, :, None] < V) & (rv[None, None, :] < V)
+    tl.store(dW_ptr + state_row.to(tl.int64) * N * V * V + dW_offsets, dW, mask=dW_mask)

@@ -1,0 +1,280 @@
+"""The Triton backend of `m2rnn_scan`, registered as torch library custom ops so that it runs
+under torch.compile without graph breaks.
+
+Ops (all functional):
+  m2rnn::scan(q, k, v, W, f, initial_state?, cu_seqlens?, gradient_clipping?, store_checkpoints)
+      -> (y, final_state, checkpoints)       autograd registered; checkpoints is empty unless stored
+  m2rnn::scan_backward(...) -> (dq, dk, dv, dW, df, d_initial_state)
+
+Precision: the state and the blend run in float32. For bf16 / fp16 inputs the H·W product takes
+fp16 operands (|H| <= 1, so fp16 keeps 3 more mantissa bits than bf16) with float32 accumulation,
+tanh is the GPU's tanh.approx (rel. error 2^-11), the backward's gradient products run in tf32
+(float32 range: gradients may be tiny), and checkpoints and replayed states are stored in fp16.
+float32 inputs use full-float32 products, exact tanh and float32 storage. float64 inputs go to the
+PyTorch reference loop.
+
+Without gradients (inference, decoding) no checkpoints are stored, and in eager mode the forward
+kernel is launched without the op dispatcher. Decoding (S == 1) is that kernel with one step:
+Triton specialises seq_len == 1, nothing reads back to the host, and every shape is static, so the
+call can be captured in a CUDA graph.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import m2rnn_scan_reference
+from .triton_backward import scan_backward_kernel
+from .triton_forward import scan_forward_kernel
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Launch parameters; `benchmarks/bench_scan.py` compares settings on the GPU."""
+
+    chunk: int = 64  # steps between forward checkpoints; the backward replays one chunk at a time
+    forward_heads_per_program: int = 1
+    forward_warps: int = 1
+    # Heads sharing q, k summed in registers, one warp each. More heads: smaller dq, dk partials
+    # (B, S, N / heads, K) but a cross-warp sum every step. H200, 400M shape, forward+backward:
+    # 1 -> 14.5 ms, 1.01 GiB; 2 -> 16.9 ms, 0.69 GiB; 4 -> 22.0 ms, 0.52 GiB (memory target 0.75 GiB).
+    backward_max_heads_per_program: int = 2
+    fast_tanh: bool = True  # tanh.approx on the GPU for 16-bit inputs; see triton_step.tanh
+
+
+CONFIG = KernelConfig()
+
+
+@dataclass(frozen=True)
+class ScanShape:
+    batch: int
+    seq_len: int
+    num_heads: int
+    nq: int
+    nk: int
+    nv: int
+    nf: int
+    nw: int
+    key_dim: int
+    value_dim: int
+    num_states: int  # B, or the number of packed sequences
+    varlen: bool
+
+    @staticmethod
+    def of(q, k, v, W, f, cu_seqlens) -> "ScanShape":
+        batch, seq_len, nq, key_dim = q.shape
+        nk, nv, nf, nw = k.shape[2], v.shape[2], f.shape[2], W.shape[0]
+        varlen = cu_seqlens is not None
+        return ScanShape(
+            batch, seq_len, max(nq, nk, nv, nf, nw), nq, nk, nv, nf, nw, key_dim, v.shape[3],
+            len(cu_seqlens) - 1 if varlen else batch, varlen,
+        )
+
+    @property
+    def block_k(self) -> int:
+        return max(16, triton.next_power_of_2(self.key_dim))
+
+    @property
+    def block_v(self) -> int:
+        return max(16, triton.next_power_of_2(self.value_dim))
+
+    def num_checkpoint_slots(self, chunk: int) -> int:
+        # see first_checkpoint_slot in triton_step.py
+        return triton.cdiv(self.seq_len, chunk) + (self.num_states if self.varlen else 0)
+
+    def head_constants(self) -> dict:
+        return dict(N=self.num_heads, NQ=self.nq, NK=self.nk, NV=self.nv, NF=self.nf, NW=self.nw,
+                    K=self.key_dim, V=self.value_dim, BK=self.block_k, BV=self.block_v)
+
+
+def _precision(x: torch.Tensor) -> dict:
+    """Kernel constants that depend on the input dtype and device (see the module doc)."""
+    full = x.dtype == torch.float32
+    return dict(
+        DOT_DTYPE=tl.float32 if full else tl.float16,
+        DOT_PRECISION="ieee",
+        FAST_TANH=CONFIG.fast_tanh and x.is_cuda and not full,  # the interpreter has no inline assembly
+    )
+
+
+def _dot_torch_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float32 if x.dtype == torch.float32 else torch.float16
+
+
+def _backward_heads_per_program(shape: ScanShape) -> int:
+    """Heads per backward program: a power of two dividing the q and k group sizes, so that the
+    program's heads share one q row and one k row and their dq, dk can be summed in registers."""
+    shared = math.gcd(shape.num_heads // shape.nq, shape.num_heads // shape.nk)
+    heads = 1
+    while heads * 2 <= CONFIG.backward_max_heads_per_program and shared % (heads * 2) == 0:
+        heads *= 2
+    return heads
+
+
+def _checkpoint_buffer(shape: ScanShape, v: torch.Tensor, store: bool) -> torch.Tensor:
+    """The state every CONFIG.chunk steps, in the dot dtype: fp16 for 16-bit inputs (|H| <= 1; the
+    backward then replays from states rounded to 2^-11, far inside bf16 gradient accuracy)."""
+    dtype = _dot_torch_dtype(v)
+    if not store:
+        return torch.empty(0, device=v.device, dtype=dtype)
+    rows = 1 if shape.varlen else shape.batch
+    slots = shape.num_checkpoint_slots(CONFIG.chunk)
+    return torch.empty(rows, shape.num_heads, slots, shape.block_k, shape.block_v, device=v.device, dtype=dtype)
+
+
+def _scan_forward(q, k, v, W, f, initial_state, cu_seqlens, store_checkpoints):
+    """Launch the forward kernel: (y, final_state, checkpoints)."""
+    shape = ScanShape.of(q, k, v, W, f, cu_seqlens)
+    q, k, v, W, f = (x.contiguous() for x in (q, k, v, W, f))
+    y = torch.empty(shape.batch, shape.seq_len, shape.num_heads, shape.value_dim, device=v.device, dtype=v.dtype)
+    final_state = torch.empty(shape.num_states, shape.num_heads, shape.key_dim, shape.value_dim,
+                              device=v.device, dtype=torch.float32)
+    checkpoints = _checkpoint_buffer(shape, v, store_checkpoints)
+    heads = CONFIG.forward_heads_per_program if shape.num_heads % CONFIG.forward_heads_per_program == 0 else 1
+    scan_forward_kernel[(shape.num_states, shape.num_heads // heads)](
+        q, k, v, W, f,
+        initial_state.contiguous() if initial_state is not None else f,
+        cu_seqlens if cu_seqlens is not None else f,
+        y, final_state, checkpoints if store_checkpoints else f,
+        shape.seq_len, shape.num_checkpoint_slots(CONFIG.chunk),
+        **shape.head_constants(), HP=heads, CHUNK=CONFIG.chunk,
+        HAS_H0=initial_state is not None, VARLEN=shape.varlen, STORE_CHECKPOINTS=store_checkpoints,
+        **_precision(v), num_warps=CONFIG.forward_warps,
+    )
+    return y, final_state, checkpoints
+
+
+@torch.library.custom_op("m2rnn::scan", mutates_args=())
+def scan_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    W: torch.Tensor,
+    f: torch.Tensor,
+    initial_state: Optional[torch.Tensor],
+    cu_seqlens: Optional[torch.Tensor],
+    gradient_clipping: Optional[float],
+    store_checkpoints: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _scan_forward(q, k, v, W, f, initial_state, cu_seqlens, store_checkpoints)
+
+
+@scan_op.register_fake
+def _(q, k, v, W, f, initial_state, cu_seqlens, gradient_clipping, store_checkpoints):
+    shape = ScanShape.of(q, k, v, W, f, cu_seqlens)
+    y = v.new_empty(shape.batch, shape.seq_len, shape.num_heads, shape.value_dim)
+    final_state = v.new_empty(shape.num_states, shape.num_heads, shape.key_dim, shape.value_dim, dtype=torch.float32)
+    return y, final_state, _checkpoint_buffer(shape, v, store_checkpoints)
+
+
+def _sum_groups(partial: torch.Tensor, dim: int, groups: int, dtype: torch.dtype) -> torch.Tensor:
+    """Sum the consecutive per-head (or per-program) partials along `dim` into `groups` groups."""
+    members = partial.shape[dim] // groups
+    if members == 1:
+        return partial.to(dtype)
+    grouped = partial.unflatten(dim, (groups, members))
+    return grouped.sum(dim + 1, dtype=torch.float32).to(dtype)
+
+
+@torch.library.custom_op("m2rnn::scan_backward", mutates_args=())
+def scan_backward_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    W: torch.Tensor,
+    f: torch.Tensor,
+    cu_seqlens: Optional[torch.Tensor],
+    checkpoints: torch.Tensor,
+    dy: torch.Tensor,
+    d_final_state: Optional[torch.Tensor],
+    gradient_clipping: Optional[float],
+    initial_state_dtype: Optional[torch.dtype],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of m2rnn::scan; d_initial_state is empty when `initial_state_dtype` is None."""
+    shape = ScanShape.of(q, k, v, W, f, cu_seqlens)
+    q, k, v, W, f, dy = (x.contiguous() for x in (q, k, v, W, f, dy))
+    heads = _backward_heads_per_program(shape)
+    programs = shape.num_heads // heads
+    B, S, N = shape.batch, shape.seq_len, shape.num_heads
+    device = v.device
+    dq_partial = torch.empty(B, S, programs, shape.key_dim, device=device, dtype=q.dtype)
+    dk_partial = torch.empty(B, S, programs, shape.key_dim, device=device, dtype=k.dtype)
+    dv_partial = torch.empty(B, S, N, shape.value_dim, device=device, dtype=v.dtype)
+    df_partial = torch.empty(B, S, N, device=device, dtype=torch.float32)
+    dW_partial = torch.empty(shape.num_states, N, shape.value_dim, shape.value_dim, device=device, dtype=torch.float32)
+    store_dh0 = initial_state_dtype is not None
+    dh0 = torch.empty(shape.num_states if store_dh0 else 0, N, shape.key_dim, shape.value_dim,
+                      device=device, dtype=torch.float32)
+    scratch = torch.empty(shape.num_states * programs, CONFIG.chunk, heads, shape.block_k, shape.block_v,
+                          device=device, dtype=_dot_torch_dtype(v))
+    full = v.dtype == torch.float32
+    scan_backward_kernel[(shape.num_states, programs)](
+        q, k, v, W, f, cu_seqlens if cu_seqlens is not None else f, checkpoints, dy,
+        d_final_state.contiguous() if d_final_state is not None else f,
+        dq_partial, dk_partial, dv_partial, df_partial, dW_partial, dh0, scratch,
+        S, shape.num_checkpoint_slots(CONFIG.chunk), gradient_clipping or 0.0,
+        **shape.head_constants(), HP=heads, CHUNK=CONFIG.chunk, VARLEN=shape.varlen,
+        HAS_DH_FINAL=d_final_state is not None, STORE_DH0=store_dh0, CLIP=gradient_clipping is not None,
+        **_precision(v), GRAD_PRECISION="ieee" if full else "tf32", num_warps=heads,
+    )
+    return (
+        _sum_groups(dq_partial, 2, shape.nq, q.dtype),
+        _sum_groups(dk_partial, 2, shape.nk, k.dtype),
+        _sum_groups(dv_partial, 2, shape.nv, v.dtype),
+        _sum_groups(dW_partial.sum(0), 0, shape.nw, W.dtype),
+        _sum_groups(df_partial, 2, shape.nf, f.dtype),
+        dh0.to(initial_state_dtype) if store_dh0 else dh0,
+    )
+
+
+@scan_backward_op.register_fake
+def _(q, k, v, W, f, cu_seqlens, checkpoints, dy, d_final_state, gradient_clipping, initial_state_dtype):
+    shape = ScanShape.of(q, k, v, W, f, cu_seqlens)
+    num_states = shape.num_states if initial_state_dtype is not None else 0
+    dh0 = q.new_empty(num_states, shape.num_heads, shape.key_dim, shape.value_dim,
+                      dtype=initial_state_dtype or torch.float32)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(W), torch.empty_like(f), dh0
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, W, f, initial_state, cu_seqlens, gradient_clipping, store_checkpoints = inputs
+    if not store_checkpoints:
+        # Callers go through m2rnn_scan_triton, which stores checkpoints whenever a gradient is needed.
+        raise RuntimeError("m2rnn::scan was called without checkpoints but a gradient is needed")
+    ctx.save_for_backward(q, k, v, W, f, cu_seqlens, output[2])
+    # Unused outputs get None instead of a zero tensor (the checkpoints' would be as large as them).
+    ctx.set_materialize_grads(False)
+    ctx.gradient_clipping = gradient_clipping
+    ctx.initial_state_dtype = initial_state.dtype if initial_state is not None and initial_state.requires_grad else None
+
+
+def _backward(ctx, dy, d_final_state, _d_checkpoints):
+    q, k, v, W, f, cu_seqlens, checkpoints = ctx.saved_tensors
+    if dy is None:  # only the final state was used
+        dy = v.new_zeros(*v.shape[:2], d_final_state.shape[1], v.shape[3])
+    dq, dk, dv, dW, df, dh0 = scan_backward_op(
+        q, k, v, W, f, cu_seqlens, checkpoints, dy, d_final_state, ctx.gradient_clipping, ctx.initial_state_dtype
+    )
+    return dq, dk, dv, dW, df, (dh0 if ctx.initial_state_dtype is not None else None), None, None, None
+
+
+scan_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def m2rnn_scan_triton(q, k, v, W, f, initial_state=None, gradient_clipping=None, cu_seqlens=None):
+    """`m2rnn_scan` on Triton kernels (inputs validated by the caller). See the module doc."""
+    if v.dtype == torch.float64:
+        return m2rnn_scan_reference(q, k, v, W, f, initial_state, gradient_clipping, cu_seqlens)
+    inputs = (q, k, v, W, f, initial_state)
+    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
+    if not needs_grad and not torch.compiler.is_compiling():
+        # Eager inference and decoding: the op dispatcher would only add host time to a short kernel.
+        y, final_state, _ = _scan_forward(q, k, v, W, f, initial_state, cu_seqlens, False)
+        return y, final_state
+    clip = float(gradient_clipping) if gradient_clipping is not None else None
+    y, final_state, _ = scan_op(q, k, v, W, f, initial_state, cu_seqlens, clip, needs_grad)
+    return y, final_state

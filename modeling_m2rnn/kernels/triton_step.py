@@ -1,0 +1,130 @@
+"""Triton building blocks shared by the forward and backward scan kernels.
+
+Every kernel runs one program per (state row, block of HP consecutive heads) and holds the
+state of its heads as one float32 register tensor of shape (HP, BK, BV): BK and BV are K and V
+rounded up to powers of two (at least 16, the smallest tensor-core tile); the padding rows and
+columns are zero and stay zero through the recurrence, because the padded parts of W, k, v and
+q are loaded as zeros.
+
+Tensors are contiguous; the offsets below spell out their layouts.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tanh(x, FAST: tl.constexpr):
+    """tanh in float32. FAST: one tanh.approx.f32 per element on the GPU (max rel. error ~2^-11,
+    for 16-bit inputs); the special-function unit's throughput sets the pace of a step, and the
+    exp-and-divide form costs twice as much (H200, 400M forward: 2.6 ms vs 4.7 ms). The portable form
+    is exact to float32 rounding and runs in the Triton interpreter. (tanh.approx.f16x2, two per
+    instruction, measured no faster and less accurate.)"""
+    if FAST:
+        return tl.inline_asm_elementwise(
+            "tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        # exp of a non-positive number: never overflows.
+        e = tl.exp(-2.0 * tl.abs(x))
+        t = (1.0 - e) / (1.0 + e)
+        return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def sequence_bounds(cu_seqlens_ptr, state_row, seq_len, VARLEN: tl.constexpr):
+    """(batch row, first step, end step) of the sequence whose state is `state_row`."""
+    if VARLEN:
+        start = tl.load(cu_seqlens_ptr + state_row).to(tl.int32)
+        end = tl.load(cu_seqlens_ptr + state_row + 1).to(tl.int32)
+        return 0, start, end
+    else:
+        return state_row, 0, seq_len
+
+
+@triton.jit
+def first_checkpoint_slot(start, state_row, CHUNK: tl.constexpr, VARLEN: tl.constexpr):
+    """Checkpoint slot of a sequence's first chunk; its chunk c is at this slot + c.
+
+    Packed sequence i starting at `start` has at most ceil(len_i / CHUNK) chunks, and
+    start // CHUNK + i leaves that many slots free before the next sequence's first slot, so
+    cdiv(S, CHUNK) + num_sequences slots hold every sequence without a host-side prefix sum.
+    """
+    if VARLEN:
+        return start // CHUNK + state_row
+    else:
+        return 0
+
+
+@triton.jit
+def load_step(
+    q_ptr, k_ptr, v_ptr, f_ptr, batch, t, seq_len, valid, heads, rk, rv,
+    N: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr, NV: tl.constexpr, NF: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr,
+):
+    """Step t's inputs for the program's heads, in float32, zero where padded or not `valid`:
+    q_t, k_t (HP, BK); v_t (HP, BV); f_t (HP,). Head n reads group n // (N / Nx) of an input."""
+    row = (batch * seq_len + t).to(tl.int64)
+    # tl.where rather than `&`: the interpreter rejects a tensor & scalar-bool mask.
+    k_mask = tl.where(valid, rk[None, :] < K, False)
+    v_mask = tl.where(valid, rv[None, :] < V, False)
+    q_t = tl.load(q_ptr + ((row * NQ + heads[:, None] // (N // NQ)) * K + rk[None, :]), mask=k_mask, other=0.0)
+    k_t = tl.load(k_ptr + ((row * NK + heads[:, None] // (N // NK)) * K + rk[None, :]), mask=k_mask, other=0.0)
+    v_t = tl.load(v_ptr + ((row * NV + heads[:, None] // (N // NV)) * V + rv[None, :]), mask=v_mask, other=0.0)
+    f_mask = tl.where(valid, heads < N, False)
+    f_t = tl.load(f_ptr + (row * NF + heads // (N // NF)), mask=f_mask, other=1.0)
+    return q_t.to(tl.float32), k_t.to(tl.float32), v_t.to(tl.float32), f_t.to(tl.float32)
+
+
+@triton.jit
+def head_rows_offsets(heads, rk, rv, K: tl.constexpr, V: tl.constexpr):
+    """Offsets and mask of a (HP, K, V) block of an (…, N, K, V) tensor, relative to head 0."""
+    offsets = (heads[:, None, None] * K + rk[None, :, None]) * V + rv[None, None, :]
+    mask = (rk[None, :, None] < K) & (rv[None, None, :] < V)
+    return offsets, mask
+
+
+@triton.jit
+def padded_block_offsets(HP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Offsets of a dense (HP, BK, BV) block (the backward's scratch states keep the padding)."""
+    h = tl.arange(0, HP)[:, None, None]
+    r = tl.arange(0, BK)[None, :, None]
+    c = tl.arange(0, BV)[None, None, :]
+    return (h * BK + r) * BV + c
+
+
+@triton.jit
+def checkpoint_offsets(batch, heads, first_slot, num_slots, N: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Offsets of the (HP, BK, BV) checkpoint at `first_slot` in a buffer of shape
+    (rows, N, num_slots, BK, BV), rows = B (1 when packed). Independent of HP, so the forward
+    and the backward may group heads differently."""
+    slots = (batch * N + heads[:, None, None]).to(tl.int64) * num_slots + first_slot
+    r = tl.arange(0, BK)[None, :, None]
+    c = tl.arange(0, BV)[None, None, :]
+    return (slots * BK + r) * BV + c
+
+
+@triton.jit
+def load_weights(W_ptr, heads, rv, N: tl.constexpr, NW: tl.constexpr, V: tl.constexpr):
+    """W of each head as float32 (HP, BV, BV), zero-padded."""
+    groups = heads[:, None, None] // (N // NW)
+    offsets = (groups * V + rv[None, :, None]) * V + rv[None, None, :]
+    mask = (rv[None, :, None] < V) & (rv[None, None, :] < V)
+    return tl.load(W_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def candidate(H_dot, W_dot, k_t, v_t, DOT_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr):
+    """Z_t = tanh(H_{t-1} W + k_t v_tᵀ) for HP heads, float32 (HP, BK, BV).
+
+    H_dot: H_{t-1} as the matmul operand (HP, BK, BV) in the dot dtype; W_dot (HP, BV, BV) likewise;
+    k_t (HP, BK); v_t (HP, BV) float32."""
+    A = tl.dot(H_dot, W_dot, input_precision=DOT_PRECISION) + k_t[:, :, None] * v_t[:, None, :]
+    return tanh(A, FAST_TANH)
+
+
+@triton.jit
+def blend(H, Z, f_t):
+    """H_t = f_t H_{t-1} + (1 - f_t) Z_t; H, Z (HP, BK, BV), f_t (HP,)."""
+    f = f_t[:, None, None]
+    return f * H + (1.0 - f) * Z

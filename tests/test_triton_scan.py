@@ -1,0 +1,196 @@
+"""The Triton scan kernels against the float64 PyTorch reference.
+
+On a machine without CUDA they run through the Triton interpreter (TRITON_INTERPRET=1, set here and
+in conftest.py before triton is imported), so the shapes are tiny. Error measure: ‖out − ref‖ / ‖ref‖.
+Bounds: float32 inputs compute in float32 (products in full float32): 1e-5 (seen: ~2e-7). bf16 inputs
+round y and the gradients to bf16 (2^-9 per element): 1e-2 (seen: ~4e-3). fp16 inputs: 5e-3
+(seen: ~3e-4 in the interpreter; the GPU's tanh.approx adds ~5e-4).
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+
+from modeling_m2rnn.kernels import m2rnn_scan, m2rnn_scan_reference
+from modeling_m2rnn.kernels import triton_scan
+from modeling_m2rnn.kernels.triton_scan import KernelConfig
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BOUND = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 5e-3}
+NAMES = ("q", "k", "v", "W", "f", "initial_state")
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def make_inputs(B, S, K, V, counts, dtype, with_initial_state, num_states=None, generator=None):
+    """Fresh random inputs; counts = (Nq, Nk, Nv, Nf, Nw). f in (0.3, 0.95): states move visibly."""
+    nq, nk, nv, nf, nw = counts
+    n = max(counts)
+    g = generator
+    q = torch.randn(B, S, nq, K, generator=g)
+    k = torch.randn(B, S, nk, K, generator=g) / K**0.5
+    v = torch.randn(B, S, nv, V, generator=g)
+    W = torch.randn(nw, V, V, generator=g) / V**0.5
+    f = 0.3 + 0.65 * torch.rand(B, S, nf, generator=g)
+    h0 = 0.5 * torch.randn(num_states or B, n, K, V, generator=g) if with_initial_state else None
+    inputs = [q.to(dtype), k.to(dtype), v.to(dtype), W.to(dtype), f, h0]
+    return [x.to(DEVICE) if x is not None else None for x in inputs]
+
+
+def run_with_grads(scan, inputs, output_grads, **kwargs):
+    """y, final state and the gradients of <y, dy> + <final, d_final> wrt every input."""
+    inputs = [x.detach().clone().requires_grad_() if x is not None else None for x in inputs]
+    y, final_state = scan(*inputs, **kwargs)
+    dy, d_final = output_grads
+    loss = (y.double() * dy).sum() + (final_state.double() * d_final).sum()
+    leaves = [x for x in inputs if x is not None]
+    grads = iter(torch.autograd.grad(loss, leaves))
+    return y, final_state, [next(grads) if x is not None else None for x in inputs]
+
+
+def check_against_reference(inputs, gradient_clipping=None, cu_seqlens=None):
+    """Triton (input dtype) vs the reference on float64 copies: y, final state, every gradient."""
+    dtype = inputs[0].dtype
+    as_double = [x.double() if x is not None else None for x in inputs]
+
+    def reference(q, k, v, W, f, initial_state):
+        return m2rnn_scan_reference(q, k, v, W, f, initial_state, gradient_clipping, cu_seqlens)
+
+    with torch.no_grad():
+        ref_y, ref_final = reference(*as_double)
+    output_grads = (torch.randn_like(ref_y), torch.randn_like(ref_final))
+    ref_y, ref_final, ref_grads = run_with_grads(reference, as_double, output_grads)
+    y, final_state, grads = run_with_grads(
+        m2rnn_scan, inputs, output_grads, gradient_clipping=gradient_clipping, cu_seqlens=cu_seqlens, backend="triton"
+    )
+    assert y.dtype == dtype and final_state.dtype == torch.float32
+    errors = {"y": relative_error(y, ref_y), "final_state": relative_error(final_state, ref_final)}
+    for name, grad, ref_grad in zip(NAMES, grads, ref_grads):
+        if ref_grad is not None:
+            assert grad.dtype == inputs[NAMES.index(name)].dtype and grad.shape == ref_grad.shape
+            errors["d" + name] = relative_error(grad, ref_grad)
+    assert all(e < BOUND[dtype] for e in errors.values()), errors
+    return errors
+
+
+@pytest.fixture(params=["default", "small_chunks"])
+def kernel_config(request, monkeypatch):
+    """The default launch, and one with 4-step chunks and 2 heads per program in both kernels, so
+    that short sequences cross checkpoint boundaries and heads are summed inside a program."""
+    if request.param == "small_chunks":
+        monkeypatch.setattr(
+            triton_scan, "CONFIG",
+            KernelConfig(chunk=4, forward_heads_per_program=2, forward_warps=2, backward_max_heads_per_program=2),
+        )
+    return request.param
+
+
+CASES = {
+    # name: (B, S, K, V, (Nq, Nk, Nv, Nf, Nw), initial state, gradient clipping)
+    "shared_qk_odd_dims": (2, 7, 48, 12, (1, 1, 4, 4, 2), True, 0.3),
+    "per_head_no_state": (1, 33, 16, 16, (2, 2, 2, 2, 2), False, None),
+    "single_step": (3, 1, 20, 5, (1, 2, 4, 4, 4), True, None),
+    "mixed_groups_clip": (2, 9, 32, 8, (2, 4, 1, 4, 1), True, 0.2),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_float32_matches_reference(case, kernel_config):
+    B, S, K, V, counts, with_state, clip = CASES[case]
+    check_against_reference(make_inputs(B, S, K, V, counts, torch.float32, with_state), gradient_clipping=clip)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_inputs_match_reference(dtype):
+    check_against_reference(make_inputs(2, 7, 48, 12, (1, 1, 4, 4, 4), dtype, True), gradient_clipping=0.3)
+
+
+def test_packed_sequences_match_reference(kernel_config):
+    cu_seqlens = torch.tensor([0, 1, 6, 7, 7, 15], device=DEVICE)  # lengths 1, 5, 1, 0, 8
+    inputs = make_inputs(1, 15, 24, 6, (1, 1, 2, 2, 2), torch.float32, True, num_states=5)
+    check_against_reference(inputs, gradient_clipping=0.3, cu_seqlens=cu_seqlens)
+
+
+def test_initial_state_without_grad():
+    inputs = make_inputs(2, 5, 16, 8, (1, 1, 2, 2, 2), torch.float32, True)
+    q, k, v, W, f, h0 = inputs
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, W, f)]
+    y, final_state = m2rnn_scan(*leaves, initial_state=h0, backend="triton")
+    (y.sum() + final_state.sum()).backward()
+    assert h0.grad is None and all(x.grad is not None for x in leaves)
+    ref_y, _ = m2rnn_scan_reference(*(x.double() for x in (q, k, v, W, f)), h0.double())
+    assert relative_error(y, ref_y) < BOUND[torch.float32]
+
+
+def test_gradient_through_the_final_state_only():
+    """y unused: the backward gets no dy and must still produce every gradient (dq = 0)."""
+    inputs = make_inputs(1, 5, 16, 8, (1, 1, 2, 2, 2), torch.float32, False)[:5]
+    leaves = [x.clone().requires_grad_() for x in inputs]
+    grads = torch.autograd.grad(m2rnn_scan(*leaves, backend="triton")[1].square().sum(), leaves)
+    doubles = [x.double().requires_grad_() for x in inputs]
+    ref_grads = torch.autograd.grad(m2rnn_scan_reference(*doubles)[1].square().sum(), doubles, allow_unused=True)
+    assert ref_grads[0] is None and torch.count_nonzero(grads[0]) == 0
+    for grad, ref_grad in zip(grads[1:], ref_grads[1:]):
+        assert relative_error(grad, ref_grad) < BOUND[torch.float32]
+
+
+def test_the_clip_value_used_above_clips():
+    """Without this, the clipped cases above could pass on a kernel that ignores clipping."""
+    B, S, K, V, counts, with_state, clip = CASES["shared_qk_odd_dims"]
+    inputs = [x.double() if x is not None else None for x in make_inputs(B, S, K, V, counts, torch.float32, with_state)]
+    output_grads = (torch.randn(B, S, max(counts), V, dtype=torch.float64, device=DEVICE),
+                    torch.randn(B, max(counts), K, V, dtype=torch.float64, device=DEVICE))
+    grads = {c: run_with_grads(m2rnn_scan_reference, inputs, output_grads, gradient_clipping=c)[2] for c in (clip, None)}
+    assert relative_error(grads[clip][2], grads[None][2]) > 0.05  # dv changes visibly
+
+
+def test_inference_and_decode_match_reference():
+    """No gradient needed: no checkpoints are stored, and S == 1 is the decode step."""
+    for S in (1, 6):
+        q, k, v, W, f, h0 = make_inputs(3, S, 40, 10, (1, 1, 4, 4, 4), torch.bfloat16, True)
+        with torch.no_grad():
+            y, final_state, checkpoints = triton_scan.scan_op(q, k, v, W, f, h0, None, None, False)
+        ref_y, ref_final = m2rnn_scan_reference(*(x.double() for x in (q, k, v, W, f, h0)))
+        assert checkpoints.numel() == 0
+        assert relative_error(y, ref_y) < BOUND[torch.bfloat16]
+        assert relative_error(final_state, ref_final) < BOUND[torch.bfloat16]
+
+
+def test_float64_inputs_use_the_reference():
+    inputs = make_inputs(1, 4, 8, 4, (1, 1, 2, 2, 2), torch.float64, True)
+    y, final_state = m2rnn_scan(*inputs[:5], initial_state=inputs[5], backend="triton")
+    ref_y, ref_final = m2rnn_scan_reference(*inputs)
+    assert final_state.dtype == torch.float64
+    assert torch.equal(y, ref_y) and torch.equal(final_state, ref_final)
+
+
+def test_ops_pass_opcheck_and_compile_without_graph_breaks():
+    q, k, v, W, f, h0 = make_inputs(1, 3, 16, 4, (1, 1, 2, 2, 2), torch.float32, True)
+    leaves = [x.requires_grad_() for x in (q, k, v, W, f, h0)]
+    torch.library.opcheck(triton_scan.scan_op, (*leaves[:5], leaves[5], None, 0.5, True),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+    def loss(*xs):
+        y, final_state = m2rnn_scan(*xs[:5], initial_state=xs[5], gradient_clipping=0.5, backend="triton")
+        return y.sum() + final_state.square().sum()
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    eager_grads = torch.autograd.grad(loss(*leaves), leaves)
+    compiled_grads = torch.autograd.grad(compiled(*leaves), leaves)
+    for eager, traced in zip(eager_grads, compiled_grads):
+        assert relative_error(traced, eager) < 1e-6
+
+
+def test_bad_input_raises_value_error():
+    q, k, v, W, f, _ = make_inputs(1, 3, 16, 4, (1, 1, 2, 2, 2), torch.float32, False)
+    with pytest.raises(ValueError, match="W"):
+        m2rnn_scan(q, k, v, W[:, :3], f, backend="triton")
+    with pytest.raises(ValueError, match="f"):
+        m2rnn_scan(q, k, v, W, f.bfloat16(), backend="triton")
