@@ -1,0 +1,135 @@
+"""Generation speed of the paper's 400M M2RNN models on one GPU: eager and with the static cache compiled.
+
+    PYTHONPATH=. python benchmarks/bench_generate.py [--prompts 512 4096 16384] [--batches 1 16] [--new-tokens 128]
+
+Random weights in bf16, greedy decoding of `--new-tokens` tokens after prompts of each length. For each model,
+prompt length and batch size: prefill time (a generate call of one token), ms per token after the prefill,
+tokens/s and peak memory. The same-size LlamaForCausalLM was measured on the same H200 with the same settings
+(`shared/anchors/llama400m_h200_2026-11-28.json`); its figures are printed beside ours. Each ms per token is
+also put beside its memory-bandwidth floor: the bytes a decode step must read (weights, plus the KV cache of the
+attention layers, plus the M2RNN states read and written) over 4.2 TB/s.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+from transformers import CompileConfig
+
+from modeling_m2rnn import M2RNNConfig, M2RNNForCausalLM
+
+HBM_BYTES_PER_S = 4.2e12
+# shared/anchors/llama400m_h200_2026-11-28.json: same hidden size, layers and vocabulary, H200, bf16, greedy.
+LLAMA_EAGER_MS_PER_TOKEN = {(1, 512): 79.63, (1, 4096): 80.49, (1, 16384): 83.78,
+                            (16, 512): 96.74, (16, 4096): 100.81, (16, 16384): 84.36}
+LLAMA_COMPILED_MS_PER_TOKEN = {(1, 16384): 3.55, (16, 16384): 11.83}
+
+
+def synchronize_time() -> float:
+    torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def bandwidth_floor_ms(config: M2RNNConfig, num_parameters: int, batch: int, context: int) -> float:
+    """Bytes one decode step must move through HBM, over the bandwidth: bf16 weights (the embedding row aside),
+    the attention layers' keys and values, and each M2RNN state (float32) read and written."""
+    weight_bytes = 2 * (num_parameters - config.vocab_size * config.hidden_size)
+    attention_layers = config.layer_types.count("full_attention")
+    kv_bytes = attention_layers * 2 * batch * config.num_key_value_heads * context * config.head_dim * 2
+    m2rnn_layers = config.layer_types.count("linear_attention")
+    state_bytes = m2rnn_layers * 2 * batch * config.m2rnn_num_heads * config.m2rnn_k_head_dim * config.m2rnn_v_head_dim * 4
+    return 1e3 * (weight_bytes + kv_bytes + state_bytes) / HBM_BYTES_PER_S
+
+
+def time_generate(model, prompt, new_tokens: int, **options) -> tuple[float, float]:
+    """Seconds for the prefill (a one-token generate) and for the whole generate of `new_tokens`."""
+    start = synchronize_time()
+    model.generate(prompt, max_new_tokens=1, min_new_tokens=1, do_sample=False, **options)
+    prefill = synchronize_time() - start
+    start = synchronize_time()
+    model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **options)
+    return prefill, synchronize_time() - start
+
+
+def measure(model, batch: int, prompt_len: int, new_tokens: int, mode: str, max_cache_len: int) -> dict:
+    prompt = torch.randint(1, model.config.vocab_size, (batch, prompt_len), device="cuda")
+    options = {}
+    if mode == "static_compiled":
+        options = dict(cache_implementation="static", max_cache_len=max_cache_len,
+                       compile_config=CompileConfig(fullgraph=True))
+        start = time.perf_counter()
+        model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False, **options)   # compiles
+        first_call_s = time.perf_counter() - start
+    torch.cuda.reset_peak_memory_stats()
+    prefill, total = time_generate(model, prompt, new_tokens, **options)
+    ms_per_token = 1e3 * (total - prefill) / (new_tokens - 1)
+    result = dict(ms_per_token=round(ms_per_token, 3), tokens_per_s=round(1e3 * batch / ms_per_token, 1),
+                  prefill_ms=round(1e3 * prefill, 1), peak_GiB=round(torch.cuda.max_memory_allocated() / 2**30, 2))
+    if mode == "static_compiled":
+        result["first_call_s"] = round(first_call_s, 1)
+    return result
+
+
+def check_compiled_matches_eager(model, max_cache_len: int) -> bool:
+    prompt = torch.randint(1, model.config.vocab_size, (2, 64), device="cuda")
+    eager = model.generate(prompt, max_new_tokens=16, min_new_tokens=16, do_sample=False)
+    compiled = model.generate(prompt, max_new_tokens=16, min_new_tokens=16, do_sample=False,
+                              cache_implementation="static", max_cache_len=max_cache_len,
+                              compile_config=CompileConfig(fullgraph=True))
+    return torch.equal(eager, compiled)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["hybrid-m2rnn-400m", "m2rnn-400m"])
+    parser.add_argument("--prompts", nargs="+", type=int, default=[512, 4096, 16384])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 16])
+    parser.add_argument("--modes", nargs="+", default=["eager", "static_compiled"])
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--output", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results")))
+    args = parser.parse_args()
+    args.output.mkdir(parents=True, exist_ok=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    report = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, commit=commit,
+                  date=time.strftime("%Y-%m-%d"), new_tokens=args.new_tokens, results={})
+    max_cache_len = max(args.prompts) + args.new_tokens   # one compiled graph per batch size serves every prompt
+
+    rows = []
+    for name in args.models:
+        torch.manual_seed(0)
+        config = M2RNNConfig.from_preset(name)
+        model = M2RNNForCausalLM(config).to("cuda", torch.bfloat16).eval()
+        num_parameters = sum(p.numel() for p in model.parameters())
+        report["results"][f"{name}_compiled_equals_eager"] = check_compiled_matches_eager(model, 256)
+        for mode in args.modes:
+            for batch in args.batches:
+                for prompt_len in args.prompts:
+                    key = f"{name}_{mode}_B{batch}_P{prompt_len}"
+                    result = measure(model, batch, prompt_len, args.new_tokens, mode, max_cache_len)
+                    result["floor_ms"] = round(bandwidth_floor_ms(config, num_parameters, batch, prompt_len), 3)
+                    report["results"][key] = result
+                    llama = (LLAMA_EAGER_MS_PER_TOKEN if mode == "eager" else LLAMA_COMPILED_MS_PER_TOKEN).get(
+                        (batch, prompt_len))
+                    rows.append((name, mode, batch, prompt_len, result, llama))
+                    print(key, result, flush=True)
+                    (args.output / "bench_generate.json").write_text(json.dumps(report, indent=1))
+        del model
+        torch.cuda.empty_cache()
+
+    print(f"\n{report['gpu']}, torch {report['torch']}, commit {commit}, {report['date']}, "
+          f"greedy, {args.new_tokens} new tokens, bf16")
+    print(f"{'model':20} {'mode':16} {'B':>3} {'prompt':>6} {'ms/tok':>8} {'floor':>7} {'tok/s':>8} "
+          f"{'prefill ms':>10} {'peak GiB':>8} {'Llama ms/tok':>12}")
+    for name, mode, batch, prompt_len, r, llama in rows:
+        print(f"{name:20} {mode:16} {batch:>3} {prompt_len:>6} {r['ms_per_token']:>8.2f} {r['floor_ms']:>7.2f} "
+              f"{r['tokens_per_s']:>8.0f} {r['prefill_ms']:>10.1f} {r['peak_GiB']:>8.2f} "
+              f"{llama if llama is not None else '-':>12}")
+    print("compiled == eager:", {k: v for k, v in report["results"].items() if k.endswith("equals_eager")})
+
+
+if __name__ == "__main__":
+    main()
