@@ -1,0 +1,95 @@
+"""The four sequence labellers compared on the word problem; each maps token ids (B, S) to logits (B, S, order).
+
+- m2rnn:  pure M2RNN (every layer recurrent), through `modeling_m2rnn`.
+- hybrid: M2RNN with one softmax-attention layer in the middle (NoPE, as in the paper's hybrids).
+- llama:  attention only, transformers' `LlamaForCausalLM` with RoPE.
+- gru:    `torch.nn.GRU` between an embedding and a linear head.
+
+The transformers models are used as token-to-logits maps: the loss is computed by the training loop at the
+same position as the input (sequence labelling), never through their `labels=` argument, which shifts.
+"""
+
+from dataclasses import dataclass
+
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from modeling_m2rnn import M2RNNConfig, M2RNNForCausalLM
+
+MODELS = ("m2rnn", "hybrid", "llama", "gru")
+
+
+@dataclass
+class ModelSize:
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 8             # attention heads, and M2RNN heads (N)
+    m2rnn_head_dim: int = 16       # K = V
+    max_length: int = 1024         # the longest evaluation length (RoPE's table size)
+
+
+class Labeller(nn.Module):
+    """A transformers causal LM whose logits label every position."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids):
+        return self.lm(input_ids=ids, use_cache=False).logits
+
+
+class GRULabeller(nn.Module):
+    def __init__(self, vocab_size: int, size: ModelSize):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, size.hidden_size)
+        self.gru = nn.GRU(size.hidden_size, size.hidden_size, num_layers=size.num_layers, batch_first=True)
+        self.head = nn.Linear(size.hidden_size, vocab_size)
+
+    def forward(self, ids):
+        return self.head(self.gru(self.embed(ids))[0])
+
+
+def m2rnn_config(vocab_size: int, size: ModelSize, layer_types: list[str]) -> M2RNNConfig:
+    heads = size.num_heads
+    return M2RNNConfig(
+        vocab_size=vocab_size,
+        hidden_size=size.hidden_size,
+        intermediate_size=2 * size.hidden_size,
+        num_hidden_layers=len(layer_types),
+        layer_types=layer_types,
+        num_attention_heads=heads,
+        m2rnn_k_head_dim=size.m2rnn_head_dim,
+        m2rnn_v_head_dim=size.m2rnn_head_dim,
+        m2rnn_num_q_heads=1,
+        m2rnn_num_k_heads=1,
+        m2rnn_num_v_heads=heads,
+        m2rnn_num_f_heads=heads,
+        m2rnn_num_g_heads=heads,
+        m2rnn_num_weight_heads=heads,
+        max_position_embeddings=size.max_length,
+        m2rnn_dt_init_range=(0.5, 2.0),   # fast heads at init (f mostly near 0): the state is rewritten every step
+    )
+
+
+def build_model(name: str, vocab_size: int, size: ModelSize) -> nn.Module:
+    if name == "m2rnn":
+        return Labeller(M2RNNForCausalLM(m2rnn_config(vocab_size, size, ["m2rnn"] * size.num_layers)))
+    if name == "hybrid":
+        # attention in the middle: m2rnn, full_attention, m2rnn for 3 layers; at least one M2RNN layer before it
+        layer_types = ["m2rnn"] * size.num_layers
+        layer_types[max(1, size.num_layers // 2)] = "full_attention"
+        return Labeller(M2RNNForCausalLM(m2rnn_config(vocab_size, size, layer_types)))
+    if name == "llama":
+        config = LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=size.hidden_size,
+            intermediate_size=2 * size.hidden_size,
+            num_hidden_layers=size.num_layers,
+            num_attention_heads=size.num_heads,
+            max_position_embeddings=size.max_length,
+        )
+        return Labeller(LlamaForCausalLM(config))
+    if name == "gru":
+        return GRULabeller(vocab_size, size)
+    raise ValueError(f"unknown model {name!r}; expected one of {MODELS}")

@@ -1,0 +1,70 @@
+"""The state-tracking example (examples/state_tracking): the data generator's products, then the whole
+pipeline for a few steps on tiny models (outputs written and well-formed; accuracy is not checked)."""
+
+import json
+import sys
+from functools import reduce
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "state_tracking"))
+from groups import PermutationGroup, compose  # noqa: E402
+from models import MODELS, ModelSize, build_model  # noqa: E402
+import run  # noqa: E402
+
+
+def test_compose_applies_the_right_permutation_first():
+    a, b = (1, 0, 2), (0, 2, 1)                  # a swaps 0 and 1, b swaps 1 and 2
+    assert compose(a, b) == (1, 2, 0)            # (a ∘ b)(1) = a(b(1)) = a(2) = 2
+    assert compose(a, b) != compose(b, a)        # S3 is not abelian
+
+
+@pytest.mark.parametrize("name, order", [("S3", 6), ("S5", 120), ("A5", 60)])
+def test_group_elements_and_table(name, order):
+    group = PermutationGroup(name)
+    assert group.order == order and group.table.shape == (order, order)
+    assert group.elements[0] == tuple(range(len(group.elements[0])))             # id 0 is the identity
+    assert (group.table[0] == torch.arange(order)).all()
+    for row in group.table:                                                       # a Latin square
+        assert sorted(row.tolist()) == list(range(order))
+
+
+@pytest.mark.parametrize("name", ["S3", "S5", "A5"])
+def test_running_product_matches_composing_permutation_tuples(name):
+    group = PermutationGroup(name)
+    words, products = group.sample(4, 40, torch.Generator().manual_seed(0))
+    assert words.shape == products.shape == (4, 40) and words.dtype == products.dtype == torch.int64
+    for word, product in zip(words.tolist(), products.tolist()):
+        perms = [group.elements[i] for i in word]
+        for t in range(len(word)):
+            # product_t = x_t ∘ x_{t-1} ∘ ... ∘ x_0: the newest element is applied last
+            expected = reduce(lambda acc, x: compose(x, acc), perms[1 : t + 1], perms[0])
+            assert group.elements[product[t]] == expected
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_model_labels_every_position(name):
+    torch.manual_seed(0)
+    model = build_model(name, 6, ModelSize(hidden_size=32, num_layers=2, num_heads=2, m2rnn_head_dim=4, max_length=16))
+    assert model(torch.randint(6, (3, 11))).shape == (3, 11, 6)
+
+
+def test_pipeline_writes_table_plot_and_report(tmp_path):
+    argv = ["--group", "S3", "--steps", "4", "--train-length", "8", "--eval-lengths", "8", "16", "--batch-size", "4",
+            "--eval-batch-size", "4", "--hidden-size", "16", "--num-layers", "2", "--num-heads", "2",
+            "--device", "cpu", "--output", str(tmp_path)]
+    threads = torch.get_num_threads()
+    try:
+        run.main(argv)
+    finally:
+        torch.set_num_threads(threads)   # run.main uses one thread on the CPU; give the other tests theirs back
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["groups"]["S3"]) == set(MODELS)
+    for model_run in results["groups"]["S3"].values():
+        assert model_run["steps"] == 4
+        assert set(model_run["eval"]) == {"8", "16"}
+        assert all(0 <= score["accuracy"] <= 1 for score in model_run["eval"].values())
+    assert (tmp_path / "accuracy.png").stat().st_size > 1000
+    assert "| m2rnn |" in (tmp_path / "RESULTS.md").read_text()
