@@ -155,10 +155,10 @@ def compare_configs(log) -> dict:
     """Launch settings at the 400M shape; returns the timings per setting."""
     configs = {
         "default": KernelConfig(),
-        "bwd_1head": KernelConfig(backward_max_heads_per_program=1),
-        "bwd_4heads": KernelConfig(backward_max_heads_per_program=4),
-        "exact_tanh": KernelConfig(fast_tanh=False),
-        "chunk128": KernelConfig(chunk=128),
+        "fwd_rows16": KernelConfig(forward_rows=16),
+        "fwd_rows64 (previous forward)": KernelConfig(forward_rows=64),
+        "bwd_rows32_1warp": KernelConfig(backward_rows=32, backward_warps=1),
+        "bwd_rows16_1head_1warp": KernelConfig(backward_rows=16, backward_max_heads_per_program=1, backward_warps=1),
     }
     timings = {}
     for name, config in configs.items():

@@ -82,12 +82,15 @@ def check_against_reference(inputs, gradient_clipping=None, cu_seqlens=None):
 
 @pytest.fixture(params=["default", "small_chunks"])
 def kernel_config(request, monkeypatch):
-    """The default launch, and one with 4-step chunks and 2 heads per program in both kernels, so
-    that short sequences cross checkpoint boundaries and heads are summed inside a program."""
+    """The default launch, and one with 4-step chunks, 16-row forward and 32-row backward blocks and
+    2 heads per program on 2 warps in both kernels, so that short sequences cross checkpoint boundaries,
+    K=20, 24, 48 end in part-filled row blocks (whose padding rows the backward reads from checkpoints
+    the forward wrote in other blocks) and heads are summed inside a program."""
     if request.param == "small_chunks":
         monkeypatch.setattr(
             triton_scan, "CONFIG",
-            KernelConfig(chunk=4, forward_heads_per_program=2, forward_warps=2, backward_max_heads_per_program=2),
+            KernelConfig(chunk=4, forward_rows=16, forward_heads_per_program=2, forward_warps=2, backward_rows=32,
+                         backward_max_heads_per_program=2, backward_warps=2),
         )
     return request.param
 

@@ -6,9 +6,11 @@ Per step t, with G the whole gradient reaching H_t (from y_t and from H_{t+1}), 
     dZ = (1 - f) G;  dA = dZ ⊙ (1 - Z²)                 A = H_{t-1} W + k vᵀ,  Z = tanh(A)
     dH_{t-1} = f G + dA Wᵀ;  dW += H_{t-1}ᵀ dA;  dk = dA v;  dv = dAᵀ k
     df = Σ G ⊙ (H_{t-1} - Z);  dq = H_t dy
-Heads that share q and k (Nq, Nk < N) would collide on the same dq, dk rows: each program sums
-its HP heads in registers and writes one partial row per program, and PyTorch sums the partials
-of a group afterwards (no atomics). v, f, W, and the initial state get one partial per head.
+Every quantity but dv, df and dW is local to a row of H, so a program carries BR rows of HP heads
+as in the forward. Heads that share q and k (Nq, Nk < N) would collide on the same dq, dk rows:
+each program sums its HP heads in registers and writes one partial row per program, and PyTorch
+sums the partials of a group afterwards (no atomics). dv, df and dW sum over rows: one partial
+per head and row block. The initial state's gradient is row-local.
 """
 
 import triton
@@ -23,6 +25,7 @@ from .triton_step import (
     load_step,
     load_weights,
     padded_block_offsets,
+    row_block,
     sequence_bounds,
 )
 
@@ -38,10 +41,12 @@ def load_output_grad(dy_ptr, batch, t, seq_len, valid, heads, rv, N: tl.constexp
 @triton.jit
 def scan_backward_kernel(
     q_ptr, k_ptr, v_ptr, W_ptr, f_ptr, cu_seqlens_ptr, checkpoint_ptr, dy_ptr, dh_final_ptr,  # inputs
-    dq_ptr, dk_ptr, dv_ptr, df_ptr, dW_ptr, dh0_ptr, scratch_ptr,  # outputs (see module doc) and scratch
-    seq_len, num_slots, clip,
+    # outputs: dq, dk partials (B, S, N / HP, K); dv (R, B, S, N, V); df (R, B, S, N) f32;
+    # dW (states, R, N, V, V) f32; dh0 (states, N, K, V) f32. scratch (programs, CHUNK, HP, BR, BV)
+    dq_ptr, dk_ptr, dv_ptr, df_ptr, dW_ptr, dh0_ptr, scratch_ptr,
+    seq_len, batch_steps, num_slots, clip,  # batch_steps = B * S, the rows of one row block's partial
     N: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr, NV: tl.constexpr, NF: tl.constexpr, NW: tl.constexpr,
-    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HP: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HP: tl.constexpr, BR: tl.constexpr,
     CHUNK: tl.constexpr, VARLEN: tl.constexpr, HAS_DH_FINAL: tl.constexpr, STORE_DH0: tl.constexpr,
     CLIP: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr,
     FAST_TANH: tl.constexpr,
@@ -49,7 +54,9 @@ def scan_backward_kernel(
     state_row = tl.program_id(0)
     head_block = tl.program_id(1)
     heads = head_block * HP + tl.arange(0, HP)  # (HP,)
-    rk = tl.arange(0, BK)
+    rows_block = tl.program_id(2)
+    num_row_blocks = tl.num_programs(2)
+    rk = row_block(BR)  # (BR,)
     rv = tl.arange(0, BV)
     batch, start, end = sequence_bounds(cu_seqlens_ptr, state_row, seq_len, VARLEN)
 
@@ -61,17 +68,21 @@ def scan_backward_kernel(
     if HAS_DH_FINAL:
         dH = tl.load(dh_final_ptr + state_base + state_offsets, mask=state_mask, other=0.0).to(tl.float32)
     else:
-        dH = tl.zeros((HP, BK, BV), dtype=tl.float32)
+        dH = tl.zeros((HP, BR, BV), dtype=tl.float32)
     dW = tl.zeros((HP, BV, BV), dtype=tl.float32)
 
-    checkpoint_offs = checkpoint_offsets(batch, heads, first_checkpoint_slot(start, state_row, CHUNK, VARLEN),
+    checkpoint_offs = checkpoint_offsets(batch, heads, rk, first_checkpoint_slot(start, state_row, CHUNK, VARLEN),
                                          num_slots, N, BK, BV)
-    # This program's scratch: the CHUNK states H_{t-1} of the chunk in flight, (CHUNK, HP, BK, BV).
-    program = state_row * (N // HP) + head_block
-    scratch_base = scratch_ptr + program.to(tl.int64) * CHUNK * HP * BK * BV
-    block_offsets = padded_block_offsets(HP, BK, BV)
+    # This program's scratch: the CHUNK states H_{t-1} of the chunk in flight, (CHUNK, HP, BR, BV).
+    program = (state_row * (N // HP) + head_block) * num_row_blocks + rows_block
+    scratch_base = scratch_ptr + program.to(tl.int64) * CHUNK * HP * BR * BV
+    block_offsets = padded_block_offsets(HP, BR, BV)
     k_mask = rk < K
     grad_row_offsets = head_block * K + rk  # within one (b, t) row of the (B, S, N // HP, K) partials
+    # This row block's partials of dv and df: (B, S, N, V) and (B, S, N) slices.
+    partial_rows = rows_block.to(tl.int64) * batch_steps
+    dv_partial_ptr = dv_ptr + partial_rows * N * V
+    df_partial_ptr = df_ptr + partial_rows * N
     v_offsets = heads[:, None] * V + rv[None, :]
     v_mask = rv[None, :] < V
 
@@ -83,7 +94,8 @@ def scan_backward_kernel(
 
         # Replay the chunk forward from its checkpoint, keeping every H_{t-1} in the scratch
         # and writing dq_t = H_t dy_t while H_t is at hand.
-        H = tl.load(checkpoint_ptr + checkpoint_offs + chunk * BK * BV).to(tl.float32)
+        # Masked: rows past K in a part-filled block were never written when the forward split rows differently.
+        H = tl.load(checkpoint_ptr + checkpoint_offs + chunk * BK * BV, mask=state_mask, other=0.0).to(tl.float32)
         _q, k_t, v_t, f_t = load_step(q_ptr, k_ptr, v_ptr, f_ptr, batch, chunk_start, seq_len, True,
                                      heads, rk, rv, N, NQ, NK, NV, NF, K, V)
         for t in range(chunk_start, chunk_end):
@@ -92,9 +104,9 @@ def scan_backward_kernel(
                                                   heads, rk, rv, N, NQ, NK, NV, NF, K, V)
             dy_t = load_output_grad(dy_ptr, batch, t, seq_len, True, heads, rv, N, V)
             H_dot = H.to(DOT_DTYPE)
-            tl.store(scratch_base + (t - chunk_start) * HP * BK * BV + block_offsets, H_dot)
+            tl.store(scratch_base + (t - chunk_start) * HP * BR * BV + block_offsets, H_dot)
             H = blend(H, candidate(H_dot, W_dot, k_t, v_t, DOT_PRECISION, FAST_TANH), f_t)
-            dq_t = tl.sum(tl.sum(H * dy_t[:, None, :], axis=2), axis=0)  # (BK,) summed over the HP heads
+            dq_t = tl.sum(tl.sum(H * dy_t[:, None, :], axis=2), axis=0)  # (BR,) summed over the HP heads
             row = (batch * seq_len + t).to(tl.int64)
             tl.store(dq_ptr + row * (N // HP) * K + grad_row_offsets, dq_t.to(dq_ptr.dtype.element_ty), mask=k_mask)
             k_t, v_t, f_t = k_next, v_next, f_next
@@ -106,7 +118,7 @@ def scan_backward_kernel(
         q_t, k_t, v_t, f_t = load_step(q_ptr, k_ptr, v_ptr, f_ptr, batch, t, seq_len, True,
                                        heads, rk, rv, N, NQ, NK, NV, NF, K, V)
         dy_t = load_output_grad(dy_ptr, batch, t, seq_len, True, heads, rv, N, V)
-        H_prev = tl.load(scratch_base + (t - chunk_start) * HP * BK * BV + block_offsets)
+        H_prev = tl.load(scratch_base + (t - chunk_start) * HP * BR * BV + block_offsets)
         for _step in range(chunk_end - chunk_start):
             prev_valid = t > chunk_start
             q_prev, k_prev, v_prev, f_prev = load_step(q_ptr, k_ptr, v_ptr, f_ptr, batch, t - 1, seq_len, prev_valid,
@@ -114,7 +126,7 @@ def scan_backward_kernel(
             dy_prev = load_output_grad(dy_ptr, batch, t - 1, seq_len, prev_valid, heads, rv, N, V)
             # At the chunk's first step this reloads its own slot: in bounds, and never used.
             prev_slot = tl.maximum(t - 1 - chunk_start, 0)
-            H_prev_prev = tl.load(scratch_base + prev_slot * HP * BK * BV + block_offsets)
+            H_prev_prev = tl.load(scratch_base + prev_slot * HP * BR * BV + block_offsets)
 
             Z = candidate(H_prev, W_dot, k_t, v_t, DOT_PRECISION, FAST_TANH)
             G = dH + q_t[:, :, None] * dy_t[:, None, :]
@@ -127,12 +139,12 @@ def scan_backward_kernel(
             dW += tl.dot(tl.permute(H_prev32, (0, 2, 1)), dA, input_precision=GRAD_PRECISION)
 
             row = (batch * seq_len + t).to(tl.int64)
-            dk_t = tl.sum(tl.sum(dA * v_t[:, None, :], axis=2), axis=0)  # (BK,)
+            dk_t = tl.sum(tl.sum(dA * v_t[:, None, :], axis=2), axis=0)  # (BR,)
             tl.store(dk_ptr + row * (N // HP) * K + grad_row_offsets, dk_t.to(dk_ptr.dtype.element_ty), mask=k_mask)
-            dv_t = tl.sum(dA * k_t[:, :, None], axis=1)  # (HP, BV)
-            tl.store(dv_ptr + row * N * V + v_offsets, dv_t.to(dv_ptr.dtype.element_ty), mask=v_mask)
-            df_t = tl.sum(tl.sum(G * (H_prev32 - Z), axis=2), axis=1)  # (HP,)
-            tl.store(df_ptr + row * N + heads, df_t)
+            dv_t = tl.sum(dA * k_t[:, :, None], axis=1)  # (HP, BV), this row block's part
+            tl.store(dv_partial_ptr + row * N * V + v_offsets, dv_t.to(dv_ptr.dtype.element_ty), mask=v_mask)
+            df_t = tl.sum(tl.sum(G * (H_prev32 - Z), axis=2), axis=1)  # (HP,), this row block's part
+            tl.store(df_partial_ptr + row * N + heads, df_t)
 
             t -= 1
             q_t, k_t, v_t, f_t, dy_t, H_prev = q_prev, k_prev, v_prev, f_prev, dy_prev, H_prev_prev
@@ -143,4 +155,5 @@ def scan_backward_kernel(
         tl.store(dh0_ptr + state_base + state_offsets, dH, mask=state_mask)
     dW_offsets = (heads[:, None, None] * V + rv[None, :, None]) * V + rv[None, None, :]
     dW_mask = (rv[None, :, None] < V) & (rv[None, None, :] < V)
-    tl.store(dW_ptr + state_row.to(tl.int64) * N * V * V + dW_offsets, dW, mask=dW_mask)
+    dW_partial = (state_row * num_row_blocks + rows_block).to(tl.int64) * N * V * V
+    tl.store(dW_ptr + dW_partial + dW_offsets, dW, mask=dW_mask)

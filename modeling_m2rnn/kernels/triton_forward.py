@@ -1,8 +1,10 @@
 """Forward scan kernel: the state stays in float32 registers for the whole sequence.
 
-It writes y, the final state and, when a backward pass will follow, a checkpoint of the state at
-the start of every CHUNK steps (the backward recomputes the states in between). The same kernel
-with one step and no checkpoints is the decode step.
+One program carries BR rows of the state of HP heads (see triton_step). It writes its row block's
+partial of y (y_t = Σ_i q_t[i] H_t[i,:] sums over all rows; the caller sums the partials, off the
+step chain), its rows of the final state and, when a backward pass will follow, of a checkpoint of
+the state at the start of every CHUNK steps (the backward recomputes the states in between). The
+same kernel with one step and no checkpoints is the decode step.
 """
 
 import triton
@@ -16,6 +18,7 @@ from .triton_step import (
     head_rows_offsets,
     load_step,
     load_weights,
+    row_block,
     sequence_bounds,
 )
 
@@ -23,16 +26,16 @@ from .triton_step import (
 @triton.jit
 def scan_forward_kernel(
     q_ptr, k_ptr, v_ptr, W_ptr, f_ptr, h0_ptr, cu_seqlens_ptr,  # inputs (see m2rnn_scan)
-    y_ptr, h_final_ptr, checkpoint_ptr,  # y (B, S, N, V); h_final (states, N, K, V) f32; see checkpoint_offsets
-    seq_len, num_slots,
+    y_ptr, h_final_ptr, checkpoint_ptr,  # y partials (R, B, S, N, V); h_final (states, N, K, V) f32; see checkpoint_offsets
+    seq_len, num_slots, y_partial_stride,  # y_partial_stride = B * S * N * V, the stride of a row block's partial
     N: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr, NV: tl.constexpr, NF: tl.constexpr, NW: tl.constexpr,
-    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HP: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HP: tl.constexpr, BR: tl.constexpr,
     CHUNK: tl.constexpr, HAS_H0: tl.constexpr, VARLEN: tl.constexpr, STORE_CHECKPOINTS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr,
 ):
     state_row = tl.program_id(0)
     heads = tl.program_id(1) * HP + tl.arange(0, HP)  # (HP,)
-    rk = tl.arange(0, BK)
+    rk = row_block(BR)  # (BR,)
     rv = tl.arange(0, BV)
     batch, start, end = sequence_bounds(cu_seqlens_ptr, state_row, seq_len, VARLEN)
 
@@ -42,10 +45,11 @@ def scan_forward_kernel(
     if HAS_H0:
         H = tl.load(h0_ptr + state_base + state_offsets, mask=state_mask, other=0.0).to(tl.float32)
     else:
-        H = tl.zeros((HP, BK, BV), dtype=tl.float32)
+        H = tl.zeros((HP, BR, BV), dtype=tl.float32)
 
     first_slot = first_checkpoint_slot(start, state_row, CHUNK, VARLEN)
-    checkpoint_offs = checkpoint_offsets(batch, heads, first_slot, num_slots, N, BK, BV)  # (HP, BK, BV)
+    checkpoint_offs = checkpoint_offsets(batch, heads, rk, first_slot, num_slots, N, BK, BV)  # (HP, BR, BV)
+    y_partial_ptr = y_ptr + tl.program_id(2).to(tl.int64) * y_partial_stride
     y_offsets = heads[:, None] * V + rv[None, :]  # (HP, BV) within one (b, t) row of y
     y_mask = rv[None, :] < V
 
@@ -60,9 +64,9 @@ def scan_forward_kernel(
         q_next, k_next, v_next, f_next = load_step(q_ptr, k_ptr, v_ptr, f_ptr, batch, t + 1, seq_len, t + 1 < end,
                                                    heads, rk, rv, N, NQ, NK, NV, NF, K, V)
         H = blend(H, candidate(H.to(DOT_DTYPE), W_dot, k_t, v_t, DOT_PRECISION, FAST_TANH), f_t)
-        y_t = tl.sum(q_t[:, :, None] * H, axis=1)  # (HP, BV)
+        y_t = tl.sum(q_t[:, :, None] * H, axis=1)  # (HP, BV), this row block's part
         y_row = (batch * seq_len + t).to(tl.int64) * N * V
-        tl.store(y_ptr + y_row + y_offsets, y_t.to(y_ptr.dtype.element_ty), mask=y_mask)
+        tl.store(y_partial_ptr + y_row + y_offsets, y_t.to(y_ptr.dtype.element_ty), mask=y_mask)
         q_t, k_t, v_t, f_t = q_next, k_next, v_next, f_next
 
     tl.store(h_final_ptr + state_base + state_offsets, H, mask=state_mask)

@@ -37,12 +37,20 @@ class KernelConfig:
     """Launch parameters; `benchmarks/bench_scan.py` compares settings on the GPU."""
 
     chunk: int = 64  # steps between forward checkpoints; the backward replays one chunk at a time
+    # State rows per program (a power of two >= 16; capped at K rounded up). Rows evolve independently,
+    # so fewer rows per program mean more, shorter programs in flight; y, dv, df and dW then take one
+    # partial per row block (y's and dv's in the input dtype, summed by PyTorch in float32).
+    # H200, 400M shape, forward: 16 rows 3.21 ms, 32 rows 2.17 ms, 64 rows 2.66 ms. Backward at 16 or
+    # 32 rows beat 64 rows by <= 1.2 ms but their dq, dk, dv partials exceed the 0.75 GiB memory target
+    # (benchmarks/RESULTS.md), so the backward keeps whole heads.
+    forward_rows: int = 32
     forward_heads_per_program: int = 1
     forward_warps: int = 1
-    # Heads sharing q, k summed in registers, one warp each. More heads: smaller dq, dk partials
-    # (B, S, N / heads, K) but a cross-warp sum every step. H200, 400M shape, forward+backward:
-    # 1 -> 14.5 ms, 1.01 GiB; 2 -> 16.9 ms, 0.69 GiB; 4 -> 22.0 ms, 0.52 GiB (memory target 0.75 GiB).
+    backward_rows: int = 64
+    # Heads sharing q, k summed in registers. More heads: smaller dq, dk partials (B, S, N / heads, K)
+    # but, on one warp per head, a cross-warp sum every step.
     backward_max_heads_per_program: int = 2
+    backward_warps: int = 2
     fast_tanh: bool = True  # tanh.approx on the GPU for 16-bit inputs; see triton_step.tanh
 
 
@@ -81,6 +89,13 @@ class ScanShape:
     @property
     def block_v(self) -> int:
         return max(16, triton.next_power_of_2(self.value_dim))
+
+    def block_rows(self, rows: int) -> int:
+        """State rows per program: `rows` (a power of two >= 16) capped at block_k, so it divides block_k."""
+        return min(rows, self.block_k)
+
+    def num_row_blocks(self, rows: int) -> int:
+        return triton.cdiv(self.key_dim, self.block_rows(rows))
 
     def num_checkpoint_slots(self, chunk: int) -> int:
         # see first_checkpoint_slot in triton_step.py
@@ -126,26 +141,49 @@ def _checkpoint_buffer(shape: ScanShape, v: torch.Tensor, store: bool) -> torch.
     return torch.empty(rows, shape.num_heads, slots, shape.block_k, shape.block_v, device=v.device, dtype=dtype)
 
 
+def _sum_groups(partial: torch.Tensor, dim: int, groups: int, dtype: torch.dtype) -> torch.Tensor:
+    """Sum the consecutive per-head (or per-program) partials along `dim` into `groups` groups
+    (PyTorch accumulates 16-bit sums in float32 and writes the input dtype: no float32 copy)."""
+    members = partial.shape[dim] // groups
+    if members == 1:
+        return partial.to(dtype)
+    return partial.unflatten(dim, (groups, members)).sum(dim + 1).to(dtype)
+
+
+def _sum_row_blocks(partials: torch.Tensor) -> torch.Tensor:
+    """Sum the per-row-block partials (R, ...) in float32 into the partials' dtype."""
+    return partials[0] if partials.shape[0] == 1 else partials.sum(0)
+
+
+def _forward_rows(shape: ScanShape) -> int:
+    """Rows per forward program. A decode step (S == 1) has no step chain to shorten: one program per
+    head then writes y directly, without partials to sum."""
+    return shape.block_k if shape.seq_len == 1 else CONFIG.forward_rows
+
+
 def _scan_forward(q, k, v, W, f, initial_state, cu_seqlens, store_checkpoints):
     """Launch the forward kernel: (y, final_state, checkpoints)."""
     shape = ScanShape.of(q, k, v, W, f, cu_seqlens)
     q, k, v, W, f = (x.contiguous() for x in (q, k, v, W, f))
-    y = torch.empty(shape.batch, shape.seq_len, shape.num_heads, shape.value_dim, device=v.device, dtype=v.dtype)
+    rows = _forward_rows(shape)
+    row_blocks = shape.num_row_blocks(rows)
+    y_partials = torch.empty(row_blocks, shape.batch, shape.seq_len, shape.num_heads, shape.value_dim,
+                             device=v.device, dtype=v.dtype)
     final_state = torch.empty(shape.num_states, shape.num_heads, shape.key_dim, shape.value_dim,
                               device=v.device, dtype=torch.float32)
     checkpoints = _checkpoint_buffer(shape, v, store_checkpoints)
     heads = CONFIG.forward_heads_per_program if shape.num_heads % CONFIG.forward_heads_per_program == 0 else 1
-    scan_forward_kernel[(shape.num_states, shape.num_heads // heads)](
+    scan_forward_kernel[(shape.num_states, shape.num_heads // heads, row_blocks)](
         q, k, v, W, f,
         initial_state.contiguous() if initial_state is not None else f,
         cu_seqlens if cu_seqlens is not None else f,
-        y, final_state, checkpoints if store_checkpoints else f,
-        shape.seq_len, shape.num_checkpoint_slots(CONFIG.chunk),
-        **shape.head_constants(), HP=heads, CHUNK=CONFIG.chunk,
+        y_partials, final_state, checkpoints if store_checkpoints else f,
+        shape.seq_len, shape.num_checkpoint_slots(CONFIG.chunk), y_partials[0].numel(),
+        **shape.head_constants(), HP=heads, BR=shape.block_rows(rows), CHUNK=CONFIG.chunk,
         HAS_H0=initial_state is not None, VARLEN=shape.varlen, STORE_CHECKPOINTS=store_checkpoints,
         **_precision(v), num_warps=CONFIG.forward_warps,
     )
-    return y, final_state, checkpoints
+    return _sum_row_blocks(y_partials), final_state, checkpoints
 
 
 @torch.library.custom_op("m2rnn::scan", mutates_args=())
@@ -171,15 +209,6 @@ def _(q, k, v, W, f, initial_state, cu_seqlens, gradient_clipping, store_checkpo
     return y, final_state, _checkpoint_buffer(shape, v, store_checkpoints)
 
 
-def _sum_groups(partial: torch.Tensor, dim: int, groups: int, dtype: torch.dtype) -> torch.Tensor:
-    """Sum the consecutive per-head (or per-program) partials along `dim` into `groups` groups."""
-    members = partial.shape[dim] // groups
-    if members == 1:
-        return partial.to(dtype)
-    grouped = partial.unflatten(dim, (groups, members))
-    return grouped.sum(dim + 1, dtype=torch.float32).to(dtype)
-
-
 @torch.library.custom_op("m2rnn::scan_backward", mutates_args=())
 def scan_backward_op(
     q: torch.Tensor,
@@ -199,34 +228,35 @@ def scan_backward_op(
     q, k, v, W, f, dy = (x.contiguous() for x in (q, k, v, W, f, dy))
     heads = _backward_heads_per_program(shape)
     programs = shape.num_heads // heads
-    B, S, N = shape.batch, shape.seq_len, shape.num_heads
+    rows = shape.block_rows(CONFIG.backward_rows)
+    row_blocks = shape.num_row_blocks(rows)
+    B, S, N, V = shape.batch, shape.seq_len, shape.num_heads, shape.value_dim
     device = v.device
     dq_partial = torch.empty(B, S, programs, shape.key_dim, device=device, dtype=q.dtype)
     dk_partial = torch.empty(B, S, programs, shape.key_dim, device=device, dtype=k.dtype)
-    dv_partial = torch.empty(B, S, N, shape.value_dim, device=device, dtype=v.dtype)
-    df_partial = torch.empty(B, S, N, device=device, dtype=torch.float32)
-    dW_partial = torch.empty(shape.num_states, N, shape.value_dim, shape.value_dim, device=device, dtype=torch.float32)
+    dv_partial = torch.empty(row_blocks, B, S, N, V, device=device, dtype=v.dtype)
+    df_partial = torch.empty(row_blocks, B, S, N, device=device, dtype=torch.float32)
+    dW_partial = torch.empty(shape.num_states * row_blocks, N, V, V, device=device, dtype=torch.float32)
     store_dh0 = initial_state_dtype is not None
-    dh0 = torch.empty(shape.num_states if store_dh0 else 0, N, shape.key_dim, shape.value_dim,
-                      device=device, dtype=torch.float32)
-    scratch = torch.empty(shape.num_states * programs, CONFIG.chunk, heads, shape.block_k, shape.block_v,
+    dh0 = torch.empty(shape.num_states if store_dh0 else 0, N, shape.key_dim, V, device=device, dtype=torch.float32)
+    scratch = torch.empty(shape.num_states * programs * row_blocks, CONFIG.chunk, heads, rows, shape.block_v,
                           device=device, dtype=_dot_torch_dtype(v))
     full = v.dtype == torch.float32
-    scan_backward_kernel[(shape.num_states, programs)](
+    scan_backward_kernel[(shape.num_states, programs, row_blocks)](
         q, k, v, W, f, cu_seqlens if cu_seqlens is not None else f, checkpoints, dy,
         d_final_state.contiguous() if d_final_state is not None else f,
         dq_partial, dk_partial, dv_partial, df_partial, dW_partial, dh0, scratch,
-        S, shape.num_checkpoint_slots(CONFIG.chunk), gradient_clipping or 0.0,
-        **shape.head_constants(), HP=heads, CHUNK=CONFIG.chunk, VARLEN=shape.varlen,
+        S, B * S, shape.num_checkpoint_slots(CONFIG.chunk), gradient_clipping or 0.0,
+        **shape.head_constants(), HP=heads, BR=rows, CHUNK=CONFIG.chunk, VARLEN=shape.varlen,
         HAS_DH_FINAL=d_final_state is not None, STORE_DH0=store_dh0, CLIP=gradient_clipping is not None,
-        **_precision(v), GRAD_PRECISION="ieee" if full else "tf32", num_warps=heads,
+        **_precision(v), GRAD_PRECISION="ieee" if full else "tf32", num_warps=CONFIG.backward_warps,
     )
     return (
         _sum_groups(dq_partial, 2, shape.nq, q.dtype),
         _sum_groups(dk_partial, 2, shape.nk, k.dtype),
-        _sum_groups(dv_partial, 2, shape.nv, v.dtype),
+        _sum_groups(_sum_row_blocks(dv_partial), 2, shape.nv, v.dtype),
         _sum_groups(dW_partial.sum(0), 0, shape.nw, W.dtype),
-        _sum_groups(df_partial, 2, shape.nf, f.dtype),
+        _sum_groups(df_partial.sum(0), 2, shape.nf, f.dtype),
         dh0.to(initial_state_dtype) if store_dh0 else dh0,
     )
 

@@ -1,10 +1,12 @@
 """Triton building blocks shared by the forward and backward scan kernels.
 
-Every kernel runs one program per (state row, block of HP consecutive heads) and holds the
-state of its heads as one float32 register tensor of shape (HP, BK, BV): BK and BV are K and V
-rounded up to powers of two (at least 16, the smallest tensor-core tile); the padding rows and
-columns are zero and stay zero through the recurrence, because the padded parts of W, k, v and
-q are loaded as zeros.
+Row i of a head's state evolves on its own: H_t[i,:] = f H_{t-1}[i,:] + (1-f) tanh(H_{t-1}[i,:] W +
+k_t[i] v_t). So every kernel runs one program per (state row, block of HP consecutive heads, block
+of BR state rows) and holds its slice of the state as one float32 register tensor of shape
+(HP, BR, BV); only y, dv, df and dW sum over rows, and they are written as one partial per row
+block. BK and BV are K and V rounded up to powers of two (at least 16, the smallest tensor-core
+tile), BR a power of two (at least 16) dividing BK; the padding rows and columns are zero and stay
+zero through the recurrence, because the padded parts of W, k, v and q are loaded as zeros.
 
 Tensors are contiguous; the offsets below spell out their layouts.
 """
@@ -62,8 +64,8 @@ def load_step(
     N: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr, NV: tl.constexpr, NF: tl.constexpr,
     K: tl.constexpr, V: tl.constexpr,
 ):
-    """Step t's inputs for the program's heads, in float32, zero where padded or not `valid`:
-    q_t, k_t (HP, BK); v_t (HP, BV); f_t (HP,). Head n reads group n // (N / Nx) of an input."""
+    """Step t's inputs for the program's heads and rows rk, in float32, zero where padded or not
+    `valid`: q_t, k_t (HP, BR); v_t (HP, BV); f_t (HP,). Head n reads group n // (N / Nx) of an input."""
     row = (batch * seq_len + t).to(tl.int64)
     # tl.where rather than `&`: the interpreter rejects a tensor & scalar-bool mask.
     k_mask = tl.where(valid, rk[None, :] < K, False)
@@ -77,31 +79,36 @@ def load_step(
 
 
 @triton.jit
+def row_block(BR: tl.constexpr):
+    """The program's state rows (BR,): row block tl.program_id(2)."""
+    return tl.program_id(2) * BR + tl.arange(0, BR)
+
+
+@triton.jit
 def head_rows_offsets(heads, rk, rv, K: tl.constexpr, V: tl.constexpr):
-    """Offsets and mask of a (HP, K, V) block of an (…, N, K, V) tensor, relative to head 0."""
+    """Offsets and mask of the (HP, BR, BV) block at rows rk of an (…, N, K, V) tensor, relative to head 0."""
     offsets = (heads[:, None, None] * K + rk[None, :, None]) * V + rv[None, None, :]
     mask = (rk[None, :, None] < K) & (rv[None, None, :] < V)
     return offsets, mask
 
 
 @triton.jit
-def padded_block_offsets(HP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """Offsets of a dense (HP, BK, BV) block (the backward's scratch states keep the padding)."""
+def padded_block_offsets(HP: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr):
+    """Offsets of a dense (HP, BR, BV) block (the backward's scratch states keep the padding)."""
     h = tl.arange(0, HP)[:, None, None]
-    r = tl.arange(0, BK)[None, :, None]
+    r = tl.arange(0, BR)[None, :, None]
     c = tl.arange(0, BV)[None, None, :]
-    return (h * BK + r) * BV + c
+    return (h * BR + r) * BV + c
 
 
 @triton.jit
-def checkpoint_offsets(batch, heads, first_slot, num_slots, N: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """Offsets of the (HP, BK, BV) checkpoint at `first_slot` in a buffer of shape
-    (rows, N, num_slots, BK, BV), rows = B (1 when packed). Independent of HP, so the forward
-    and the backward may group heads differently."""
+def checkpoint_offsets(batch, heads, rk, first_slot, num_slots, N: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Offsets of the (HP, BR, BV) block at rows rk of the checkpoint at `first_slot` in a buffer of
+    shape (rows, N, num_slots, BK, BV), rows = B (1 when packed). Independent of HP and BR, so the
+    forward and the backward may split heads and rows differently."""
     slots = (batch * N + heads[:, None, None]).to(tl.int64) * num_slots + first_slot
-    r = tl.arange(0, BK)[None, :, None]
     c = tl.arange(0, BV)[None, None, :]
-    return (slots * BK + r) * BV + c
+    return (slots * BK + rk[None, :, None]) * BV + c
 
 
 @triton.jit
@@ -115,16 +122,16 @@ def load_weights(W_ptr, heads, rv, N: tl.constexpr, NW: tl.constexpr, V: tl.cons
 
 @triton.jit
 def candidate(H_dot, W_dot, k_t, v_t, DOT_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr):
-    """Z_t = tanh(H_{t-1} W + k_t v_tᵀ) for HP heads, float32 (HP, BK, BV).
+    """Z_t = tanh(H_{t-1} W + k_t v_tᵀ) for HP heads, float32 (HP, BR, BV).
 
-    H_dot: H_{t-1} as the matmul operand (HP, BK, BV) in the dot dtype; W_dot (HP, BV, BV) likewise;
-    k_t (HP, BK); v_t (HP, BV) float32."""
+    H_dot: H_{t-1} as the matmul operand (HP, BR, BV) in the dot dtype; W_dot (HP, BV, BV) likewise;
+    k_t (HP, BR); v_t (HP, BV) float32."""
     A = tl.dot(H_dot, W_dot, input_precision=DOT_PRECISION) + k_t[:, :, None] * v_t[:, None, :]
     return tanh(A, FAST_TANH)
 
 
 @triton.jit
 def blend(H, Z, f_t):
-    """H_t = f_t H_{t-1} + (1 - f_t) Z_t; H, Z (HP, BK, BV), f_t (HP,)."""
+    """H_t = f_t H_{t-1} + (1 - f_t) Z_t; H, Z (HP, BR, BV), f_t (HP,)."""
     f = f_t[:, None, None]
     return f * H + (1.0 - f) * Z
