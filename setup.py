@@ -17,6 +17,6 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "accelerate", "peft", "datasets"],
-        "examples": ["tqdm", "matplotlib", "datasets", "accelerate"],
+        "examples": ["tqdm", "matplotlib", "datasets", "accelerate", "peft"],
     },
 )

@@ -189,6 +189,20 @@ def test_bfloat16_loading_keeps_the_decay_parameters_in_float32(tmp_path):
     assert ((logits - reference).norm() / reference.norm()) < 3e-2   # bf16 weights and activations
 
 
+def test_bf16_autocast_with_padding_keeps_bf16_activations():
+    """Float32 weights must not promote bf16 activations in the short conv (the scan would then run in float32)."""
+    model = tiny_model("hybrid").train()
+    ids, mask = left_pad([random_ids(5, seed=1), random_ids(9, seed=2)])
+    seen = []
+    model.model.layers[0].m2rnn.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+    loss.backward()
+    reference = model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+    assert seen[0] == torch.bfloat16
+    assert abs(loss.item() - reference.item()) / reference.item() < 2e-2
+
+
 def test_parameters_missing_from_a_checkpoint_are_initialised_not_garbage(tmp_path):
     model = tiny_model("pure")
     custom = ("A_log", "dt_bias", ".W", ".D", "conv_weight")

@@ -46,6 +46,8 @@ def causal_conv1d(
             window_ids = window_ids.gather(-1, order)
         same_sequence = [window_ids[:, tap : tap + seq_len] == window_ids[:, -seq_len:] for tap in range(kernel_size)]
 
+    # in the activations' dtype, as nn.Conv1d under autocast: a float32 weight must not promote bf16 inputs
+    weight = weight.to(window.dtype)
     out = torch.zeros_like(window[..., -seq_len:])
     for tap in range(kernel_size):
         term = weight[:, tap, None] * window[..., tap : tap + seq_len]

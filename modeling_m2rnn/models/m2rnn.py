@@ -172,7 +172,8 @@ class M2RNNModel(M2RNNPreTrainedModel):
             )
         batch, seq_len = inputs_embeds.shape[:2]
 
-        if use_cache and past_key_values is None:
+        if use_cache and past_key_values is None and not self.training:
+            # (in training a cache would only hide packed sequences from transformers' attention masks)
             past_key_values = M2RNNCache(config=self.config)
         if position_ids is None:
             past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0

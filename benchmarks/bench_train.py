@@ -1,0 +1,198 @@
+"""Training throughput of the 400M Hybrid M2RNN, the 400M pure M2RNN and the same-size Llama (issue 6).
+
+Run from the repo root: PYTHONPATH=. python benchmarks/bench_train.py [--profile] [--quick]
+
+One full training step = forward and loss under bf16 autocast (float32 weights), backward, fused AdamW step,
+zero_grad, exactly as the Llama anchor below was measured. Warm-up steps first (Triton autotuning and
+compilation happen there), then timed steps between CUDA events. Peak memory is
+torch.cuda.max_memory_allocated over the timed steps. A table is printed beside the anchor; JSON goes to
+benchmarks/results/ (and $OUT when set). --profile prints a torch.profiler table of one Hybrid step at
+B=8, S=4096 (where the time goes). --quick runs tiny configs on the CPU as a smoke check of this script.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from modeling_m2rnn import M2RNNConfig
+
+GiB = 2**30
+
+# LlamaForCausalLM at the paper's 400M dimensions on the H200, 2026-11-28, torch 2.11, transformers 5.17:
+# /work/shared/anchors/llama400m_h200_2026-11-28.json, "train".
+LLAMA_ANCHOR = {
+    (8, 4096): dict(tokens_per_s=77938, ms_per_step=420.4, peak_GiB=85.3),
+    (32, 1024): dict(tokens_per_s=86105, ms_per_step=380.6, peak_GiB=85.3),
+}
+SHAPES = [(8, 4096), (32, 1024)]   # (B, S)
+TARGET = "Hybrid M2RNN 400M >= 85% of Llama's tokens/s at B=8, S=4096"
+
+LLAMA_400M = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
+                  intermediate_size=2752, vocab_size=100352, tie_word_embeddings=False, max_position_embeddings=4096)
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+            intermediate_size=128, vocab_size=256, tie_word_embeddings=False)
+TINY_M2RNN = dict(head_dim=16, m2rnn_k_head_dim=16, m2rnn_v_head_dim=8, m2rnn_num_v_heads=4, m2rnn_num_f_heads=4,
+                  m2rnn_num_g_heads=4, m2rnn_num_weight_heads=4)
+
+
+def model_configs(quick: bool) -> dict:
+    """name -> config: the three 400M models, or tiny ones of the same kinds for --quick."""
+    if quick:
+        return {
+            "hybrid_m2rnn": M2RNNConfig(**TINY, **TINY_M2RNN, layer_types=["m2rnn", "full_attention"]),
+            "m2rnn": M2RNNConfig(**TINY, **TINY_M2RNN, layer_types=["m2rnn", "m2rnn"]),
+            "llama": LlamaConfig(**TINY),
+        }
+    return {
+        "hybrid_m2rnn": M2RNNConfig.from_preset("hybrid-m2rnn-400m"),
+        "m2rnn": M2RNNConfig.from_preset("m2rnn-400m"),
+        "llama": LlamaConfig(**LLAMA_400M),
+    }
+
+
+def build(config, device: torch.device):
+    config.use_cache = False   # a training step: no cache
+    with device:
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    return model.train(), optimizer
+
+
+def train_step(model, optimizer, ids):
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def time_steps(model, optimizer, ids, warmup: int, steps: int) -> float:
+    """Milliseconds per step, averaged over `steps` after `warmup` untimed steps."""
+    for _ in range(warmup):
+        train_step(model, optimizer, ids)
+    if ids.is_cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            train_step(model, optimizer, ids)
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / steps
+    began = time.perf_counter()
+    for _ in range(steps):
+        train_step(model, optimizer, ids)
+    return (time.perf_counter() - began) * 1e3 / steps
+
+
+def measure(name, config, batch, seq_len, device, warmup, steps) -> dict:
+    result = dict(model=name, B=batch, S=seq_len)
+    model = optimizer = None
+    try:
+        model, optimizer = build(config, device)
+        ids = torch.randint(0, config.vocab_size, (batch, seq_len), device=device)
+        ms = time_steps(model, optimizer, ids, warmup, steps)
+        result.update(ms_per_step=ms, tokens_per_s=batch * seq_len / ms * 1e3,
+                      params_M=sum(p.numel() for p in model.parameters()) / 1e6)
+        if device.type == "cuda":
+            result["peak_GiB"] = torch.cuda.max_memory_allocated() / GiB
+    except torch.cuda.OutOfMemoryError:
+        result["error"] = "out of memory"
+    finally:
+        del model, optimizer   # free this model's memory before the next one is built
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return result
+
+
+def print_table(results: list[dict], quick: bool):
+    print(f"\n{'model':<14}{'B':>4}{'S':>6}{'ms/step':>10}{'tokens/s':>11}{'peak GiB':>10}{'vs llama':>10}"
+          f"{'anchor llama tok/s':>20}")
+    llama = {(r["B"], r["S"]): r.get("tokens_per_s") for r in results if r["model"] == "llama"}
+    for r in results:
+        shape = (r["B"], r["S"])
+        anchor = "" if quick else f"{LLAMA_ANCHOR[shape]['tokens_per_s']:,}"
+        if "error" in r:
+            print(f"{r['model']:<14}{r['B']:>4}{r['S']:>6}  {r['error']}")
+            continue
+        ratio = f"{r['tokens_per_s'] / llama[shape]:.0%}" if llama.get(shape) else "-"
+        peak = f"{r['peak_GiB']:.1f}" if "peak_GiB" in r else "-"
+        print(f"{r['model']:<14}{r['B']:>4}{r['S']:>6}{r['ms_per_step']:>10.1f}{r['tokens_per_s']:>11,.0f}{peak:>10}"
+              f"{ratio:>10}{anchor:>20}")
+    if not quick:
+        print(f"target: {TARGET}; anchor: Llama 400M on the H200, 2026-11-28 (same step, torch 2.11)")
+
+
+def profile_one_step(config, batch, seq_len, device):
+    """A torch.profiler table of one training step, after warm-up: which kernels take the time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model, optimizer = build(config, device)
+    ids = torch.randint(0, config.vocab_size, (batch, seq_len), device=device)
+    time_steps(model, optimizer, ids, warmup=2, steps=1)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        train_step(model, optimizer, ids)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    sort_by = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort_by, row_limit=30)
+    print(f"\nprofile of one hybrid_m2rnn step at B={batch}, S={seq_len}:\n{table}")
+    return table
+
+
+def write_json(report: dict):
+    stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
+    paths = [Path(__file__).parent / "results" / f"bench_train_{stamp}.json"]
+    if os.environ.get("OUT"):
+        paths.append(Path(os.environ["OUT"]) / "bench_train.json")
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=1))
+        print(f"wrote {path}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny configs on the CPU, a smoke check")
+    parser.add_argument("--profile", action="store_true", help="also profile one Hybrid step")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per case")
+    args = parser.parse_args()
+
+    device = torch.device("cpu" if args.quick else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU; use --quick for the CPU smoke check")
+    shapes = [(2, 64), (4, 32)] if args.quick else SHAPES
+    warmup, steps = (1, 2) if args.quick else (args.warmup, args.steps)
+    configs = model_configs(args.quick)
+
+    results = []
+    for batch, seq_len in shapes:
+        for name, config in configs.items():
+            result = measure(name, config, batch, seq_len, device, warmup, steps)
+            print(json.dumps(result), flush=True)
+            results.append(result)
+    print_table(results, args.quick)
+
+    report = dict(
+        what="training step: bf16 autocast forward+loss, backward, fused AdamW, zero_grad; ms per step over timed steps",
+        device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        torch=torch.__version__, quick=args.quick, warmup=warmup, steps=steps, results=results,
+        llama_anchor={f"B{b}_S{s}": v for (b, s), v in LLAMA_ANCHOR.items()},
+    )
+    if args.profile:
+        report["profile"] = profile_one_step(configs["hybrid_m2rnn"], *shapes[0], device)
+    write_json(report)
+
+
+if __name__ == "__main__":
+    main()
