@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import expand_heads, m2rnn_scan
+from ..kernels import m2rnn_scan
 from .norm import RMSNorm
 from .short_conv import causal_conv1d
 
@@ -37,6 +37,13 @@ class PackedSequences:
         first_sequence = last_sequence - sequences_per_row + 1
 
         return cls(cu_seqlens, first_sequence, last_sequence, sequence_ids)
+
+
+def per_group(x: torch.Tensor, groups: int, shared: bool = False) -> torch.Tensor:
+    """View the head axis (third from last) of x (..., heads, D) as (..., groups, heads // groups, D); with
+    `shared`, x has one head per group, broadcast over the group's heads as `repeat_interleave` would copy it."""
+    *lead, heads, dim = x.shape
+    return x.unsqueeze(-2) if shared else x.view(*lead, groups, heads // groups, dim)
 
 
 class M2RNNMixer(nn.Module):
@@ -119,10 +126,11 @@ class M2RNNMixer(nn.Module):
             cache.layers[self.layer_idx].has_previous_state[0] = True   # without a conv nothing else sets it
 
         if self.D is not None:
-            y = y + self.D * expand_heads(v, self.num_heads, dim=2)
-        g = expand_heads(g.view(batch, seq_len, self.num_g_heads, self.value_head_dim), self.num_heads, dim=2)
-        out = self.norm((y * F.silu(g)).flatten(2))                                # (B, S, N·V)
-        return self.out_proj(out)
+            residual = per_group(self.D, self.num_v_heads) * per_group(v, self.num_v_heads, shared=True)
+            y = (per_group(y, self.num_v_heads) + residual).flatten(2, 3)        # (B, S, N, V)
+        g = g.view(batch, seq_len, self.num_g_heads, self.value_head_dim)
+        y = per_group(y, self.num_g_heads) * per_group(F.silu(g), self.num_g_heads, shared=True)
+        return self.out_proj(self.norm(y.flatten(2)))                             # (B, S, N·V) → (B, S, hidden)
 
     def short_conv(self, qkv, padding_mask, packed: PackedSequences | None, cache) -> torch.Tensor:
         context = None

@@ -48,12 +48,12 @@ def causal_conv1d(
 
     # in the activations' dtype, as nn.Conv1d under autocast: a float32 weight must not promote bf16 inputs
     weight = weight.to(window.dtype)
-    out = torch.zeros_like(window[..., -seq_len:])
-    for tap in range(kernel_size):
-        term = weight[:, tap, None] * window[..., tap : tap + seq_len]
-        if same_sequence is not None:
-            term = term * same_sequence[tap].unsqueeze(1).to(term.dtype)
-        out = out + term                                                                 # (B, C, S)
+    if same_sequence is None:
+        out = F.conv1d(window, weight.unsqueeze(1), groups=weight.shape[0])             # (B, C, S)
+    else:
+        out = torch.zeros_like(window[..., -seq_len:])
+        for tap in range(kernel_size):   # each tap dropped where it would reach into another sequence
+            out = out + weight[:, tap, None] * window[..., tap : tap + seq_len] * same_sequence[tap].unsqueeze(1)
 
     if order is not None:
         # back to the original token order: output j of the sorted window belongs to position order[j]
