@@ -74,13 +74,21 @@ def measure(model, batch: int, prompt_len: int, new_tokens: int, mode: str, max_
     return result
 
 
-def check_compiled_matches_eager(model, max_cache_len: int) -> bool:
+def compiled_logit_error(model, max_cache_len: int, steps: int = 16) -> float:
+    """Largest relative error of the compiled decode's logits against eager ones, over the steps before the two
+    greedy sequences first differ (random bf16 weights have near-ties that a fused kernel can flip)."""
     prompt = torch.randint(1, model.config.vocab_size, (2, 64), device="cuda")
-    eager = model.generate(prompt, max_new_tokens=16, min_new_tokens=16, do_sample=False)
-    compiled = model.generate(prompt, max_new_tokens=16, min_new_tokens=16, do_sample=False,
-                              cache_implementation="static", max_cache_len=max_cache_len,
-                              compile_config=CompileConfig(fullgraph=True))
-    return torch.equal(eager, compiled)
+    options = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True,
+                   return_dict_in_generate=True)
+    eager = model.generate(prompt, **options)
+    compiled = model.generate(prompt, cache_implementation="static", max_cache_len=max_cache_len,
+                              compile_config=CompileConfig(fullgraph=True), **options)
+    worst = 0.0
+    for step, (a, b) in enumerate(zip(eager.logits, compiled.logits)):
+        worst = max(worst, ((a.float() - b.float()).norm() / a.float().norm()).item())
+        if not torch.equal(eager.sequences[:, 64 + step], compiled.sequences[:, 64 + step]):
+            break
+    return worst
 
 
 def main():
@@ -105,9 +113,9 @@ def main():
         model = M2RNNForCausalLM(config).to("cuda", torch.bfloat16).eval()
         num_parameters = sum(p.numel() for p in model.parameters())
         try:
-            report["results"][f"{name}_compiled_equals_eager"] = check_compiled_matches_eager(model, 256)
+            report["results"][f"{name}_compiled_vs_eager_logit_error"] = compiled_logit_error(model, 256)
         except Exception as error:
-            report["results"][f"{name}_compiled_equals_eager"] = repr(error)[:500]
+            report["results"][f"{name}_compiled_vs_eager_logit_error"] = repr(error)[:500]
         for mode in args.modes:
             for batch in args.batches:
                 for prompt_len in args.prompts:
@@ -136,7 +144,8 @@ def main():
         print(f"{name:20} {mode:16} {batch:>3} {prompt_len:>6} {r['ms_per_token']:>8.2f} {r['floor_ms']:>7.2f} "
               f"{r['tokens_per_s']:>8.0f} {r['prefill_ms']:>10.1f} {r['peak_GiB']:>8.2f} "
               f"{llama if llama is not None else '-':>12}")
-    print("compiled == eager:", {k: v for k, v in report["results"].items() if k.endswith("equals_eager")})
+    print("compiled vs eager, relative logit error:",
+          {k: v for k, v in report["results"].items() if k.endswith("logit_error")})
 
 
 if __name__ == "__main__":
