@@ -5,9 +5,9 @@ This package knows nothing of transformers: it takes tensors and returns tensors
 
 import torch
 
-from .reference import expand_heads, m2rnn_scan_reference
+from .reference import m2rnn_scan_reference
 
-__all__ = ["BACKENDS", "expand_heads", "m2rnn_scan", "m2rnn_scan_reference", "triton_is_available"]
+__all__ = ["BACKENDS", "m2rnn_scan", "m2rnn_scan_reference", "triton_is_available"]
 
 BACKENDS = ("auto", "torch", "triton")
 _INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)

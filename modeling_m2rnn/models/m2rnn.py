@@ -6,7 +6,11 @@ import torch
 from torch import nn
 from transformers import DynamicCache, GenerationMixin, PreTrainedModel, StaticCache
 from transformers import initialization as init
-from transformers.masking_utils import create_causal_mask, find_packed_sequence_indices
+from transformers.masking_utils import (
+    create_causal_mask,
+    create_recurrent_attention_mask,
+    find_packed_sequence_indices,
+)
 from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
@@ -17,6 +21,7 @@ from transformers.utils.output_capturing import capture_outputs
 from ..configuration import M2RNNConfig
 from ..configuration.m2rnn import ATTENTION_LAYER, M2RNN_LAYER
 from ..layers import Attention, GatedMLP, M2RNNMixer, PackedSequences, RMSNorm
+from ..remote_code import AUTO_MAP, export_remote_code
 from .cache import M2RNNCache, M2RNNStaticCache
 
 
@@ -109,8 +114,6 @@ class M2RNNPreTrainedModel(PreTrainedModel):
         """Nothing to register: every checkpoint this package saves already carries the model's code and an
         `auto_map` for AutoConfig, AutoModel, AutoModelForCausalLM and AutoModelForSequenceClassification.
         (transformers' own mechanism copies single files and cannot carry this package's sub-packages.)"""
-        from ..remote_code import AUTO_MAP
-
         name = auto_class if isinstance(auto_class, str) else auto_class.__name__
         if name not in AUTO_MAP:
             raise ValueError(f"`auto_class` must be one of {sorted(AUTO_MAP)}, got {name!r}")
@@ -118,21 +121,9 @@ class M2RNNPreTrainedModel(PreTrainedModel):
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Also writes the model's code beside the weights, so `trust_remote_code=True` loads the checkpoint
         where this package is not installed."""
-        from ..remote_code import export_remote_code
-
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
             export_remote_code(save_directory)
-
-
-def padding_mask_for_recurrence(attention_mask, seq_len: int) -> torch.Tensor | None:
-    """The (B, S) padding mask of the current tokens from a 2-D attention mask over all tokens, or None."""
-    if attention_mask is None or attention_mask.dim() != 2 or seq_len == 1:
-        return None   # a decode step never holds padding
-    mask = attention_mask[:, -seq_len:]
-    if not torch.compiler.is_compiling() and bool(mask.all()):
-        return None
-    return mask
 
 
 class M2RNNModel(M2RNNPreTrainedModel):
@@ -183,7 +174,7 @@ class M2RNNModel(M2RNNPreTrainedModel):
         if isinstance(attention_mask, dict):
             masks = attention_mask   # built by generate for compileable caches, one entry per layer type
         else:
-            masks = {M2RNN_LAYER: padding_mask_for_recurrence(attention_mask, seq_len)}
+            masks = {M2RNN_LAYER: create_recurrent_attention_mask(self.config, inputs_embeds, attention_mask)}
             if ATTENTION_LAYER in self.config.layer_types:
                 # the cache goes by position: transformers renamed that argument after 5.17
                 masks[ATTENTION_LAYER] = create_causal_mask(
