@@ -28,7 +28,7 @@ from groups import PermutationGroup  # noqa: E402
 from models import MODELS, ModelSize, build_model  # noqa: E402
 
 PRESETS = {
-    "cpu": dict(groups=["S3"], train_length=32, eval_lengths=[32, 64, 128], steps=600, batch_size=64,
+    "cpu": dict(groups=["S3"], train_length=32, eval_lengths=[32, 64, 128], steps=1500, batch_size=64,
                 eval_batch_size=128, hidden_size=64, num_layers=2, num_heads=4),
     # sized for about 6 minutes of one H200 for S3 and S5 with all four models: each model trains for at most
     # --max-seconds (the step count is the cap when steps are fast: Triton M2RNN about 10 ms/step at length 128)
