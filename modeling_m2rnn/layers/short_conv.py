@@ -48,7 +48,9 @@ def causal_conv1d(
 
     # in the activations' dtype, as nn.Conv1d under autocast: a float32 weight must not promote bf16 inputs
     weight = weight.to(window.dtype)
-    if same_sequence is None:
+    if same_sequence is None and seq_len == 1:
+        out = (window * weight).sum(-1, keepdim=True)   # a decode step: one dot product per channel, no conv setup
+    elif same_sequence is None:
         out = F.conv1d(window, weight.unsqueeze(1), groups=weight.shape[0])             # (B, C, S)
     else:
         out = torch.zeros_like(window[..., -seq_len:])
