@@ -82,15 +82,16 @@ def check_against_reference(inputs, gradient_clipping=None, cu_seqlens=None):
 
 @pytest.fixture(params=["default", "small_chunks"])
 def kernel_config(request, monkeypatch):
-    """The default launch, and one with 4-step chunks, 16-row forward and 32-row backward blocks and
-    2 heads per program on 2 warps in both kernels, so that short sequences cross checkpoint boundaries,
-    K=20, 24, 48 end in part-filled row blocks (whose padding rows the backward reads from checkpoints
-    the forward wrote in other blocks) and heads are summed inside a program."""
+    """The default launch, and one with 4-step chunks, 16-row forward and 32-row backward blocks,
+    2 heads per program on 2 warps in both kernels and one chunk per backward launch, so that short
+    sequences cross checkpoint and segment boundaries (packed ones mid-chunk), K=20, 24, 48 end in
+    part-filled row blocks (whose padding rows the backward reads from checkpoints the forward wrote
+    in other blocks) and heads are summed inside a program."""
     if request.param == "small_chunks":
         monkeypatch.setattr(
             triton_scan, "CONFIG",
             KernelConfig(chunk=4, forward_rows=16, forward_heads_per_program=2, forward_warps=2, backward_rows=32,
-                         backward_max_heads_per_program=2, backward_warps=2),
+                         backward_max_heads_per_program=2, backward_warps=2, backward_partials_mib=0),
         )
     return request.param
 
@@ -179,6 +180,16 @@ def test_ops_pass_opcheck_and_compile_without_graph_breaks():
     leaves = [x.requires_grad_() for x in (q, k, v, W, f, h0)]
     torch.library.opcheck(triton_scan.scan_op, (*leaves[:5], leaves[5], None, 0.5, True),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    # The backward op on a strided q (the model's q is a view of a projection): the fake outputs must have
+    # the real ones' strides, or a compiled training step fails on them.
+    strided_q = q.detach().transpose(1, 3).contiguous().transpose(1, 3)
+    assert not strided_q.is_contiguous()
+    _, _, checkpoints = triton_scan.scan_op(strided_q, k, v, W, f, h0, None, 0.5, True)
+    dy = torch.randn(1, 3, 2, 4, device=DEVICE)
+    torch.library.opcheck(triton_scan.scan_backward_op,
+                          (strided_q, k.detach(), v.detach(), W.detach(), f.detach(), None, checkpoints.detach(), dy,
+                           None, 0.5, torch.float32),
+                          test_utils=("test_schema", "test_faketensor"))
 
     def loss(*xs):
         y, final_state = m2rnn_scan(*xs[:5], initial_state=xs[5], gradient_clipping=0.5, backend="triton")

@@ -1,5 +1,8 @@
 """Backward scan kernel: walks the chunks backwards, recomputing each chunk's states from its
-forward checkpoint, so no full state history is ever stored.
+forward checkpoint, so no full state history is ever stored. One launch covers one segment of whole
+chunks of the time axis (the caller launches the segments from the last to the first), so that the
+per-program partials of dq and dk need only a segment's worth of memory; the gradient reaching the
+state crosses from one launch to the next through `dstate`.
 
 Per step t, with G the whole gradient reaching H_t (from y_t and from H_{t+1}), clamped to
 [-c, c] when gradient clipping is on (DESIGN.md §3):
@@ -8,9 +11,9 @@ Per step t, with G the whole gradient reaching H_t (from y_t and from H_{t+1}), 
     df = Σ G ⊙ (H_{t-1} - Z);  dq = H_t dy
 Every quantity but dv, df and dW is local to a row of H, so a program carries BR rows of HP heads
 as in the forward. Heads that share q and k (Nq, Nk < N) would collide on the same dq, dk rows:
-each program sums its HP heads in registers and writes one partial row per program, and PyTorch
-sums the partials of a group afterwards (no atomics). dv, df and dW sum over rows: one partial
-per head and row block. The initial state's gradient is row-local.
+each program sums its HP heads in registers and writes one float32 partial row per program, and
+PyTorch sums the partials of a group after each segment (no atomics). dv, df and dW sum over rows:
+one partial per head and row block. The initial state's gradient is row-local.
 """
 
 import triton
@@ -20,7 +23,7 @@ from .triton_step import (
     blend,
     candidate,
     checkpoint_offsets,
-    first_checkpoint_slot,
+    checkpoint_slot_shift,
     head_rows_offsets,
     load_step,
     load_weights,
@@ -40,16 +43,17 @@ def load_output_grad(dy_ptr, batch, t, seq_len, valid, heads, rv, N: tl.constexp
 
 @triton.jit
 def scan_backward_kernel(
-    q_ptr, k_ptr, v_ptr, W_ptr, f_ptr, cu_seqlens_ptr, checkpoint_ptr, dy_ptr, dh_final_ptr,  # inputs
-    # outputs: dq, dk partials (B, S, N / HP, K); dv (R, B, S, N, V); df (R, B, S, N) f32;
-    # dW (states, R, N, V, V) f32; dh0 (states, N, K, V) f32. scratch (programs, CHUNK, HP, BR, BV)
-    dq_ptr, dk_ptr, dv_ptr, df_ptr, dW_ptr, dh0_ptr, scratch_ptr,
-    seq_len, batch_steps, num_slots, clip,  # batch_steps = B * S, the rows of one row block's partial
+    q_ptr, k_ptr, v_ptr, W_ptr, f_ptr, cu_seqlens_ptr, checkpoint_ptr, dy_ptr,  # inputs
+    # dstate (states, N, K, V) f32: in, the gradient reaching the state at segment_end; out, at segment_start.
+    # Outputs: dq, dk partials (B, segment_steps, N / HP, K) f32 for the steps from segment_start;
+    # dv (R, B, S, N, V); df (R, B, S, N) f32; dW (states, R, N, V, V) f32, accumulated over segments.
+    # scratch (programs, CHUNK, HP, BR, BV)
+    dstate_ptr, dq_ptr, dk_ptr, dv_ptr, df_ptr, dW_ptr, scratch_ptr,
+    seq_len, batch_steps, num_slots, clip, segment_start, segment_end, segment_steps,  # batch_steps = B * S
     N: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr, NV: tl.constexpr, NF: tl.constexpr, NW: tl.constexpr,
     K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HP: tl.constexpr, BR: tl.constexpr,
-    CHUNK: tl.constexpr, VARLEN: tl.constexpr, HAS_DH_FINAL: tl.constexpr, STORE_DH0: tl.constexpr,
-    CLIP: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr,
-    FAST_TANH: tl.constexpr,
+    CHUNK: tl.constexpr, VARLEN: tl.constexpr, CLIP: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr,
 ):
     state_row = tl.program_id(0)
     head_block = tl.program_id(1)
@@ -64,21 +68,18 @@ def scan_backward_kernel(
     W_dot = W.to(DOT_DTYPE)
     W_t = tl.permute(W, (0, 2, 1))
     state_offsets, state_mask = head_rows_offsets(heads, rk, rv, K, V)
-    state_base = state_row.to(tl.int64) * N * K * V
-    if HAS_DH_FINAL:
-        dH = tl.load(dh_final_ptr + state_base + state_offsets, mask=state_mask, other=0.0).to(tl.float32)
-    else:
-        dH = tl.zeros((HP, BR, BV), dtype=tl.float32)
+    dstate_offsets = state_row.to(tl.int64) * N * K * V + state_offsets
+    dH = tl.load(dstate_ptr + dstate_offsets, mask=state_mask, other=0.0)
     dW = tl.zeros((HP, BV, BV), dtype=tl.float32)
 
-    checkpoint_offs = checkpoint_offsets(batch, heads, rk, first_checkpoint_slot(start, state_row, CHUNK, VARLEN),
-                                         num_slots, N, BK, BV)
+    checkpoint_offs = checkpoint_offsets(batch, heads, rk, checkpoint_slot_shift(state_row, VARLEN), num_slots,
+                                         N, BK, BV)  # chunk 0's slot
     # This program's scratch: the CHUNK states H_{t-1} of the chunk in flight, (CHUNK, HP, BR, BV).
     program = (state_row * (N // HP) + head_block) * num_row_blocks + rows_block
     scratch_base = scratch_ptr + program.to(tl.int64) * CHUNK * HP * BR * BV
     block_offsets = padded_block_offsets(HP, BR, BV)
     k_mask = rk < K
-    grad_row_offsets = head_block * K + rk  # within one (b, t) row of the (B, S, N // HP, K) partials
+    grad_row_offsets = head_block * K + rk  # within one (b, t) row of the (B, segment_steps, N // HP, K) partials
     # This row block's partials of dv and df: (B, S, N, V) and (B, S, N) slices.
     partial_rows = rows_block.to(tl.int64) * batch_steps
     dv_partial_ptr = dv_ptr + partial_rows * N * V
@@ -86,11 +87,15 @@ def scan_backward_kernel(
     v_offsets = heads[:, None] * V + rv[None, :]
     v_mask = rv[None, :] < V
 
-    num_chunks = tl.cdiv(end - start, CHUNK)
+    # The chunks of this sequence inside the segment (segment bounds are chunk bounds).
+    lo = tl.maximum(start, segment_start)
+    hi = tl.minimum(end, segment_end)
+    first_chunk = lo // CHUNK
+    num_chunks = (tl.cdiv(hi, CHUNK) - first_chunk) * (hi > lo).to(tl.int32)
     for chunk_from_end in range(num_chunks):
-        chunk = num_chunks - 1 - chunk_from_end
-        chunk_start = start + chunk * CHUNK
-        chunk_end = tl.minimum(chunk_start + CHUNK, end)
+        chunk = first_chunk + num_chunks - 1 - chunk_from_end
+        chunk_start = tl.maximum(start, chunk * CHUNK)
+        chunk_end = tl.minimum(end, chunk * CHUNK + CHUNK)
 
         # Replay the chunk forward from its checkpoint, keeping every H_{t-1} in the scratch
         # and writing dq_t = H_t dy_t while H_t is at hand.
@@ -107,8 +112,8 @@ def scan_backward_kernel(
             tl.store(scratch_base + (t - chunk_start) * HP * BR * BV + block_offsets, H_dot)
             H = blend(H, candidate(H_dot, W_dot, k_t, v_t, DOT_PRECISION, FAST_TANH), f_t)
             dq_t = tl.sum(tl.sum(H * dy_t[:, None, :], axis=2), axis=0)  # (BR,) summed over the HP heads
-            row = (batch * seq_len + t).to(tl.int64)
-            tl.store(dq_ptr + row * (N // HP) * K + grad_row_offsets, dq_t.to(dq_ptr.dtype.element_ty), mask=k_mask)
+            tl.store(dq_ptr + _partial_row(batch, t, segment_start, segment_steps, N, HP, K) + grad_row_offsets,
+                     dq_t, mask=k_mask)
             k_t, v_t, f_t = k_next, v_next, f_next
         # Global writes of one thread become visible to the others at a barrier.
         tl.debug_barrier()
@@ -138,9 +143,10 @@ def scan_backward_kernel(
             dH = f * G + tl.dot(dA, W_t, input_precision=GRAD_PRECISION)
             dW += tl.dot(tl.permute(H_prev32, (0, 2, 1)), dA, input_precision=GRAD_PRECISION)
 
-            row = (batch * seq_len + t).to(tl.int64)
             dk_t = tl.sum(tl.sum(dA * v_t[:, None, :], axis=2), axis=0)  # (BR,)
-            tl.store(dk_ptr + row * (N // HP) * K + grad_row_offsets, dk_t.to(dk_ptr.dtype.element_ty), mask=k_mask)
+            tl.store(dk_ptr + _partial_row(batch, t, segment_start, segment_steps, N, HP, K) + grad_row_offsets,
+                     dk_t, mask=k_mask)
+            row = (batch * seq_len + t).to(tl.int64)
             dv_t = tl.sum(dA * k_t[:, :, None], axis=1)  # (HP, BV), this row block's part
             tl.store(dv_partial_ptr + row * N * V + v_offsets, dv_t.to(dv_ptr.dtype.element_ty), mask=v_mask)
             df_t = tl.sum(tl.sum(G * (H_prev32 - Z), axis=2), axis=1)  # (HP,), this row block's part
@@ -151,9 +157,14 @@ def scan_backward_kernel(
         # The next chunk's replay overwrites the scratch this chunk's threads just read.
         tl.debug_barrier()
 
-    if STORE_DH0:
-        tl.store(dh0_ptr + state_base + state_offsets, dH, mask=state_mask)
+    tl.store(dstate_ptr + dstate_offsets, dH, mask=state_mask)
     dW_offsets = (heads[:, None, None] * V + rv[None, :, None]) * V + rv[None, None, :]
     dW_mask = (rv[None, :, None] < V) & (rv[None, None, :] < V)
-    dW_partial = (state_row * num_row_blocks + rows_block).to(tl.int64) * N * V * V
-    tl.store(dW_ptr + dW_partial + dW_offsets, dW, mask=dW_mask)
+    dW_block = dW_ptr + (state_row * num_row_blocks + rows_block).to(tl.int64) * N * V * V + dW_offsets
+    tl.store(dW_block, tl.load(dW_block, mask=dW_mask) + dW, mask=dW_mask)
+
+
+@triton.jit
+def _partial_row(batch, t, segment_start, segment_steps, N: tl.constexpr, HP: tl.constexpr, K: tl.constexpr):
+    """Offset of step t's row in a (B, segment_steps, N // HP, K) partial of dq or dk."""
+    return (batch * segment_steps + t - segment_start).to(tl.int64) * (N // HP) * K

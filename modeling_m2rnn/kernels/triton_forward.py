@@ -3,8 +3,8 @@
 One program carries BR rows of the state of HP heads (see triton_step). It writes its row block's
 partial of y (y_t = Σ_i q_t[i] H_t[i,:] sums over all rows; the caller sums the partials, off the
 step chain), its rows of the final state and, when a backward pass will follow, of a checkpoint of
-the state at the start of every CHUNK steps (the backward recomputes the states in between). The
-same kernel with one step and no checkpoints is the decode step.
+the state at the start of every chunk of CHUNK steps (the backward recomputes the states in between;
+see checkpoint_slot_shift). The same kernel with one step and no checkpoints is the decode step.
 """
 
 import triton
@@ -14,7 +14,7 @@ from .triton_step import (
     blend,
     candidate,
     checkpoint_offsets,
-    first_checkpoint_slot,
+    checkpoint_slot_shift,
     head_rows_offsets,
     load_step,
     load_weights,
@@ -47,8 +47,8 @@ def scan_forward_kernel(
     else:
         H = tl.zeros((HP, BR, BV), dtype=tl.float32)
 
-    first_slot = first_checkpoint_slot(start, state_row, CHUNK, VARLEN)
-    checkpoint_offs = checkpoint_offsets(batch, heads, rk, first_slot, num_slots, N, BK, BV)  # (HP, BR, BV)
+    checkpoint_offs = checkpoint_offsets(batch, heads, rk, checkpoint_slot_shift(state_row, VARLEN), num_slots,
+                                         N, BK, BV)  # (HP, BR, BV), chunk 0's slot
     y_partial_ptr = y_ptr + tl.program_id(2).to(tl.int64) * y_partial_stride
     y_offsets = heads[:, None] * V + rv[None, :]  # (HP, BV) within one (b, t) row of y
     y_mask = rv[None, :] < V
@@ -58,9 +58,8 @@ def scan_forward_kernel(
                                    heads, rk, rv, N, NQ, NK, NV, NF, K, V)
     for t in range(start, end):
         if STORE_CHECKPOINTS:
-            if (t - start) % CHUNK == 0:
-                chunk = (t - start) // CHUNK
-                tl.store(checkpoint_ptr + checkpoint_offs + chunk * BK * BV, H.to(checkpoint_ptr.dtype.element_ty))
+            if (t % CHUNK == 0) | (t == start):
+                tl.store(checkpoint_ptr + checkpoint_offs + (t // CHUNK) * BK * BV, H.to(checkpoint_ptr.dtype.element_ty))
         q_next, k_next, v_next, f_next = load_step(q_ptr, k_ptr, v_ptr, f_ptr, batch, t + 1, seq_len, t + 1 < end,
                                                    heads, rk, rv, N, NQ, NK, NV, NF, K, V)
         H = blend(H, candidate(H.to(DOT_DTYPE), W_dot, k_t, v_t, DOT_PRECISION, FAST_TANH), f_t)

@@ -40,17 +40,21 @@ class KernelConfig:
     # State rows per program (a power of two >= 16; capped at K rounded up). Rows evolve independently,
     # so fewer rows per program mean more, shorter programs in flight; y, dv, df and dW then take one
     # partial per row block (y's and dv's in the input dtype, summed by PyTorch in float32).
-    # H200, 400M shape, forward: 16 rows 3.21 ms, 32 rows 2.17 ms, 64 rows 2.66 ms. Backward at 16 or
-    # 32 rows beat 64 rows by <= 1.2 ms but their dq, dk, dv partials exceed the 0.75 GiB memory target
-    # (benchmarks/RESULTS.md), so the backward keeps whole heads.
+    # H200, 400M shape, forward: 16 rows 3.21 ms, 32 rows 2.17 ms, 64 rows 2.66 ms. The backward gains
+    # less from row blocks than from one head per one-warp program (benchmarks/RESULTS.md), so it keeps
+    # whole heads.
     forward_rows: int = 32
     forward_heads_per_program: int = 1
     forward_warps: int = 1
     backward_rows: int = 64
-    # Heads sharing q, k summed in registers. More heads: smaller dq, dk partials (B, S, N / heads, K)
-    # but, on one warp per head, a cross-warp sum every step.
-    backward_max_heads_per_program: int = 2
-    backward_warps: int = 2
+    # Heads sharing q, k summed in registers. More heads: fewer dq, dk partials but, on one warp per
+    # head, a cross-warp sum every step. H200, 400M shape, backward kernel alone: 1 head on 1 warp
+    # 11.3 ms, 2 heads on 2 warps 14.1 ms, 4 on 4 warps 18.5 ms.
+    backward_max_heads_per_program: int = 1
+    backward_warps: int = 1
+    # The backward walks the time axis in segments of whole chunks, one launch each, so that the float32
+    # dq, dk partials (B, segment, N / heads, K) stay within this many MiB (at least one chunk).
+    backward_partials_mib: int = 128
     fast_tanh: bool = True  # tanh.approx on the GPU for 16-bit inputs; see triton_step.tanh
 
 
@@ -128,6 +132,14 @@ def _backward_heads_per_program(shape: ScanShape) -> int:
     while heads * 2 <= CONFIG.backward_max_heads_per_program and shared % (heads * 2) == 0:
         heads *= 2
     return heads
+
+
+def _backward_segment_steps(shape: ScanShape, programs: int) -> int:
+    """Steps per backward launch: whole chunks, as many as keep the float32 dq and dk partials
+    (B, steps, programs, K) within CONFIG.backward_partials_mib; all of S when that fits."""
+    bytes_per_step = 2 * shape.batch * programs * shape.key_dim * 4
+    chunks = max(1, CONFIG.backward_partials_mib * 2**20 // (bytes_per_step * CONFIG.chunk))
+    return min(chunks * CONFIG.chunk, shape.seq_len)
 
 
 def _checkpoint_buffer(shape: ScanShape, v: torch.Tensor, store: bool) -> torch.Tensor:
@@ -230,34 +242,45 @@ def scan_backward_op(
     programs = shape.num_heads // heads
     rows = shape.block_rows(CONFIG.backward_rows)
     row_blocks = shape.num_row_blocks(rows)
-    B, S, N, V = shape.batch, shape.seq_len, shape.num_heads, shape.value_dim
+    B, S, N, K, V = shape.batch, shape.seq_len, shape.num_heads, shape.key_dim, shape.value_dim
     device = v.device
-    dq_partial = torch.empty(B, S, programs, shape.key_dim, device=device, dtype=q.dtype)
-    dk_partial = torch.empty(B, S, programs, shape.key_dim, device=device, dtype=k.dtype)
+    segment = _backward_segment_steps(shape, programs)
+    dq = torch.empty(B, S, shape.nq, K, device=device, dtype=q.dtype)
+    dk = torch.empty(B, S, shape.nk, K, device=device, dtype=k.dtype)
+    dq_partial = torch.empty(B, segment, programs, K, device=device, dtype=torch.float32)
+    dk_partial = torch.empty_like(dq_partial)
     dv_partial = torch.empty(row_blocks, B, S, N, V, device=device, dtype=v.dtype)
     df_partial = torch.empty(row_blocks, B, S, N, device=device, dtype=torch.float32)
-    dW_partial = torch.empty(shape.num_states * row_blocks, N, V, V, device=device, dtype=torch.float32)
-    store_dh0 = initial_state_dtype is not None
-    dh0 = torch.empty(shape.num_states if store_dh0 else 0, N, shape.key_dim, V, device=device, dtype=torch.float32)
+    dW_partial = torch.zeros(shape.num_states * row_blocks, N, V, V, device=device, dtype=torch.float32)
+    if d_final_state is not None:
+        dstate = d_final_state.to(torch.float32, copy=True).contiguous()
+    else:
+        dstate = torch.zeros(shape.num_states, N, K, V, device=device, dtype=torch.float32)
     scratch = torch.empty(shape.num_states * programs * row_blocks, CONFIG.chunk, heads, rows, shape.block_v,
                           device=device, dtype=_dot_torch_dtype(v))
     full = v.dtype == torch.float32
-    scan_backward_kernel[(shape.num_states, programs, row_blocks)](
-        q, k, v, W, f, cu_seqlens if cu_seqlens is not None else f, checkpoints, dy,
-        d_final_state.contiguous() if d_final_state is not None else f,
-        dq_partial, dk_partial, dv_partial, df_partial, dW_partial, dh0, scratch,
-        S, B * S, shape.num_checkpoint_slots(CONFIG.chunk), gradient_clipping or 0.0,
-        **shape.head_constants(), HP=heads, BR=rows, CHUNK=CONFIG.chunk, VARLEN=shape.varlen,
-        HAS_DH_FINAL=d_final_state is not None, STORE_DH0=store_dh0, CLIP=gradient_clipping is not None,
-        **_precision(v), GRAD_PRECISION="ieee" if full else "tf32", num_warps=CONFIG.backward_warps,
-    )
+    for segment_start in reversed(range(0, S, segment)):
+        segment_end = min(segment_start + segment, S)
+        scan_backward_kernel[(shape.num_states, programs, row_blocks)](
+            q, k, v, W, f, cu_seqlens if cu_seqlens is not None else f, checkpoints, dy,
+            dstate, dq_partial, dk_partial, dv_partial, df_partial, dW_partial, scratch,
+            S, B * S, shape.num_checkpoint_slots(CONFIG.chunk), gradient_clipping or 0.0,
+            segment_start, segment_end, segment,
+            **shape.head_constants(), HP=heads, BR=rows, CHUNK=CONFIG.chunk, VARLEN=shape.varlen,
+            CLIP=gradient_clipping is not None, **_precision(v), GRAD_PRECISION="ieee" if full else "tf32",
+            num_warps=CONFIG.backward_warps,
+        )
+        steps = segment_end - segment_start
+        dq[:, segment_start:segment_end] = _sum_groups(dq_partial[:, :steps], 2, shape.nq, q.dtype)
+        dk[:, segment_start:segment_end] = _sum_groups(dk_partial[:, :steps], 2, shape.nk, k.dtype)
+    store_dh0 = initial_state_dtype is not None
     return (
-        _sum_groups(dq_partial, 2, shape.nq, q.dtype),
-        _sum_groups(dk_partial, 2, shape.nk, k.dtype),
+        dq,
+        dk,
         _sum_groups(_sum_row_blocks(dv_partial), 2, shape.nv, v.dtype),
         _sum_groups(dW_partial.sum(0), 0, shape.nw, W.dtype),
         _sum_groups(df_partial.sum(0), 2, shape.nf, f.dtype),
-        dh0.to(initial_state_dtype) if store_dh0 else dh0,
+        dstate.to(initial_state_dtype) if store_dh0 else dstate.new_empty(0, N, K, V),
     )
 
 
@@ -267,7 +290,8 @@ def _(q, k, v, W, f, cu_seqlens, checkpoints, dy, d_final_state, gradient_clippi
     num_states = shape.num_states if initial_state_dtype is not None else 0
     dh0 = q.new_empty(num_states, shape.num_heads, shape.key_dim, shape.value_dim,
                       dtype=initial_state_dtype or torch.float32)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(W), torch.empty_like(f), dh0
+    # Contiguous, as the kernel writes them, whatever the strides of the inputs (views of a projection).
+    return tuple(x.new_empty(x.shape) for x in (q, k, v, W, f)) + (dh0,)
 
 
 def _setup_context(ctx, inputs, output):

@@ -45,15 +45,15 @@ def sequence_bounds(cu_seqlens_ptr, state_row, seq_len, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def first_checkpoint_slot(start, state_row, CHUNK: tl.constexpr, VARLEN: tl.constexpr):
-    """Checkpoint slot of a sequence's first chunk; its chunk c is at this slot + c.
-
-    Packed sequence i starting at `start` has at most ceil(len_i / CHUNK) chunks, and
-    start // CHUNK + i leaves that many slots free before the next sequence's first slot, so
-    cdiv(S, CHUNK) + num_sequences slots hold every sequence without a host-side prefix sum.
-    """
+def checkpoint_slot_shift(state_row, VARLEN: tl.constexpr):
+    """Checkpoint chunks are aligned to the time axis: chunk c covers steps [c·CHUNK, (c+1)·CHUNK) of
+    the (packed) sequence dimension, and its checkpoint is the state before the sequence's first step
+    in it. Sequence i keeps chunk c at slot c + i: a packed sequence's first chunk may share c with the
+    previous sequence's last one, and the shift keeps them apart, so cdiv(S, CHUNK) + num_sequences
+    slots hold every sequence without a host-side prefix sum. Aligned chunks let the backward walk the
+    time axis in segments of whole chunks for packed and unpacked batches alike."""
     if VARLEN:
-        return start // CHUNK + state_row
+        return state_row
     else:
         return 0
 
@@ -103,7 +103,7 @@ def padded_block_offsets(HP: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr):
 
 @triton.jit
 def checkpoint_offsets(batch, heads, rk, first_slot, num_slots, N: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """Offsets of the (HP, BR, BV) block at rows rk of the checkpoint at `first_slot` in a buffer of
+    """Offsets of the (HP, BR, BV) block at rows rk of the checkpoint at slot `first_slot` in a buffer of
     shape (rows, N, num_slots, BK, BV), rows = B (1 when packed). Independent of HP and BR, so the
     forward and the backward may split heads and rows differently."""
     slots = (batch * N + heads[:, None, None]).to(tl.int64) * num_slots + first_slot
