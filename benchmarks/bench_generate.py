@@ -3,8 +3,9 @@
     PYTHONPATH=. python benchmarks/bench_generate.py [--prompts 512 4096 16384] [--batches 1 16] [--new-tokens 128]
 
 Random weights in bf16, greedy decoding of `--new-tokens` tokens after prompts of each length. For each model,
-prompt length and batch size: prefill time (a generate call of one token), ms per token after the prefill,
-tokens/s and peak memory. The same-size LlamaForCausalLM was measured on the same H200 with the same settings
+prompt length and batch size: prefill time (to the first token), ms per token after the prefill (the median
+interval between consecutive tokens, each timed when generate checks its stopping criteria, so a noisy prefill
+does not leak into it), tokens/s and peak memory. The same-size LlamaForCausalLM was measured on the same H200 with the same settings
 (`shared/anchors/llama400m_h200_2026-11-28.json`); its figures are printed beside ours. Each ms per token is
 also put beside its memory-bandwidth floor: the bytes a decode step must read (weights, plus the KV cache of the
 attention layers, plus the M2RNN states read and written) over 4.2 TB/s.
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import CompileConfig
+from transformers import CompileConfig, StoppingCriteria, StoppingCriteriaList
 
 from modeling_m2rnn import M2RNNConfig, M2RNNForCausalLM
 
@@ -45,14 +46,26 @@ def bandwidth_floor_ms(config: M2RNNConfig, num_parameters: int, batch: int, con
     return 1e3 * (weight_bytes + kv_bytes + state_bytes) / HBM_BYTES_PER_S
 
 
+class TokenClock(StoppingCriteria):
+    """Never stops; records when each new token is ready (generate checks its criteria once per token, and
+    already waits for the GPU there to know whether every sequence has finished)."""
+
+    def __init__(self):
+        self.times = []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.times.append(synchronize_time())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 def time_generate(model, prompt, new_tokens: int, **options) -> tuple[float, float]:
-    """Seconds for the prefill (a one-token generate) and for the whole generate of `new_tokens`."""
+    """Seconds to the first token (the prefill) and the median seconds per token after it."""
+    clock = TokenClock()
     start = synchronize_time()
-    model.generate(prompt, max_new_tokens=1, min_new_tokens=1, do_sample=False, **options)
-    prefill = synchronize_time() - start
-    start = synchronize_time()
-    model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **options)
-    return prefill, synchronize_time() - start
+    model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                   stopping_criteria=StoppingCriteriaList([clock]), **options)
+    intervals = torch.tensor(clock.times).diff()
+    return clock.times[0] - start, intervals.median().item()
 
 
 def measure(model, batch: int, prompt_len: int, new_tokens: int, mode: str, max_cache_len: int) -> dict:
@@ -65,8 +78,8 @@ def measure(model, batch: int, prompt_len: int, new_tokens: int, mode: str, max_
         model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False, **options)   # compiles
         first_call_s = time.perf_counter() - start
     torch.cuda.reset_peak_memory_stats()
-    prefill, total = time_generate(model, prompt, new_tokens, **options)
-    ms_per_token = 1e3 * (total - prefill) / (new_tokens - 1)
+    prefill, seconds_per_token = time_generate(model, prompt, new_tokens, **options)
+    ms_per_token = 1e3 * seconds_per_token
     result = dict(ms_per_token=round(ms_per_token, 3), tokens_per_s=round(1e3 * batch / ms_per_token, 1),
                   prefill_ms=round(1e3 * prefill, 1), peak_GiB=round(torch.cuda.max_memory_allocated() / 2**30, 2))
     if mode == "static_compiled":

@@ -33,9 +33,10 @@ ANCHORS = {  # public reference kernel, H200 (anchors/reference_kernel_h200_2026
 }
 SHAPES = {"400m_B8": (8, 84), "7b_B4": (4, 132), "400m_B1": (1, 84)}  # (B, N); S=4096, Nq=Nk=1, K=64, V=16
 # bf16: y and the gradients are rounded to bf16 (2^-9), the H·W operands to fp16, the GPU's tanh.approx
-# (rel. error 2^-11) and tf32 gradient products add up over a few hundred steps: ~1e-2 seen. With f up
-# to 0.99, W near identity and no clipping the gradient is ill-conditioned and draws reached 4.5e-2,
-# so f stays below 0.95 here (clipping, on in training, bounds the growth).
+# (rel. error 2^-11) and tf32 gradient products add up over a few hundred steps: ~1e-2 seen. W = randn / sqrt(V)
+# as in the CPU tests: with W near the identity, f up to 0.95 and no clipping the gradient grows through time
+# (|dh0| ~ 4,000 for unit dy on the CPU) and even the float32 kernel's error grows 100x (3e-5, CPU interpreter),
+# so bf16 draws reached 4.5e-2 and one 0.4; clipping, on in training, bounds that growth.
 BF16_BOUND = 2e-2
 TARGETS = "400m_B8: fwd <= 2.0 ms, fwd+bwd <= 9.0 ms, extra memory <= 0.75 GiB; decode <= 0.03 ms at B=1"
 
@@ -48,7 +49,7 @@ def make_inputs(B, S, N, K=64, V=16, nqk=1, dtype=torch.bfloat16, initial_state=
     q = torch.randn(B, S, nqk, K, device="cuda").to(dtype)
     k = (torch.randn(B, S, nqk, K, device="cuda") / K**0.5).to(dtype)
     v = torch.randn(B, S, N, V, device="cuda").to(dtype)
-    W = (torch.eye(V, device="cuda") + torch.randn(N, V, V, device="cuda") / V).to(dtype)
+    W = (torch.randn(N, V, V, device="cuda") / V**0.5).to(dtype)
     f = 0.5 + 0.45 * torch.rand(B, S, N, device="cuda")
     h0 = 0.5 * torch.randn(num_states or B, N, K, V, device="cuda") if initial_state else None
     return [q, k, v, W, f, h0]
@@ -155,10 +156,10 @@ def compare_configs(log) -> dict:
     """Launch settings at the 400M shape; returns the timings per setting."""
     configs = {
         "default": KernelConfig(),
-        "fwd_rows16": KernelConfig(forward_rows=16),
-        "fwd_rows64 (previous forward)": KernelConfig(forward_rows=64),
-        "bwd_rows32_1warp": KernelConfig(backward_rows=32, backward_warps=1),
-        "bwd_rows16_1head_1warp": KernelConfig(backward_rows=16, backward_max_heads_per_program=1, backward_warps=1),
+        "bwd 2 heads on 2 warps (the previous default)": KernelConfig(backward_max_heads_per_program=2, backward_warps=2),
+        "bwd partials 512 MiB (fewer launches)": KernelConfig(backward_partials_mib=512),
+        "bwd 32 rows": KernelConfig(backward_rows=32),
+        "chunk 32": KernelConfig(chunk=32),
     }
     timings = {}
     for name, config in configs.items():

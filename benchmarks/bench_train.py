@@ -7,7 +7,9 @@ zero_grad, exactly as the Llama anchor below was measured. Warm-up steps first (
 compilation happen there), then timed steps between CUDA events. Peak memory is
 torch.cuda.max_memory_allocated over the timed steps. A table is printed beside the anchor; JSON goes to
 benchmarks/results/ (and $OUT when set). --profile prints a torch.profiler table of one Hybrid step at
-B=8, S=4096 (where the time goes). --quick runs tiny configs on the CPU as a smoke check of this script.
+B=8, S=4096 (where the time goes). --compile wraps every model in torch.compile (the M2RNN scan stays one
+custom op; the elementwise work around it fuses), --models and --shapes pick cases. --quick runs tiny configs
+on the CPU as a smoke check of this script.
 """
 
 import argparse
@@ -56,12 +58,13 @@ def model_configs(quick: bool) -> dict:
     }
 
 
-def build(config, device: torch.device):
+def build(config, device: torch.device, compile: bool = False):
     config.use_cache = False   # a training step: no cache
     with device:
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    return model.train(), optimizer
+    model.train()
+    return (torch.compile(model) if compile else model), optimizer
 
 
 def train_step(model, optimizer, ids):
@@ -93,11 +96,11 @@ def time_steps(model, optimizer, ids, warmup: int, steps: int) -> float:
     return (time.perf_counter() - began) * 1e3 / steps
 
 
-def measure(name, config, batch, seq_len, device, warmup, steps) -> dict:
-    result = dict(model=name, B=batch, S=seq_len)
+def measure(name, config, batch, seq_len, device, warmup, steps, compile=False) -> dict:
+    result = dict(model=name, B=batch, S=seq_len, compiled=compile)
     model = optimizer = None
     try:
-        model, optimizer = build(config, device)
+        model, optimizer = build(config, device, compile)
         ids = torch.randint(0, config.vocab_size, (batch, seq_len), device=device)
         ms = time_steps(model, optimizer, ids, warmup, steps)
         result.update(ms_per_step=ms, tokens_per_s=batch * seq_len / ms * 1e3,
@@ -119,7 +122,7 @@ def print_table(results: list[dict], quick: bool):
     llama = {(r["B"], r["S"]): r.get("tokens_per_s") for r in results if r["model"] == "llama"}
     for r in results:
         shape = (r["B"], r["S"])
-        anchor = "" if quick else f"{LLAMA_ANCHOR[shape]['tokens_per_s']:,}"
+        anchor = f"{LLAMA_ANCHOR[shape]['tokens_per_s']:,}" if shape in LLAMA_ANCHOR and not quick else ""
         if "error" in r:
             print(f"{r['model']:<14}{r['B']:>4}{r['S']:>6}  {r['error']}")
             continue
@@ -166,19 +169,26 @@ def main():
     parser.add_argument("--profile", action="store_true", help="also profile one Hybrid step")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per case")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every model")
+    parser.add_argument("--models", nargs="+", choices=["hybrid_m2rnn", "m2rnn", "llama"],
+                        default=["hybrid_m2rnn", "m2rnn", "llama"])
+    parser.add_argument("--shapes", nargs="+", help="BxS cases, e.g. 8x4096 (default: 8x4096 32x1024)")
     args = parser.parse_args()
 
     device = torch.device("cpu" if args.quick else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("needs a CUDA GPU; use --quick for the CPU smoke check")
-    shapes = [(2, 64), (4, 32)] if args.quick else SHAPES
+    if args.shapes:
+        shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes]
+    else:
+        shapes = [(2, 64), (4, 32)] if args.quick else SHAPES
     warmup, steps = (1, 2) if args.quick else (args.warmup, args.steps)
-    configs = model_configs(args.quick)
+    configs = {name: config for name, config in model_configs(args.quick).items() if name in args.models}
 
     results = []
     for batch, seq_len in shapes:
         for name, config in configs.items():
-            result = measure(name, config, batch, seq_len, device, warmup, steps)
+            result = measure(name, config, batch, seq_len, device, warmup, steps, args.compile)
             print(json.dumps(result), flush=True)
             results.append(result)
     print_table(results, args.quick)
@@ -186,10 +196,10 @@ def main():
     report = dict(
         what="training step: bf16 autocast forward+loss, backward, fused AdamW, zero_grad; ms per step over timed steps",
         device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        torch=torch.__version__, quick=args.quick, warmup=warmup, steps=steps, results=results,
+        torch=torch.__version__, quick=args.quick, compiled=args.compile, warmup=warmup, steps=steps, results=results,
         llama_anchor={f"B{b}_S{s}": v for (b, s), v in LLAMA_ANCHOR.items()},
     )
-    if args.profile:
+    if args.profile and "hybrid_m2rnn" in configs:
         report["profile"] = profile_one_step(configs["hybrid_m2rnn"], *shapes[0], device)
     write_json(report)
 

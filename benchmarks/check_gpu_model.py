@@ -5,8 +5,10 @@
 A small hybrid (M2RNN layers with the paper's head sharing, Nq = Nk = 1, and one attention layer) takes one
 training step under bf16 autocast with each scan backend, on padded rows and on packed rows (cu_seqlens). The
 loss and every parameter gradient of the Triton run are compared with the reference run by relative error
-(bound 3e-2: bf16 activations, the kernels' fp16 state products and approximate tanh). Prints one line per
-check and exits non-zero if any fails.
+(bound 3e-2: bf16 activations, the kernels' fp16 state products and approximate tanh). A gradient that is a
+small sum of large cancelling terms can differ by more between two bf16 runs; it also passes when the Triton
+run is no farther from a float32 run of the reference backend (no autocast, the truth here) than twice the
+reference backend's own bf16 run. Prints the worst gradients and exits non-zero if any check fails.
 """
 
 import sys
@@ -30,9 +32,9 @@ def small_hybrid(backend: str) -> M2RNNForCausalLM:
     return M2RNNForCausalLM(config).cuda().train()
 
 
-def training_step(backend: str, batch: dict) -> tuple[float, dict]:
+def training_step(backend: str, batch: dict, bf16: bool = True) -> tuple[float, dict]:
     model = small_hybrid(backend)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
         loss = model(**batch).loss
     loss.backward()
     return loss.item(), {name: p.grad.float() for name, p in model.named_parameters() if p.grad is not None}
@@ -60,12 +62,21 @@ def main() -> int:
     for name, batch in batches().items():
         ref_loss, ref_grads = training_step("torch", batch)
         loss, grads = training_step("triton", batch)
-        worst_name, worst = max(((n, relative_error(grads[n], g)) for n, g in ref_grads.items()), key=lambda x: x[1])
+        _, truth = training_step("torch", batch, bf16=False)
         loss_error = abs(loss - ref_loss) / abs(ref_loss)
-        ok = loss_error < BOUND and worst < BOUND and set(grads) == set(ref_grads)
-        failures += not ok
-        print(f"train step [{name}] triton vs torch: loss {loss:.5f} vs {ref_loss:.5f} (rel {loss_error:.1e}), "
-              f"worst grad rel err {worst:.1e} ({worst_name}), bound {BOUND:.0e}: {'ok' if ok else 'FAIL'}", flush=True)
+        failed = [] if loss_error < BOUND and set(grads) == set(ref_grads) else ["loss"]
+        rows = []
+        for n, ref in ref_grads.items():
+            mutual, triton_error, torch_error = (relative_error(grads[n], ref), relative_error(grads[n], truth[n]),
+                                                 relative_error(ref, truth[n]))
+            if not (mutual < BOUND or triton_error <= 2 * torch_error):
+                failed.append(n)
+            rows.append((mutual, n, triton_error, torch_error))
+        failures += bool(failed)
+        print(f"train step [{name}] triton vs torch: loss {loss:.5f} vs {ref_loss:.5f} (rel {loss_error:.1e}); "
+              f"{'ok' if not failed else 'FAIL: ' + ', '.join(failed)}", flush=True)
+        for mutual, n, triton_error, torch_error in sorted(rows, reverse=True)[:5]:
+            print(f"  {n}: triton vs torch {mutual:.1e}; vs float32: triton {triton_error:.1e}, torch {torch_error:.1e}")
     return 1 if failures else 0
 
 
