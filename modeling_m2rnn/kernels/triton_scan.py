@@ -271,8 +271,9 @@ def scan_backward_op(
             num_warps=CONFIG.backward_warps,
         )
         steps = segment_end - segment_start
-        dq[:, segment_start:segment_end] = _sum_groups(dq_partial[:, :steps], 2, shape.nq, q.dtype)
-        dk[:, segment_start:segment_end] = _sum_groups(dk_partial[:, :steps], 2, shape.nk, k.dtype)
+        # Summed in float32; the copy into dq, dk rounds once to their dtype.
+        dq[:, segment_start:segment_end] = _sum_groups(dq_partial[:, :steps], 2, shape.nq, torch.float32)
+        dk[:, segment_start:segment_end] = _sum_groups(dk_partial[:, :steps], 2, shape.nk, torch.float32)
     store_dh0 = initial_state_dtype is not None
     return (
         dq,

@@ -102,11 +102,12 @@ def padded_block_offsets(HP: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr):
 
 
 @triton.jit
-def checkpoint_offsets(batch, heads, rk, first_slot, num_slots, N: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """Offsets of the (HP, BR, BV) block at rows rk of the checkpoint at slot `first_slot` in a buffer of
-    shape (rows, N, num_slots, BK, BV), rows = B (1 when packed). Independent of HP and BR, so the
-    forward and the backward may split heads and rows differently."""
-    slots = (batch * N + heads[:, None, None]).to(tl.int64) * num_slots + first_slot
+def checkpoint_offsets(batch, heads, rk, slot_shift, num_slots, N: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Offsets of the (HP, BR, BV) block at rows rk of chunk 0's checkpoint (slot `slot_shift`, see
+    checkpoint_slot_shift; chunk c lies c · BK · BV further) in a buffer of shape (rows, N, num_slots,
+    BK, BV), rows = B (1 when packed). Independent of HP and BR, so the forward and the backward may
+    split heads and rows differently."""
+    slots = (batch * N + heads[:, None, None]).to(tl.int64) * num_slots + slot_shift
     c = tl.arange(0, BV)[None, None, :]
     return (slots * BK + rk[None, :, None]) * BV + c
 
