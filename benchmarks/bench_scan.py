@@ -156,9 +156,9 @@ def compare_configs(log) -> dict:
     """Launch settings at the 400M shape; returns the timings per setting."""
     configs = {
         "default": KernelConfig(),
-        "bwd 2 heads on 2 warps (the previous default)": KernelConfig(backward_max_heads_per_program=2, backward_warps=2),
-        "bwd partials 512 MiB (fewer launches)": KernelConfig(backward_partials_mib=512),
-        "bwd 32 rows": KernelConfig(backward_rows=32),
+        "tf32 gradient products, 64 rows (the previous default)": KernelConfig(backward_products="tf32", backward_rows=64),
+        "bwd 64 rows": KernelConfig(backward_rows=64),
+        "bwd 16 rows": KernelConfig(backward_rows=16),
         "chunk 32": KernelConfig(chunk=32),
     }
     timings = {}

@@ -16,7 +16,8 @@ with position_ids restarting at 0 per document: M2RNN layers restart their state
 layers get a block-diagonal mask, so no token attends or recurs across documents and nothing is padded.
 
 The run ends with the eval loss and a checkpoint in --output-dir that AutoModelForCausalLM.from_pretrained
-loads (with --lora: the adapters there, and the merged model in --output-dir/merged).
+loads (with --lora: the adapters there, and the merged model in --output-dir/merged). The losses logged along
+the way are in --output-dir/trainer_state.json (benchmarks/check_multi_gpu.py compares them across launches).
 """
 
 import argparse
@@ -149,9 +150,9 @@ def build_model(args, tokenizer):
 
 
 def training_arguments(args) -> TrainingArguments:
-    # FSDP2; transformers wraps each module named in `_no_split_modules` (M2RNNDecoderLayer) as one shard unit
-    # and gathers a full state dict for the final save.
-    fsdp, fsdp_config = ("full_shard auto_wrap", {"version": 2}) if args.fsdp else (None, None)
+    # FSDP2, fully sharded (reshard after forward); transformers wraps each module named in `_no_split_modules`
+    # (M2RNNDecoderLayer) as one shard unit and gathers a full state dict for the final save.
+    fsdp, fsdp_config = (True, {"version": 2, "reshard_after_forward": True}) if args.fsdp else (None, None)
     return TrainingArguments(
         output_dir=str(args.output_dir),
         max_steps=args.max_steps,
@@ -221,6 +222,12 @@ def main(argv=None):
         data_collator=collator,
         processing_class=tokenizer,
     )
+    if args.fsdp and not trainer.is_fsdp_enabled:
+        # accelerate applies FSDP only to processes on GPUs (or other accelerators); anywhere else (one process, or
+        # CPU processes on gloo) it would train unsharded or with DDP and say nothing
+        raise SystemExit(f"--fsdp: this launch does not shard (accelerate's distributed type is "
+                         f"{trainer.accelerator.distributed_type}); FSDP needs several GPUs under accelerate "
+                         f"launch or torchrun")
     trainer.train()
     eval_loss = trainer.evaluate()["eval_loss"]
     trainer.save_model(str(args.output_dir))   # the full model, or the adapters with --lora
@@ -229,6 +236,8 @@ def main(argv=None):
         merged.save_pretrained(args.output_dir / "merged")
         tokenizer.save_pretrained(args.output_dir / "merged")
     if trainer.is_world_process_zero():
+        # the loss at every logging step and every eval, so that two launches of the same run can be compared
+        trainer.state.save_to_json(str(args.output_dir / "trainer_state.json"))
         print(f"eval loss {eval_loss:.4f} (perplexity {math.exp(min(eval_loss, 50)):.2f}); saved to {args.output_dir}")
     return trainer
 

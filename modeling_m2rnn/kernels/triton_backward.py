@@ -45,15 +45,16 @@ def load_output_grad(dy_ptr, batch, t, seq_len, valid, heads, rv, N: tl.constexp
 def scan_backward_kernel(
     q_ptr, k_ptr, v_ptr, W_ptr, f_ptr, cu_seqlens_ptr, checkpoint_ptr, dy_ptr,  # inputs
     # dstate (states, N, K, V) f32: in, the gradient reaching the state at segment_end; out, at segment_start.
-    # Outputs: dq, dk partials (B, segment_steps, N / HP, K) f32 for the steps from segment_start;
-    # dv (R, B, S, N, V); df (R, B, S, N) f32; dW (states, R, N, V, V) f32, accumulated over segments.
+    # Outputs for the steps from segment_start: dq, dk partials (B, segment_steps, N / HP, K) f32, dv
+    # (R, B, segment_steps, N, V), df (R, B, segment_steps, N) f32; dW (states, R, N, V, V) f32, accumulated.
     # scratch (programs, CHUNK, HP, BR, BV)
     dstate_ptr, dq_ptr, dk_ptr, dv_ptr, df_ptr, dW_ptr, scratch_ptr,
-    seq_len, batch_steps, num_slots, clip, segment_start, segment_end, segment_steps,  # batch_steps = B * S
+    # row_block_steps = B * segment_steps, the stride of a row block's dv, df partials.
+    seq_len, num_slots, clip, segment_start, segment_end, segment_steps, row_block_steps,
     N: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr, NV: tl.constexpr, NF: tl.constexpr, NW: tl.constexpr,
     K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HP: tl.constexpr, BR: tl.constexpr,
     CHUNK: tl.constexpr, VARLEN: tl.constexpr, CLIP: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, GRAD_DTYPE: tl.constexpr, GRAD_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr,
 ):
     state_row = tl.program_id(0)
     head_block = tl.program_id(1)
@@ -66,7 +67,7 @@ def scan_backward_kernel(
 
     W = load_weights(W_ptr, heads, rv, N, NW, V)  # (HP, BV, BV) float32
     W_dot = W.to(DOT_DTYPE)
-    W_t = tl.permute(W, (0, 2, 1))
+    W_t = tl.permute(W, (0, 2, 1)).to(GRAD_DTYPE)
     state_offsets, state_mask = head_rows_offsets(heads, rk, rv, K, V)
     dstate_offsets = state_row.to(tl.int64) * N * K * V + state_offsets
     dH = tl.load(dstate_ptr + dstate_offsets, mask=state_mask, other=0.0)
@@ -80,8 +81,8 @@ def scan_backward_kernel(
     block_offsets = padded_block_offsets(HP, BR, BV)
     k_mask = rk < K
     grad_row_offsets = head_block * K + rk  # within one (b, t) row of the (B, segment_steps, N // HP, K) partials
-    # This row block's partials of dv and df: (B, S, N, V) and (B, S, N) slices.
-    partial_rows = rows_block.to(tl.int64) * batch_steps
+    # This row block's partials of dv and df: (B, segment_steps, N, V) and (B, segment_steps, N) slices.
+    partial_rows = rows_block.to(tl.int64) * row_block_steps
     dv_partial_ptr = dv_ptr + partial_rows * N * V
     df_partial_ptr = df_ptr + partial_rows * N
     v_offsets = heads[:, None] * V + rv[None, :]
@@ -140,13 +141,14 @@ def scan_backward_kernel(
             f = f_t[:, None, None]
             dA = (1.0 - f) * G * (1.0 - Z * Z)
             H_prev32 = H_prev.to(tl.float32)
-            dH = f * G + tl.dot(dA, W_t, input_precision=GRAD_PRECISION)
-            dW += tl.dot(tl.permute(H_prev32, (0, 2, 1)), dA, input_precision=GRAD_PRECISION)
+            dA_dot = dA.to(GRAD_DTYPE)
+            dH = f * G + tl.dot(dA_dot, W_t, input_precision=GRAD_PRECISION)
+            dW += tl.dot(tl.permute(H_prev.to(GRAD_DTYPE), (0, 2, 1)), dA_dot, input_precision=GRAD_PRECISION)
 
             dk_t = tl.sum(tl.sum(dA * v_t[:, None, :], axis=2), axis=0)  # (BR,)
             tl.store(dk_ptr + _partial_row(batch, t, segment_start, segment_steps, N, HP, K) + grad_row_offsets,
                      dk_t, mask=k_mask)
-            row = (batch * seq_len + t).to(tl.int64)
+            row = (batch * segment_steps + t - segment_start).to(tl.int64)
             dv_t = tl.sum(dA * k_t[:, :, None], axis=1)  # (HP, BV), this row block's part
             tl.store(dv_partial_ptr + row * N * V + v_offsets, dv_t.to(dv_ptr.dtype.element_ty), mask=v_mask)
             df_t = tl.sum(tl.sum(G * (H_prev32 - Z), axis=2), axis=1)  # (HP,), this row block's part

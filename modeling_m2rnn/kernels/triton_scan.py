@@ -40,21 +40,26 @@ class KernelConfig:
     # State rows per program (a power of two >= 16; capped at K rounded up). Rows evolve independently,
     # so fewer rows per program mean more, shorter programs in flight; y, dv, df and dW then take one
     # partial per row block (y's and dv's in the input dtype, summed by PyTorch in float32).
-    # H200, 400M shape, forward: 16 rows 3.21 ms, 32 rows 2.17 ms, 64 rows 2.66 ms. The backward gains
-    # less from row blocks than from one head per one-warp program (benchmarks/RESULTS.md), so it keeps
-    # whole heads.
+    # H200, 400M shape, forward: 16 rows 3.21 ms, 32 rows 2.17 ms, 64 rows 2.66 ms; forward+backward with
+    # bf16 gradient products: 16 rows 15.5 ms, 32 rows 12.2 ms, 64 rows 13.6 ms (benchmarks/RESULTS.md).
     forward_rows: int = 32
     forward_heads_per_program: int = 1
     forward_warps: int = 1
-    backward_rows: int = 64
+    backward_rows: int = 32
     # Heads sharing q, k summed in registers. More heads: fewer dq, dk partials but, on one warp per
     # head, a cross-warp sum every step. H200, 400M shape, backward kernel alone: 1 head on 1 warp
     # 11.3 ms, 2 heads on 2 warps 14.1 ms, 4 on 4 warps 18.5 ms.
     backward_max_heads_per_program: int = 1
     backward_warps: int = 1
     # The backward walks the time axis in segments of whole chunks, one launch each, so that the float32
-    # dq, dk partials (B, segment, N / heads, K) stay within this many MiB (at least one chunk).
+    # dq, dk partials (B, segment, N / heads, K) stay within this many MiB (at least one chunk); the dv, df
+    # partials of the row blocks are one segment long too.
     backward_partials_mib: int = 128
+    # 16-bit inputs: the backward's dA·Wᵀ and H_{t-1}ᵀ·dA products take bf16 operands ("bf16"; float32
+    # range, so tiny gradients survive) or float32 operands rounded to tf32 ("tf32"). bf16 halves the
+    # shared-memory round trips that feed the tensor cores every step: H200, 400M shape, 64 rows,
+    # forward+backward 14.9 ms with tf32, 13.6 ms with bf16, with no loss of accuracy against float64.
+    backward_products: str = "bf16"
     fast_tanh: bool = True  # tanh.approx on the GPU for 16-bit inputs; see triton_step.tanh
 
 
@@ -118,6 +123,16 @@ def _precision(x: torch.Tensor) -> dict:
         DOT_PRECISION="ieee",
         FAST_TANH=CONFIG.fast_tanh and x.is_cuda and not full,  # the interpreter has no inline assembly
     )
+
+
+def _gradient_precision(x: torch.Tensor) -> dict:
+    """The backward's gradient products (see KernelConfig.backward_products). The Triton interpreter
+    multiplies bf16 dot operands wrongly (triton 3.9), so off the GPU they stay tf32-like float32."""
+    if x.dtype == torch.float32:
+        return dict(GRAD_DTYPE=tl.float32, GRAD_PRECISION="ieee")
+    if CONFIG.backward_products == "bf16" and x.is_cuda:
+        return dict(GRAD_DTYPE=tl.bfloat16, GRAD_PRECISION="ieee")
+    return dict(GRAD_DTYPE=tl.float32, GRAD_PRECISION="tf32")
 
 
 def _dot_torch_dtype(x: torch.Tensor) -> torch.dtype:
@@ -249,8 +264,10 @@ def scan_backward_op(
     dk = torch.empty(B, S, shape.nk, K, device=device, dtype=k.dtype)
     dq_partial = torch.empty(B, segment, programs, K, device=device, dtype=torch.float32)
     dk_partial = torch.empty_like(dq_partial)
-    dv_partial = torch.empty(row_blocks, B, S, N, V, device=device, dtype=v.dtype)
-    df_partial = torch.empty(row_blocks, B, S, N, device=device, dtype=torch.float32)
+    dv = torch.empty_like(v)
+    df = torch.empty_like(f)
+    dv_partial = torch.empty(row_blocks, B, segment, N, V, device=device, dtype=v.dtype)
+    df_partial = torch.empty(row_blocks, B, segment, N, device=device, dtype=torch.float32)
     dW_partial = torch.zeros(shape.num_states * row_blocks, N, V, V, device=device, dtype=torch.float32)
     if d_final_state is not None:
         dstate = d_final_state.to(torch.float32, copy=True).contiguous()
@@ -258,29 +275,30 @@ def scan_backward_op(
         dstate = torch.zeros(shape.num_states, N, K, V, device=device, dtype=torch.float32)
     scratch = torch.empty(shape.num_states * programs * row_blocks, CONFIG.chunk, heads, rows, shape.block_v,
                           device=device, dtype=_dot_torch_dtype(v))
-    full = v.dtype == torch.float32
     for segment_start in reversed(range(0, S, segment)):
         segment_end = min(segment_start + segment, S)
         scan_backward_kernel[(shape.num_states, programs, row_blocks)](
             q, k, v, W, f, cu_seqlens if cu_seqlens is not None else f, checkpoints, dy,
             dstate, dq_partial, dk_partial, dv_partial, df_partial, dW_partial, scratch,
-            S, B * S, shape.num_checkpoint_slots(CONFIG.chunk), gradient_clipping or 0.0,
-            segment_start, segment_end, segment,
+            S, shape.num_checkpoint_slots(CONFIG.chunk), gradient_clipping or 0.0,
+            segment_start, segment_end, segment, B * segment,
             **shape.head_constants(), HP=heads, BR=rows, CHUNK=CONFIG.chunk, VARLEN=shape.varlen,
-            CLIP=gradient_clipping is not None, **_precision(v), GRAD_PRECISION="ieee" if full else "tf32",
+            CLIP=gradient_clipping is not None, **_precision(v), **_gradient_precision(v),
             num_warps=CONFIG.backward_warps,
         )
         steps = segment_end - segment_start
         # Summed in float32; the copy into dq, dk rounds once to their dtype.
         dq[:, segment_start:segment_end] = _sum_groups(dq_partial[:, :steps], 2, shape.nq, torch.float32)
         dk[:, segment_start:segment_end] = _sum_groups(dk_partial[:, :steps], 2, shape.nk, torch.float32)
+        dv[:, segment_start:segment_end] = _sum_groups(_sum_row_blocks(dv_partial[:, :, :steps]), 2, shape.nv, v.dtype)
+        df[:, segment_start:segment_end] = _sum_groups(df_partial[:, :, :steps].sum(0), 2, shape.nf, f.dtype)
     store_dh0 = initial_state_dtype is not None
     return (
         dq,
         dk,
-        _sum_groups(_sum_row_blocks(dv_partial), 2, shape.nv, v.dtype),
+        dv,
         _sum_groups(dW_partial.sum(0), 0, shape.nw, W.dtype),
-        _sum_groups(df_partial.sum(0), 2, shape.nf, f.dtype),
+        df,
         dstate.to(initial_state_dtype) if store_dh0 else dstate.new_empty(0, N, K, V),
     )
 
