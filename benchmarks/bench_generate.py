@@ -104,6 +104,26 @@ def compiled_logit_error(model, max_cache_len: int, steps: int = 16) -> float:
     return worst
 
 
+def profile_decode(model, batch: int, max_cache_len: int, new_tokens: int = 32) -> str:
+    """Where a compiled decode step's time goes: torch.profiler over `new_tokens` greedy tokens after a 16-token
+    prompt (a prefill that small barely shows), GPU kernel time and launches per token beside the wall time."""
+    prompt = torch.randint(1, model.config.vocab_size, (batch, 16), device="cuda")
+    options = dict(cache_implementation="static", max_cache_len=max_cache_len, compile_config=CompileConfig(fullgraph=True),
+                   max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    model.generate(prompt, **options)   # compiles, and records the CUDA graphs
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    start = synchronize_time()
+    with torch.profiler.profile(activities=activities) as profiler:
+        model.generate(prompt, **options)
+    wall_ms = 1e3 * (synchronize_time() - start)
+    kernels = [e for e in profiler.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    gpu_ms = sum(e.device_time for e in kernels) / 1e3
+    summary = (f"B={batch}: {new_tokens} tokens in {wall_ms:.1f} ms under the profiler ({wall_ms / new_tokens:.2f} ms/token); "
+               f"GPU kernels {gpu_ms / new_tokens:.3f} ms/token, {len(kernels) / new_tokens:.0f} kernels/token")
+    table = profiler.key_averages().table(sort_by="self_cuda_time_total", row_limit=20)
+    return summary + "\n" + table
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["hybrid-m2rnn-400m", "m2rnn-400m"])
@@ -112,6 +132,8 @@ def main():
     parser.add_argument("--modes", nargs="+", default=["eager", "static_compiled"])
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--output", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results")))
+    parser.add_argument("--profile", action="store_true",
+                        help="only profile each model's compiled decode at the first batch size, and print where it goes")
     args = parser.parse_args()
     args.output.mkdir(parents=True, exist_ok=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -125,6 +147,9 @@ def main():
         config = M2RNNConfig.from_preset(name)
         model = M2RNNForCausalLM(config).to("cuda", torch.bfloat16).eval()
         num_parameters = sum(p.numel() for p in model.parameters())
+        if args.profile:
+            print(name, profile_decode(model, args.batches[0], max_cache_len), flush=True)
+            continue
         try:
             report["results"][f"{name}_compiled_vs_eager_logit_error"] = compiled_logit_error(model, 256)
         except Exception as error:

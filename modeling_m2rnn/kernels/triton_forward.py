@@ -53,19 +53,23 @@ def scan_forward_kernel(
     y_offsets = heads[:, None] * V + rv[None, :]  # (HP, BV) within one (b, t) row of y
     y_mask = rv[None, :] < V
 
-    # Step t+1's inputs are loaded while step t computes, so their latency is off the step chain.
-    q_t, k_t, v_t, f_t = load_step(q_ptr, k_ptr, v_ptr, f_ptr, batch, start, seq_len, start < end,
-                                   heads, rk, rv, N, NQ, NK, NV, NF, K, V)
-    for t in range(start, end):
+    # The time axis in checkpoint chunks (see checkpoint_slot_shift), so that the checkpoint store sits outside
+    # the step loop rather than behind a branch in every step.
+    for chunk in range(start // CHUNK, tl.cdiv(end, CHUNK)):
+        chunk_start = tl.maximum(start, chunk * CHUNK)
+        chunk_end = tl.minimum(end, chunk * CHUNK + CHUNK)
         if STORE_CHECKPOINTS:
-            if (t % CHUNK == 0) | (t == start):
-                tl.store(checkpoint_ptr + checkpoint_offs + (t // CHUNK) * BK * BV, H.to(checkpoint_ptr.dtype.element_ty))
-        q_next, k_next, v_next, f_next = load_step(q_ptr, k_ptr, v_ptr, f_ptr, batch, t + 1, seq_len, t + 1 < end,
-                                                   heads, rk, rv, N, NQ, NK, NV, NF, K, V)
-        H = blend(H, candidate(H.to(DOT_DTYPE), W_dot, k_t, v_t, DOT_PRECISION, FAST_TANH), f_t)
-        y_t = tl.sum(q_t[:, :, None] * H, axis=1)  # (HP, BV), this row block's part
-        y_row = (batch * seq_len + t).to(tl.int64) * N * V
-        tl.store(y_partial_ptr + y_row + y_offsets, y_t.to(y_ptr.dtype.element_ty), mask=y_mask)
-        q_t, k_t, v_t, f_t = q_next, k_next, v_next, f_next
+            tl.store(checkpoint_ptr + checkpoint_offs + chunk * BK * BV, H.to(checkpoint_ptr.dtype.element_ty))
+        # Step t+1's inputs are loaded while step t computes, so their latency is off the step chain.
+        q_t, k_t, v_t, f_t = load_step(q_ptr, k_ptr, v_ptr, f_ptr, batch, chunk_start, seq_len, True,
+                                       heads, rk, rv, N, NQ, NK, NV, NF, K, V)
+        for t in range(chunk_start, chunk_end):
+            q_next, k_next, v_next, f_next = load_step(q_ptr, k_ptr, v_ptr, f_ptr, batch, t + 1, seq_len,
+                                                       t + 1 < chunk_end, heads, rk, rv, N, NQ, NK, NV, NF, K, V)
+            H = blend(H, candidate(H.to(DOT_DTYPE), W_dot, k_t, v_t, DOT_PRECISION, FAST_TANH), f_t)
+            y_t = tl.sum(q_t[:, :, None] * H, axis=1)  # (HP, BV), this row block's part
+            y_row = (batch * seq_len + t).to(tl.int64) * N * V
+            tl.store(y_partial_ptr + y_row + y_offsets, y_t.to(y_ptr.dtype.element_ty), mask=y_mask)
+            q_t, k_t, v_t, f_t = q_next, k_next, v_next, f_next
 
     tl.store(h_final_ptr + state_base + state_offsets, H, mask=state_mask)
