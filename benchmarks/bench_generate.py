@@ -1,6 +1,8 @@
 """Generation speed of the paper's 400M M2RNN models on one GPU: eager and with the static cache compiled.
 
     PYTHONPATH=. python benchmarks/bench_generate.py [--prompts 512 4096 16384] [--batches 1 16] [--new-tokens 128]
+    PYTHONPATH=. python benchmarks/bench_generate.py --compile-mode max-autotune   # inductor tunes the B=1 products
+    PYTHONPATH=. python benchmarks/bench_generate.py --profile --batches 1         # where a decode step's time goes
 
 Random weights in bf16, greedy decoding of `--new-tokens` tokens after prompts of each length. For each model,
 prompt length and batch size: prefill time (to the first token), ms per token after the prefill (the median
@@ -58,6 +60,12 @@ class TokenClock(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
+def static_compiled(max_cache_len: int, compile_mode: str) -> dict:
+    """generate's options for the static cache with the decode step compiled in `compile_mode`."""
+    return dict(cache_implementation="static", max_cache_len=max_cache_len,
+                compile_config=CompileConfig(fullgraph=True, mode=compile_mode))
+
+
 def time_generate(model, prompt, new_tokens: int, **options) -> tuple[float, float]:
     """Seconds to the first token (the prefill) and the median seconds per token after it."""
     clock = TokenClock()
@@ -68,12 +76,11 @@ def time_generate(model, prompt, new_tokens: int, **options) -> tuple[float, flo
     return clock.times[0] - start, intervals.median().item()
 
 
-def measure(model, batch: int, prompt_len: int, new_tokens: int, mode: str, max_cache_len: int) -> dict:
+def measure(model, batch: int, prompt_len: int, new_tokens: int, mode: str, max_cache_len: int, compile_mode: str) -> dict:
     prompt = torch.randint(1, model.config.vocab_size, (batch, prompt_len), device="cuda")
     options = {}
     if mode == "static_compiled":
-        options = dict(cache_implementation="static", max_cache_len=max_cache_len,
-                       compile_config=CompileConfig(fullgraph=True))
+        options = static_compiled(max_cache_len, compile_mode)
         start = time.perf_counter()
         model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False, **options)   # compiles
         first_call_s = time.perf_counter() - start
@@ -87,15 +94,14 @@ def measure(model, batch: int, prompt_len: int, new_tokens: int, mode: str, max_
     return result
 
 
-def compiled_logit_error(model, max_cache_len: int, steps: int = 16) -> float:
+def compiled_logit_error(model, max_cache_len: int, compile_mode: str, steps: int = 16) -> float:
     """Largest relative error of the compiled decode's logits against eager ones, over the steps before the two
     greedy sequences first differ (random bf16 weights have near-ties that a fused kernel can flip)."""
     prompt = torch.randint(1, model.config.vocab_size, (2, 64), device="cuda")
     options = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True,
                    return_dict_in_generate=True)
     eager = model.generate(prompt, **options)
-    compiled = model.generate(prompt, cache_implementation="static", max_cache_len=max_cache_len,
-                              compile_config=CompileConfig(fullgraph=True), **options)
+    compiled = model.generate(prompt, **static_compiled(max_cache_len, compile_mode), **options)
     worst = 0.0
     for step, (a, b) in enumerate(zip(eager.logits, compiled.logits)):
         worst = max(worst, ((a.float() - b.float()).norm() / a.float().norm()).item())
@@ -104,22 +110,26 @@ def compiled_logit_error(model, max_cache_len: int, steps: int = 16) -> float:
     return worst
 
 
-def profile_decode(model, batch: int, max_cache_len: int, new_tokens: int = 32) -> str:
+def profile_decode(model, batch: int, max_cache_len: int, compile_mode: str, new_tokens: int = 32) -> str:
     """Where a compiled decode step's time goes: torch.profiler over `new_tokens` greedy tokens after a 16-token
     prompt (a prefill that small barely shows), GPU kernel time and launches per token beside the wall time."""
     prompt = torch.randint(1, model.config.vocab_size, (batch, 16), device="cuda")
-    options = dict(cache_implementation="static", max_cache_len=max_cache_len, compile_config=CompileConfig(fullgraph=True),
-                   max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    options = dict(**static_compiled(max_cache_len, compile_mode), max_new_tokens=new_tokens,
+                   min_new_tokens=new_tokens, do_sample=False)
     model.generate(prompt, **options)   # compiles, and records the CUDA graphs
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     start = synchronize_time()
     with torch.profiler.profile(activities=activities) as profiler:
         model.generate(prompt, **options)
     wall_ms = 1e3 * (synchronize_time() - start)
-    kernels = [e for e in profiler.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    events = profiler.events()
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
     gpu_ms = sum(e.device_time for e in kernels) / 1e3
+    # Host-side launches: one cudaGraphLaunch per replayed graph, or one cudaLaunchKernel per kernel without graphs.
+    launches = {name: sum(e.name == name for e in events) / new_tokens for name in ("cudaGraphLaunch", "cudaLaunchKernel")}
     summary = (f"B={batch}: {new_tokens} tokens in {wall_ms:.1f} ms under the profiler ({wall_ms / new_tokens:.2f} ms/token); "
-               f"GPU kernels {gpu_ms / new_tokens:.3f} ms/token, {len(kernels) / new_tokens:.0f} kernels/token")
+               f"GPU kernels {gpu_ms / new_tokens:.3f} ms/token, {len(kernels) / new_tokens:.0f} kernels/token; "
+               f"host launches per token: " + ", ".join(f"{name} {count:.1f}" for name, count in launches.items()))
     table = profiler.key_averages().table(sort_by="self_cuda_time_total", row_limit=20)
     return summary + "\n" + table
 
@@ -132,6 +142,8 @@ def main():
     parser.add_argument("--modes", nargs="+", default=["eager", "static_compiled"])
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--output", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results")))
+    parser.add_argument("--compile-mode", default="reduce-overhead", choices=["reduce-overhead", "max-autotune"],
+                        help="torch.compile mode of the static-cache decode step (both replay CUDA graphs)")
     parser.add_argument("--profile", action="store_true",
                         help="only profile each model's compiled decode at the first batch size, and print where it goes")
     args = parser.parse_args()
@@ -148,10 +160,10 @@ def main():
         model = M2RNNForCausalLM(config).to("cuda", torch.bfloat16).eval()
         num_parameters = sum(p.numel() for p in model.parameters())
         if args.profile:
-            print(name, profile_decode(model, args.batches[0], max_cache_len), flush=True)
+            print(name, profile_decode(model, args.batches[0], max_cache_len, args.compile_mode), flush=True)
             continue
         try:
-            report["results"][f"{name}_compiled_vs_eager_logit_error"] = compiled_logit_error(model, 256)
+            report["results"][f"{name}_compiled_vs_eager_logit_error"] = compiled_logit_error(model, 256, args.compile_mode)
         except Exception as error:
             report["results"][f"{name}_compiled_vs_eager_logit_error"] = repr(error)[:500]
         for mode in args.modes:
@@ -159,7 +171,7 @@ def main():
                 for prompt_len in args.prompts:
                     key = f"{name}_{mode}_B{batch}_P{prompt_len}"
                     try:
-                        result = measure(model, batch, prompt_len, args.new_tokens, mode, max_cache_len)
+                        result = measure(model, batch, prompt_len, args.new_tokens, mode, max_cache_len, args.compile_mode)
                     except Exception as error:   # keep the other measurements of a limited GPU session
                         report["results"][key] = {"error": repr(error)[:500]}
                         print(key, "FAILED", repr(error)[:500], flush=True)
