@@ -33,7 +33,7 @@ ANCHORS = {  # public reference kernel, H200 (anchors/reference_kernel_h200_2026
 }
 SHAPES = {"400m_B8": (8, 84), "7b_B4": (4, 132), "400m_B1": (1, 84)}  # (B, N); S=4096, Nq=Nk=1, K=64, V=16
 # bf16: y and the gradients are rounded to bf16 (2^-9), the H·W operands to fp16, the GPU's tanh.approx
-# (rel. error 2^-11) and tf32 gradient products add up over a few hundred steps: ~1e-2 seen. W = randn / sqrt(V)
+# (rel. error 2^-11) and bf16 gradient-product operands add up over a few hundred steps: ~1e-2 seen. W = randn / sqrt(V)
 # as in the CPU tests: with W near the identity, f up to 0.95 and no clipping the gradient grows through time
 # (|dh0| ~ 4,000 for unit dy on the CPU) and even the float32 kernel's error grows 100x (3e-5, CPU interpreter),
 # so bf16 draws reached 4.5e-2 and one 0.4; clipping, on in training, bounds that growth.

@@ -8,8 +8,9 @@ Ops (all functional):
 
 Precision: the state and the blend run in float32. For bf16 / fp16 inputs the H·W product takes
 fp16 operands (|H| <= 1, so fp16 keeps 3 more mantissa bits than bf16) with float32 accumulation,
-tanh is the GPU's tanh.approx (rel. error 2^-11), the backward's gradient products run in tf32
-(float32 range: gradients may be tiny), and checkpoints and replayed states are stored in fp16.
+tanh is the GPU's tanh.approx (rel. error 2^-11), the backward's gradient products take bf16 operands
+(float32 range: gradients may be tiny) with float32 accumulation (KernelConfig.backward_products), and
+checkpoints and replayed states are stored in fp16.
 float32 inputs use full-float32 products, exact tanh and float32 storage. float64 inputs go to the
 PyTorch reference loop.
 
