@@ -1,0 +1,153 @@
+"""What one step of each scan kernel costs in machine instructions, without a GPU.
+
+    python benchmarks/sass_report.py                                  # default KernelConfig, 400M shape
+    python benchmarks/sass_report.py --backward-rows 64 --backward-products tf32 --kernels backward
+
+Compiles the forward and backward kernels for an H100/H200 (sm_90) with Triton's own compiler and ptxas,
+the way a launch on the GPU would (bf16 inputs, the 400M shape: N=84, Nq=Nk=1, K=64, V=16), disassembles
+them with the cuobjdump Triton ships, and prints for every loop its instruction count and the instructions that
+set a step's pace: shared-memory loads and stores and barriers (each layout change of a tensor in the step),
+tensor-core products (HMMA), tanh (MUFU), warp shuffles (row sums), global loads and stores, and register
+spills (LDL/STL). The innermost loops are the time steps: in the forward, the step loop; in the backward, the
+replay and the walk of a chunk.
+
+The kernel's time on the GPU follows these counts only roughly (latency and the warps in flight decide the
+rest), but a change that adds shared-memory round trips or spills shows here first, at no GPU time. For
+example, `--backward-rows 64 --backward-products tf32` against `--backward-rows 64` shows the backward walk going
+from 1,088 to 975 instructions and from 55 to 19 shared loads per step with bf16 gradient products; on the H200
+that change made forward+backward 9% faster (benchmarks/RESULTS.md).
+"""
+
+import argparse
+import re
+import subprocess
+from tempfile import NamedTemporaryFile
+from collections import Counter
+from dataclasses import fields, replace
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from modeling_m2rnn.kernels.triton_backward import scan_backward_kernel
+from modeling_m2rnn.kernels.triton_forward import scan_forward_kernel
+from modeling_m2rnn.kernels.triton_scan import KernelConfig, ScanShape
+
+TARGET = GPUTarget("cuda", 90, 32)
+SHAPE = ScanShape(batch=8, seq_len=4096, num_heads=84, nq=1, nk=1, nv=84, nf=84, nw=84, key_dim=64, value_dim=16,
+                  num_states=8, varlen=False)
+SHOWN = ("LDS", "STS", "BAR", "HMMA", "MUFU", "SHFL", "LDG", "STG", "LDL", "STL")
+# Integer arguments that a launch at the 400M shape passes as multiples of 16, which Triton specialises on.
+ALIGNED_INTEGERS = {"seq_len", "segment_start", "segment_end", "segment_steps", "row_block_steps", "y_partial_stride"}
+
+
+def signature(kernel, constants: dict, pointer_types: dict) -> tuple[dict, dict]:
+    """Triton's signature of `kernel` and the 16-alignment attributes a GPU launch would give its arguments."""
+    types, attributes = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in constants:
+            types[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            types[name] = pointer_types.get(name, "*fp32")
+            attributes[(i,)] = [["tt.divisibility", 16]]
+        else:
+            types[name] = "fp32" if name == "clip" else "i32"
+            if name in ALIGNED_INTEGERS:
+                attributes[(i,)] = [["tt.divisibility", 16]]
+    return types, attributes
+
+
+def compile_sm90(kernel, constants: dict, pointer_types: dict, num_warps: int):
+    types, attributes = signature(kernel, constants, pointer_types)
+    source = ASTSource(fn=kernel, signature=types, constexprs=constants, attrs=attributes)
+    return triton.compile(source, target=TARGET, options=dict(num_warps=num_warps))
+
+
+def gpu_precision(config: KernelConfig) -> dict:
+    """The constants a CUDA launch with bf16 inputs gets (triton_scan._precision, _gradient_precision)."""
+    gradients = (dict(GRAD_DTYPE=tl.bfloat16, GRAD_PRECISION="ieee") if config.backward_products == "bf16"
+                 else dict(GRAD_DTYPE=tl.float32, GRAD_PRECISION="tf32"))
+    return dict(DOT_DTYPE=tl.float16, DOT_PRECISION="ieee", FAST_TANH=config.fast_tanh, **gradients)
+
+
+def forward(config: KernelConfig, store_checkpoints: bool):
+    precision = gpu_precision(config)
+    constants = dict(**SHAPE.head_constants(), HP=config.forward_heads_per_program,
+                     BR=SHAPE.block_rows(config.forward_rows), CHUNK=config.chunk, HAS_H0=False, VARLEN=False,
+                     STORE_CHECKPOINTS=store_checkpoints, DOT_DTYPE=precision["DOT_DTYPE"],
+                     DOT_PRECISION=precision["DOT_PRECISION"], FAST_TANH=precision["FAST_TANH"])
+    pointers = {name: "*bf16" for name in ("q_ptr", "k_ptr", "v_ptr", "W_ptr", "f_ptr", "h0_ptr", "y_ptr")}
+    pointers.update(checkpoint_ptr="*fp16", cu_seqlens_ptr="*i32")
+    return compile_sm90(scan_forward_kernel, constants, pointers, config.forward_warps)
+
+
+def backward(config: KernelConfig):
+    constants = dict(**SHAPE.head_constants(), HP=config.backward_max_heads_per_program,
+                     BR=SHAPE.block_rows(config.backward_rows), CHUNK=config.chunk, VARLEN=False, CLIP=True,
+                     **gpu_precision(config))
+    pointers = {name: "*bf16" for name in ("q_ptr", "k_ptr", "v_ptr", "W_ptr", "f_ptr", "dy_ptr", "dv_ptr")}
+    pointers.update(checkpoint_ptr="*fp16", scratch_ptr="*fp16", cu_seqlens_ptr="*i32")
+    return compile_sm90(scan_backward_kernel, constants, pointers, config.backward_warps)
+
+
+def disassemble(compiled) -> tuple[list[tuple[int, str, int | None]], str]:
+    """(address, opcode, branch target or None) of every instruction, and the registers line of cuobjdump's
+    resource usage."""
+    cuobjdump = triton.knobs.nvidia.cuobjdump.path
+    with NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        sass = subprocess.run([cuobjdump, "-sass", cubin.name], capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run([cuobjdump, "-res-usage", cubin.name], capture_output=True, text=True).stdout
+    instructions = []
+    for line in sass.splitlines():
+        match = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)[^;]*?(0x[0-9a-f]+)?\s*;", line)
+        if match:
+            address, opcode, target = match.groups()
+            branch = int(target, 16) if opcode == "BRA" and target else None
+            instructions.append((int(address, 16), opcode, branch))
+    registers = re.search(r"REG:\d+.*?LOCAL:\d+", usage)
+    return instructions, registers.group(0) if registers else "?"
+
+
+def loops(instructions) -> list[tuple[int, int, Counter]]:
+    """(first, last address, opcode counts) of the body of every backward branch, innermost (shortest) first."""
+    bodies = []
+    for address, opcode, target in instructions:
+        if target is not None and target < address:
+            counts = Counter(op for a, op, _ in instructions if target <= a <= address)
+            bodies.append((target, address, counts))
+    return sorted(bodies, key=lambda body: sum(body[2].values()))
+
+
+def report(name: str, compiled) -> str:
+    instructions, registers = disassemble(compiled)
+    lines = [f"{name}: {len(instructions)} instructions, {registers}"]
+    for first, last, counts in loops(instructions):
+        shown = "  ".join(f"{op} {counts[op]}" for op in SHOWN)
+        lines.append(f"  loop {first:#07x}-{last:#07x}: {sum(counts.values()):5d} instructions  {shown}")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kernels", nargs="+", choices=["forward", "backward"], default=["forward", "backward"])
+    for field in fields(KernelConfig):
+        flag = "--" + field.name.replace("_", "-")
+        if field.type in (bool, "bool"):
+            parser.add_argument(flag, type=lambda text: text.lower() in ("1", "true", "yes"), default=field.default)
+        else:
+            parser.add_argument(flag, type=type(field.default), default=field.default)
+    args = parser.parse_args()
+    config = replace(KernelConfig(), **{field.name: getattr(args, field.name) for field in fields(KernelConfig)})
+    print(f"sm_90, bf16 inputs, 400M shape; {config}")
+    if "forward" in args.kernels:
+        print(report("forward, inference", forward(config, store_checkpoints=False)))
+        print(report("forward, training (checkpoints)", forward(config, store_checkpoints=True)))
+    if "backward" in args.kernels:
+        print(report("backward", backward(config)))
+
+
+if __name__ == "__main__":
+    main()
