@@ -146,3 +146,18 @@ def test_finetune_example_with_json_lines_packing_and_lora(tmp_path):
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "merged")
     assert type(merged) is M2RNNForCausalLM
+
+
+def test_two_ddp_processes_on_gloo_log_the_losses_of_one_process(tmp_path):
+    """benchmarks/check_multi_gpu.py --cpu: the example under torchrun with 2 processes of batch 2 against one
+    process of batch 4 on the same data; it exits non-zero when a logged loss differs by more than 1e-3 (float32:
+    seen ~2e-7). This is the check the 2-GPU DDP/FSDP2 runs use, minus FSDP2 (GPU-only in accelerate)."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "check_multi_gpu.py"
+    result = subprocess.run([sys.executable, str(script), "--cpu", "--max-steps", "3", "--batch-size", "2",
+                             "--seq-len", "32", "--output-dir", str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "check_multi_gpu.json").read_text())
+    assert report["passed"] and set(report["runs"]) == {"single", "ddp"}
+    assert len(report["runs"]["ddp"]["loss"]) == 3
