@@ -25,14 +25,14 @@ from tempfile import NamedTemporaryFile
 from collections import Counter
 from dataclasses import fields, replace
 
+import torch
 import triton
-import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from modeling_m2rnn.kernels.triton_backward import scan_backward_kernel
 from modeling_m2rnn.kernels.triton_forward import scan_forward_kernel
-from modeling_m2rnn.kernels.triton_scan import KernelConfig, ScanShape
+from modeling_m2rnn.kernels.triton_scan import KernelConfig, ScanShape, dot_constants, gradient_constants
 
 TARGET = GPUTarget("cuda", 90, 32)
 SHAPE = ScanShape(batch=8, seq_len=4096, num_heads=84, nq=1, nk=1, nv=84, nf=84, nw=84, key_dim=64, value_dim=16,
@@ -64,19 +64,15 @@ def compile_sm90(kernel, constants: dict, pointer_types: dict, num_warps: int):
     return triton.compile(source, target=TARGET, options=dict(num_warps=num_warps))
 
 
-def gpu_precision(config: KernelConfig) -> dict:
-    """The constants a CUDA launch with bf16 inputs gets (triton_scan._precision, _gradient_precision)."""
-    gradients = (dict(GRAD_DTYPE=tl.bfloat16, GRAD_PRECISION="ieee") if config.backward_products == "bf16"
-                 else dict(GRAD_DTYPE=tl.float32, GRAD_PRECISION="tf32"))
-    return dict(DOT_DTYPE=tl.float16, DOT_PRECISION="ieee", FAST_TANH=config.fast_tanh, **gradients)
+def gpu_constants(config: KernelConfig) -> dict:
+    """The dtype constants a CUDA launch with bf16 inputs gets."""
+    return dict(**dot_constants(torch.bfloat16, True, config), **gradient_constants(torch.bfloat16, True, config))
 
 
 def forward(config: KernelConfig, store_checkpoints: bool):
-    precision = gpu_precision(config)
     constants = dict(**SHAPE.head_constants(), HP=config.forward_heads_per_program,
                      BR=SHAPE.block_rows(config.forward_rows), CHUNK=config.chunk, HAS_H0=False, VARLEN=False,
-                     STORE_CHECKPOINTS=store_checkpoints, DOT_DTYPE=precision["DOT_DTYPE"],
-                     DOT_PRECISION=precision["DOT_PRECISION"], FAST_TANH=precision["FAST_TANH"])
+                     STORE_CHECKPOINTS=store_checkpoints, **dot_constants(torch.bfloat16, True, config))
     pointers = {name: "*bf16" for name in ("q_ptr", "k_ptr", "v_ptr", "W_ptr", "f_ptr", "h0_ptr", "y_ptr")}
     pointers.update(checkpoint_ptr="*fp16", cu_seqlens_ptr="*i32")
     return compile_sm90(scan_forward_kernel, constants, pointers, config.forward_warps)
@@ -85,7 +81,7 @@ def forward(config: KernelConfig, store_checkpoints: bool):
 def backward(config: KernelConfig):
     constants = dict(**SHAPE.head_constants(), HP=config.backward_max_heads_per_program,
                      BR=SHAPE.block_rows(config.backward_rows), CHUNK=config.chunk, VARLEN=False, CLIP=True,
-                     **gpu_precision(config))
+                     **gpu_constants(config))
     pointers = {name: "*bf16" for name in ("q_ptr", "k_ptr", "v_ptr", "W_ptr", "f_ptr", "dy_ptr", "dv_ptr")}
     pointers.update(checkpoint_ptr="*fp16", scratch_ptr="*fp16", cu_seqlens_ptr="*i32")
     return compile_sm90(scan_backward_kernel, constants, pointers, config.backward_warps)

@@ -116,22 +116,22 @@ class ScanShape:
                     K=self.key_dim, V=self.value_dim, BK=self.block_k, BV=self.block_v)
 
 
-def _precision(x: torch.Tensor) -> dict:
+def dot_constants(dtype: torch.dtype, on_gpu: bool, config: KernelConfig) -> dict:
     """Kernel constants that depend on the input dtype and device (see the module doc)."""
-    full = x.dtype == torch.float32
+    full = dtype == torch.float32
     return dict(
         DOT_DTYPE=tl.float32 if full else tl.float16,
         DOT_PRECISION="ieee",
-        FAST_TANH=CONFIG.fast_tanh and x.is_cuda and not full,  # the interpreter has no inline assembly
+        FAST_TANH=config.fast_tanh and on_gpu and not full,  # the interpreter has no inline assembly
     )
 
 
-def _gradient_precision(x: torch.Tensor) -> dict:
+def gradient_constants(dtype: torch.dtype, on_gpu: bool, config: KernelConfig) -> dict:
     """The backward's gradient products (see KernelConfig.backward_products). The Triton interpreter
     multiplies bf16 dot operands wrongly (triton 3.9), so off the GPU they stay tf32-like float32."""
-    if x.dtype == torch.float32:
+    if dtype == torch.float32:
         return dict(GRAD_DTYPE=tl.float32, GRAD_PRECISION="ieee")
-    if CONFIG.backward_products == "bf16" and x.is_cuda:
+    if config.backward_products == "bf16" and on_gpu:
         return dict(GRAD_DTYPE=tl.bfloat16, GRAD_PRECISION="ieee")
     return dict(GRAD_DTYPE=tl.float32, GRAD_PRECISION="tf32")
 
@@ -209,7 +209,7 @@ def _scan_forward(q, k, v, W, f, initial_state, cu_seqlens, store_checkpoints):
         shape.seq_len, shape.num_checkpoint_slots(CONFIG.chunk), y_partials[0].numel(),
         **shape.head_constants(), HP=heads, BR=shape.block_rows(rows), CHUNK=CONFIG.chunk,
         HAS_H0=initial_state is not None, VARLEN=shape.varlen, STORE_CHECKPOINTS=store_checkpoints,
-        **_precision(v), num_warps=CONFIG.forward_warps,
+        **dot_constants(v.dtype, v.is_cuda, CONFIG), num_warps=CONFIG.forward_warps,
     )
     return _sum_row_blocks(y_partials), final_state, checkpoints
 
@@ -284,7 +284,8 @@ def scan_backward_op(
             S, shape.num_checkpoint_slots(CONFIG.chunk), gradient_clipping or 0.0,
             segment_start, segment_end, segment, B * segment,
             **shape.head_constants(), HP=heads, BR=rows, CHUNK=CONFIG.chunk, VARLEN=shape.varlen,
-            CLIP=gradient_clipping is not None, **_precision(v), **_gradient_precision(v),
+            CLIP=gradient_clipping is not None, **dot_constants(v.dtype, v.is_cuda, CONFIG),
+            **gradient_constants(v.dtype, v.is_cuda, CONFIG),
             num_warps=CONFIG.backward_warps,
         )
         steps = segment_end - segment_start
