@@ -49,15 +49,21 @@ def bandwidth_floor_ms(config: M2RNNConfig, num_parameters: int, batch: int, con
 
 
 class TokenClock(StoppingCriteria):
-    """Never stops; records when each new token is ready (generate checks its criteria once per token, and
-    already waits for the GPU there to know whether every sequence has finished)."""
+    """Never stops; records a CUDA event when each new token is ready (generate checks its criteria once per token).
+    Events neither wait for the GPU nor launch a kernel, so the clock adds nothing to the step it times."""
 
-    def __init__(self):
-        self.times = []
+    def __init__(self, batch: int):
+        self.events = []
+        self.never = torch.zeros(batch, dtype=torch.bool, device="cuda")
 
     def __call__(self, input_ids, scores, **kwargs):
-        self.times.append(synchronize_time())
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        self.events.append(torch.cuda.Event(enable_timing=True))
+        self.events[-1].record()
+        return self.never
+
+    def intervals_ms(self) -> torch.Tensor:
+        torch.cuda.synchronize()
+        return torch.tensor([a.elapsed_time(b) for a, b in zip(self.events, self.events[1:])])
 
 
 def static_compiled(max_cache_len: int, compile_mode: str) -> dict:
@@ -68,22 +74,21 @@ def static_compiled(max_cache_len: int, compile_mode: str) -> dict:
 
 def time_generate(model, prompt, new_tokens: int, **options) -> tuple[float, float]:
     """Seconds to the first token (the prefill) and the median seconds per token after it."""
-    clock = TokenClock()
-    start = synchronize_time()
+    clock = TokenClock(prompt.shape[0])
+    start = torch.cuda.Event(enable_timing=True)
+    start.record()
     model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                    stopping_criteria=StoppingCriteriaList([clock]), **options)
-    intervals = torch.tensor(clock.times).diff()
-    return clock.times[0] - start, intervals.median().item()
+    intervals = clock.intervals_ms()
+    return start.elapsed_time(clock.events[0]) / 1e3, intervals.median().item() / 1e3
 
 
 def measure(model, batch: int, prompt_len: int, new_tokens: int, mode: str, max_cache_len: int, compile_mode: str) -> dict:
     prompt = torch.randint(1, model.config.vocab_size, (batch, prompt_len), device="cuda")
-    options = {}
-    if mode == "static_compiled":
-        options = static_compiled(max_cache_len, compile_mode)
-        start = time.perf_counter()
-        model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False, **options)   # compiles
-        first_call_s = time.perf_counter() - start
+    options = static_compiled(max_cache_len, compile_mode) if mode == "static_compiled" else {}
+    start = time.perf_counter()
+    model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False, **options)   # compiles, warms up
+    first_call_s = time.perf_counter() - start
     torch.cuda.reset_peak_memory_stats()
     prefill, seconds_per_token = time_generate(model, prompt, new_tokens, **options)
     ms_per_token = 1e3 * seconds_per_token
@@ -130,8 +135,14 @@ def profile_decode(model, batch: int, max_cache_len: int, compile_mode: str, new
     summary = (f"B={batch}: {new_tokens} tokens in {wall_ms:.1f} ms under the profiler ({wall_ms / new_tokens:.2f} ms/token); "
                f"GPU kernels {gpu_ms / new_tokens:.3f} ms/token, {len(kernels) / new_tokens:.0f} kernels/token; "
                f"host launches per token: " + ", ".join(f"{name} {count:.1f}" for name, count in launches.items()))
-    table = profiler.key_averages().table(sort_by="self_cuda_time_total", row_limit=20)
-    return summary + "\n" + table
+    per_kernel = {}
+    for e in kernels:
+        calls, time_us = per_kernel.get(e.name, (0, 0.0))
+        per_kernel[e.name] = (calls + 1, time_us + e.device_time)
+    lines = [f"{'kernel':100} {'per token':>9} {'us/token':>9}"]
+    for name, (calls, time_us) in sorted(per_kernel.items(), key=lambda item: -item[1][1]):
+        lines.append(f"{name[:100]:100} {calls / new_tokens:>9.2f} {time_us / new_tokens:>9.2f}")
+    return summary + "\n" + "\n".join(lines)
 
 
 def main():

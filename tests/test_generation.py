@@ -7,9 +7,11 @@ import pytest
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import CompileConfig, PreTrainedTokenizerFast, TextIteratorStreamer, pipeline
+from transformers.masking_utils import create_masks_for_generate
 from torch._dynamo.utils import counters
 
-from modeling_m2rnn import M2RNNCache, load_prompt_state, save_prompt_state
+from modeling_m2rnn import M2RNNCache, M2RNNStaticCache, load_prompt_state, save_prompt_state
+from modeling_m2rnn.models.m2rnn import _static_decode_masks
 from test_modeling import left_pad, random_ids, tiny_model
 
 KINDS = ["pure", "hybrid"]
@@ -45,6 +47,26 @@ def test_static_cache_with_a_left_padded_batch(kind):
     for row, prompt in enumerate(prompts):
         alone = model.generate(prompt[None], max_new_tokens=5, min_new_tokens=5)
         assert torch.equal(static[row, -5:], alone[0, -5:])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_decode_step_masks_are_transformers_masks(kind):
+    """The model builds generate's decode-step masks itself (host time); they must be the ones transformers builds."""
+    model = tiny_model(kind)
+    ids, mask = left_pad([random_ids(n, seed=n) for n in (3, 8)])
+    cache = M2RNNStaticCache(model.config, max_cache_len=13)
+    model(ids, attention_mask=mask, past_key_values=cache)
+    for step in range(2):   # the first decode step, and one more after it
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
+        step_embeds = torch.empty(2, 1, 0)
+        position_ids = mask.sum(1, keepdim=True) - 1
+        ours = model.create_masks_for_generate(model.config, step_embeds, mask, cache, position_ids=position_ids)
+        general = create_masks_for_generate(model.config, step_embeds, mask, cache, position_ids=position_ids)
+        assert _static_decode_masks(model.config, step_embeds, mask, cache) is not None   # built here, not by transformers
+        assert ours.keys() == general.keys()
+        for layer_type, general_mask in general.items():
+            assert (ours[layer_type] is None and general_mask is None) or torch.equal(ours[layer_type], general_mask)
+        model(ids[:, -1:], attention_mask=mask, past_key_values=cache)
 
 
 @pytest.mark.parametrize("kind", KINDS)

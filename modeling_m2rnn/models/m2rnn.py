@@ -3,11 +3,13 @@
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, GenerationMixin, PreTrainedModel, StaticCache
 from transformers import initialization as init
 from transformers.masking_utils import (
     create_causal_mask,
+    create_masks_for_generate,
     create_recurrent_attention_mask,
     find_packed_sequence_indices,
 )
@@ -255,6 +257,16 @@ class M2RNNForCausalLM(M2RNNPreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
         )
 
+    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, past_key_values=None, **kwargs):
+        """The masks generate hands a compiled forward, built on the host before every decode step while the GPU
+        waits. For a decode step over the static cache they are simple (no recurrent mask; the attention layers see
+        the real tokens so far), and built directly they cost a fraction of the general function's host time."""
+        cache = past_key_values if past_key_values is not None else kwargs.pop("cache", None)
+        masks = _static_decode_masks(config, inputs_embeds, attention_mask, cache)
+        if masks is None:
+            masks = create_masks_for_generate(config, inputs_embeds, attention_mask, cache, **kwargs)
+        return masks
+
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """generate() builds a plain DynamicCache or StaticCache; ours also count tokens, which a model made only
         of M2RNN layers needs (it has no attention layer to measure the cache length by)."""
@@ -266,6 +278,27 @@ class M2RNNForCausalLM(M2RNNPreTrainedModel, GenerationMixin):
                 model_kwargs[name] = M2RNNCache(config=config)
             elif type(cache) is StaticCache:
                 model_kwargs[name] = M2RNNStaticCache(config=config, max_cache_len=cache.get_max_length())
+
+
+def _static_decode_masks(config, inputs_embeds, attention_mask, cache) -> dict | None:
+    """The masks of one decode step over an M2RNNStaticCache with a 2D padding mask, or None for any other case.
+
+    A generated token is never padding, so the M2RNN layers need no mask. Under sdpa, each attention layer's mask
+    is (B, 1, 1, max_cache_len), True at the key slots that hold a real token: generate's 2D mask covers every
+    token so far (one per filled slot), and the slots past it are empty. This is the mask transformers'
+    `create_causal_mask` builds for such a step.
+    """
+    if not (isinstance(cache, M2RNNStaticCache) and inputs_embeds.shape[1] == 1
+            and isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2):
+        return None
+    masks = {M2RNN_LAYER: None}
+    if ATTENTION_LAYER in config.layer_types:
+        cache_len = cache.layers[config.layer_types.index(ATTENTION_LAYER)].max_cache_len
+        if config._attn_implementation != "sdpa" or attention_mask.shape[1] > cache_len:
+            return None
+        padding_mask = F.pad(attention_mask.bool(), (0, cache_len - attention_mask.shape[1]))
+        masks[ATTENTION_LAYER] = padding_mask[:, None, None, :]
+    return masks
 
 
 class M2RNNForSequenceClassification(GenericForSequenceClassification, M2RNNPreTrainedModel):
