@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python benchmarks/bench_generate.py [--prompts 512 4096 16384] [--batches 1 16] [--new-tokens 128]
     PYTHONPATH=. python benchmarks/bench_generate.py --compile-mode max-autotune   # inductor tunes the B=1 products
+    PYTHONPATH=. python benchmarks/bench_generate.py --tensor-guards-only          # opt-in: fewer host checks per token
     PYTHONPATH=. python benchmarks/bench_generate.py --profile --batches 1         # where a decode step's time goes
 
 Random weights in bf16, greedy decoding of `--new-tokens` tokens after prompts of each length. For each model,
@@ -66,10 +67,19 @@ class TokenClock(StoppingCriteria):
         return torch.tensor([a.elapsed_time(b) for a, b in zip(self.events, self.events[1:])])
 
 
-def static_compiled(max_cache_len: int, compile_mode: str) -> dict:
-    """generate's options for the static cache with the decode step compiled in `compile_mode`."""
-    return dict(cache_implementation="static", max_cache_len=max_cache_len,
-                compile_config=CompileConfig(fullgraph=True, mode=compile_mode))
+def decode_compile_config(mode: str, tensor_guards_only: bool) -> CompileConfig:
+    """How generate compiles the decode step: torch.compile `mode`; with `tensor_guards_only`, the compiled step
+    checks only its tensor inputs before each call, not the ~2,600 guards on module attributes and cache flags
+    (torch.compiler.keep_tensor_guards_unsafe: unsafe if those change between calls)."""
+    if not tensor_guards_only:
+        return CompileConfig(fullgraph=True, mode=mode)
+    options = dict(torch._inductor.list_mode_options(mode), guard_filter_fn=torch.compiler.keep_tensor_guards_unsafe)
+    return CompileConfig(fullgraph=True, mode=None, options=options)
+
+
+def static_compiled(max_cache_len: int, compile_config: CompileConfig) -> dict:
+    """generate's options for the static cache with the decode step compiled."""
+    return dict(cache_implementation="static", max_cache_len=max_cache_len, compile_config=compile_config)
 
 
 def time_generate(model, prompt, new_tokens: int, **options) -> tuple[float, float]:
@@ -83,9 +93,9 @@ def time_generate(model, prompt, new_tokens: int, **options) -> tuple[float, flo
     return start.elapsed_time(clock.events[0]) / 1e3, intervals.median().item() / 1e3
 
 
-def measure(model, batch: int, prompt_len: int, new_tokens: int, mode: str, max_cache_len: int, compile_mode: str) -> dict:
+def measure(model, batch: int, prompt_len: int, new_tokens: int, mode: str, max_cache_len: int, compile_config: CompileConfig) -> dict:
     prompt = torch.randint(1, model.config.vocab_size, (batch, prompt_len), device="cuda")
-    options = static_compiled(max_cache_len, compile_mode) if mode == "static_compiled" else {}
+    options = static_compiled(max_cache_len, compile_config) if mode == "static_compiled" else {}
     start = time.perf_counter()
     model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False, **options)   # compiles, warms up
     first_call_s = time.perf_counter() - start
@@ -99,14 +109,14 @@ def measure(model, batch: int, prompt_len: int, new_tokens: int, mode: str, max_
     return result
 
 
-def compiled_logit_error(model, max_cache_len: int, compile_mode: str, steps: int = 16) -> float:
+def compiled_logit_error(model, max_cache_len: int, compile_config: CompileConfig, steps: int = 16) -> float:
     """Largest relative error of the compiled decode's logits against eager ones, over the steps before the two
     greedy sequences first differ (random bf16 weights have near-ties that a fused kernel can flip)."""
     prompt = torch.randint(1, model.config.vocab_size, (2, 64), device="cuda")
     options = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True,
                    return_dict_in_generate=True)
     eager = model.generate(prompt, **options)
-    compiled = model.generate(prompt, **static_compiled(max_cache_len, compile_mode), **options)
+    compiled = model.generate(prompt, **static_compiled(max_cache_len, compile_config), **options)
     worst = 0.0
     for step, (a, b) in enumerate(zip(eager.logits, compiled.logits)):
         worst = max(worst, ((a.float() - b.float()).norm() / a.float().norm()).item())
@@ -115,11 +125,11 @@ def compiled_logit_error(model, max_cache_len: int, compile_mode: str, steps: in
     return worst
 
 
-def profile_decode(model, batch: int, max_cache_len: int, compile_mode: str, new_tokens: int = 32) -> str:
+def profile_decode(model, batch: int, max_cache_len: int, compile_config: CompileConfig, new_tokens: int = 32) -> str:
     """Where a compiled decode step's time goes: torch.profiler over `new_tokens` greedy tokens after a 16-token
     prompt (a prefill that small barely shows), GPU kernel time and launches per token beside the wall time."""
     prompt = torch.randint(1, model.config.vocab_size, (batch, 16), device="cuda")
-    options = dict(**static_compiled(max_cache_len, compile_mode), max_new_tokens=new_tokens,
+    options = dict(**static_compiled(max_cache_len, compile_config), max_new_tokens=new_tokens,
                    min_new_tokens=new_tokens, do_sample=False)
     model.generate(prompt, **options)   # compiles, and records the CUDA graphs
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
@@ -155,6 +165,8 @@ def main():
     parser.add_argument("--output", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results")))
     parser.add_argument("--compile-mode", default="reduce-overhead", choices=["reduce-overhead", "max-autotune"],
                         help="torch.compile mode of the static-cache decode step (both replay CUDA graphs)")
+    parser.add_argument("--tensor-guards-only", action="store_true",
+                        help="compile with torch.compiler.keep_tensor_guards_unsafe: less host time per token (opt-in)")
     parser.add_argument("--profile", action="store_true",
                         help="only profile each model's compiled decode at the first batch size, and print where it goes")
     args = parser.parse_args()
@@ -162,19 +174,22 @@ def main():
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     report = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, commit=commit,
                   date=time.strftime("%Y-%m-%d"), new_tokens=args.new_tokens, results={})
+    compile_config = decode_compile_config(args.compile_mode, args.tensor_guards_only)
+    report["compile"] = dict(mode=args.compile_mode, tensor_guards_only=args.tensor_guards_only)
     max_cache_len = max(args.prompts) + args.new_tokens   # one compiled graph per batch size serves every prompt
 
     rows = []
     for name in args.models:
+        torch._dynamo.reset()   # one model per process, as a user has it: no other model's compiled steps to skip past
         torch.manual_seed(0)
         config = M2RNNConfig.from_preset(name)
         model = M2RNNForCausalLM(config).to("cuda", torch.bfloat16).eval()
         num_parameters = sum(p.numel() for p in model.parameters())
         if args.profile:
-            print(name, profile_decode(model, args.batches[0], max_cache_len, args.compile_mode), flush=True)
+            print(name, profile_decode(model, args.batches[0], max_cache_len, compile_config), flush=True)
             continue
         try:
-            report["results"][f"{name}_compiled_vs_eager_logit_error"] = compiled_logit_error(model, 256, args.compile_mode)
+            report["results"][f"{name}_compiled_vs_eager_logit_error"] = compiled_logit_error(model, 256, compile_config)
         except Exception as error:
             report["results"][f"{name}_compiled_vs_eager_logit_error"] = repr(error)[:500]
         for mode in args.modes:
@@ -182,7 +197,7 @@ def main():
                 for prompt_len in args.prompts:
                     key = f"{name}_{mode}_B{batch}_P{prompt_len}"
                     try:
-                        result = measure(model, batch, prompt_len, args.new_tokens, mode, max_cache_len, args.compile_mode)
+                        result = measure(model, batch, prompt_len, args.new_tokens, mode, max_cache_len, compile_config)
                     except Exception as error:   # keep the other measurements of a limited GPU session
                         report["results"][key] = {"error": repr(error)[:500]}
                         print(key, "FAILED", repr(error)[:500], flush=True)

@@ -11,6 +11,7 @@ from transformers.masking_utils import create_masks_for_generate
 from torch._dynamo.utils import counters
 
 from modeling_m2rnn import M2RNNCache, M2RNNStaticCache, load_prompt_state, save_prompt_state
+from modeling_m2rnn.kernels import causal_conv1d_step
 from modeling_m2rnn.models.m2rnn import _static_decode_masks
 from test_modeling import left_pad, random_ids, tiny_model
 
@@ -150,3 +151,25 @@ def test_text_generation_pipeline():
     assert ids["input_ids"].tolist() == [[3, 14, 15, 9]]
     expected = tokenizer.decode(model.generate(**ids, max_new_tokens=5, min_new_tokens=5)[0])
     assert text == expected and len(text) == 9
+
+
+@pytest.mark.parametrize("cache_class", [M2RNNCache, M2RNNStaticCache])
+def test_triton_decode_steps_match_the_torch_backend(cache_class, monkeypatch):
+    """Decode steps on the Triton backend (the conv step kernel and the scan; the interpreter on a CPU) give the
+    torch backend's logits."""
+    from modeling_m2rnn.layers import m2rnn as mixer_module
+
+    conv_steps = []
+    monkeypatch.setattr(mixer_module, "causal_conv1d_step", lambda *args: conv_steps.append(1) or causal_conv1d_step(*args))
+    prompt, new_tokens = random_ids(2, 5), random_ids(2, 3, seed=1)
+    logits = {}
+    for backend in ("torch", "triton"):
+        model = tiny_model("hybrid", m2rnn_scan_backend=backend)
+        cache = cache_class(model.config) if cache_class is M2RNNCache else cache_class(model.config, max_cache_len=8)
+        steps = [model(prompt, past_key_values=cache).logits[:, -1]]
+        for token in new_tokens.T:
+            steps.append(model(token[:, None], past_key_values=cache).logits[:, -1])
+        logits[backend] = torch.stack(steps)
+    assert len(conv_steps) == 3 * model.config.layer_types.count("linear_attention")
+    error = (logits["triton"] - logits["torch"]).norm() / logits["torch"].norm()
+    assert error < 1e-5   # float32 throughout (seen: ~1e-7)

@@ -16,8 +16,9 @@ if not torch.cuda.is_available():
 
 import pytest
 
-from modeling_m2rnn.kernels import m2rnn_scan, m2rnn_scan_reference
+from modeling_m2rnn.kernels import causal_conv1d_step, m2rnn_scan, m2rnn_scan_reference
 from modeling_m2rnn.kernels import triton_scan
+from modeling_m2rnn.kernels.triton_conv_step import conv_step_op
 from modeling_m2rnn.kernels.triton_scan import KernelConfig
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -208,3 +209,34 @@ def test_bad_input_raises_value_error():
         m2rnn_scan(q, k, v, W[:, :3], f, backend="triton")
     with pytest.raises(ValueError, match="f"):
         m2rnn_scan(q, k, v, W, f.bfloat16(), backend="triton")
+
+
+@pytest.mark.parametrize("dtype, kernel_size", [(torch.float32, 4), (torch.bfloat16, 3)])
+def test_conv_step_matches_reference_and_shifts_the_window(dtype, kernel_size):
+    """One decode step of the short conv: silu(Σ_j w_j · window_j) with window = (cached inputs 1..k-1, x), and the
+    cache becomes that window. x is a strided view (the model's is a slice of the input projection)."""
+    g = torch.Generator().manual_seed(7)
+    batch, channels = 3, 141   # more than one program of channels, the last one partial
+    x = torch.randn(batch, channels + 9, generator=g).to(dtype)[:, 5:5 + channels]
+    conv_state = torch.randn(batch, channels, kernel_size, generator=g).to(dtype)
+    weight = torch.randn(channels, kernel_size, generator=g)
+    window = torch.cat([conv_state[..., 1:], x[..., None]], dim=-1)
+    reference = torch.nn.functional.silu((window.double() * weight.double()).sum(-1))
+    out = causal_conv1d_step(x.to(DEVICE), conv_state := conv_state.to(DEVICE), weight.to(DEVICE))
+    assert out.dtype == dtype and out.shape == (batch, channels)
+    assert relative_error(out, reference) < BOUND[dtype]
+    assert torch.equal(conv_state.cpu(), window)
+
+
+def test_conv_step_op_passes_opcheck_and_rejects_bad_shapes():
+    x, conv_state, weight = torch.randn(2, 5, device=DEVICE), torch.randn(2, 5, 4, device=DEVICE), torch.randn(5, 4)
+    torch.library.opcheck(conv_step_op, (x, conv_state, weight.to(DEVICE)),
+                          test_utils=("test_schema", "test_faketensor"))
+    compiled_state, eager_state = conv_state.clone(), conv_state.clone()
+    step = torch.compile(causal_conv1d_step, backend="aot_eager", fullgraph=True)   # the op mutates under tracing
+    assert torch.equal(step(x, compiled_state, weight), causal_conv1d_step(x, eager_state, weight))
+    assert torch.equal(compiled_state, eager_state) and not torch.equal(eager_state, conv_state)
+    with pytest.raises(ValueError, match="conv_state"):
+        causal_conv1d_step(x, conv_state[..., :3], weight)
+    with pytest.raises(ValueError, match="x"):
+        causal_conv1d_step(x[None], conv_state, weight)

@@ -7,7 +7,7 @@ import torch
 
 from .reference import m2rnn_scan_reference
 
-__all__ = ["BACKENDS", "m2rnn_scan", "m2rnn_scan_reference", "triton_is_available"]
+__all__ = ["BACKENDS", "causal_conv1d_step", "m2rnn_scan", "m2rnn_scan_reference", "triton_is_available", "uses_triton"]
 
 BACKENDS = ("auto", "torch", "triton")
 _INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
@@ -19,6 +19,17 @@ def triton_is_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def uses_triton(backend: str, x: torch.Tensor) -> bool:
+    """Whether `backend` runs on the Triton kernels for tensors like `x`: "triton" always, "auto" on CUDA."""
+    if backend not in BACKENDS:
+        _fail(f"`backend` must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return x.is_cuda and triton_is_available()
+    if backend == "triton" and not triton_is_available():
+        _fail("backend='triton' needs the `triton` package")
+    return backend == "triton"
 
 
 def _fail(message: str):
@@ -123,14 +134,26 @@ def m2rnn_scan(
     TRITON_INTERPRET=1) or "auto" (Triton on CUDA when available, else the reference).
     """
     validate_scan_inputs(q, k, v, W, f, initial_state, gradient_clipping, cu_seqlens)
-    if backend not in BACKENDS:
-        _fail(f"`backend` must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        backend = "triton" if q.is_cuda and triton_is_available() else "torch"
-    if backend == "torch":
+    if not uses_triton(backend, q):
         return m2rnn_scan_reference(q, k, v, W, f, initial_state, gradient_clipping, cu_seqlens)
-    if not triton_is_available():
-        _fail("backend='triton' needs the `triton` package")
     from .triton_scan import m2rnn_scan_triton
 
     return m2rnn_scan_triton(q, k, v, W, f, initial_state, gradient_clipping, cu_seqlens)
+
+
+def causal_conv1d_step(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """One decode step of a depthwise causal convolution and its SiLU on the Triton kernel, the cached window
+    updated in place: x (B, C), conv_state (B, C, k) the last k inputs, weight (C, k). Returns (B, C)."""
+    if x.dim() != 2 or conv_state.dim() != 3 or weight.dim() != 2:
+        raise ValueError(
+            "causal_conv1d_step: expected x (B, C), conv_state (B, C, k), weight (C, k), got shapes "
+            f"{tuple(x.shape)}, {tuple(conv_state.shape)}, {tuple(weight.shape)}"
+        )
+    if tuple(conv_state.shape) != (*x.shape, weight.shape[1]) or weight.shape[0] != x.shape[1]:
+        raise ValueError(
+            f"causal_conv1d_step: conv_state must be (B, C, k) = {(*x.shape, weight.shape[1])} and weight (C, k) = "
+            f"{(x.shape[1], weight.shape[1])}, got {tuple(conv_state.shape)} and {tuple(weight.shape)}"
+        )
+    from .triton_conv_step import causal_conv1d_step_triton
+
+    return causal_conv1d_step_triton(x, conv_state, weight)

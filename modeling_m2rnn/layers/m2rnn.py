@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import m2rnn_scan
+from ..kernels import causal_conv1d_step, m2rnn_scan, uses_triton
 from .norm import RMSNorm
 from .short_conv import causal_conv1d
 
@@ -110,7 +110,7 @@ class M2RNNMixer(nn.Module):
             qkv = qkv * padding_mask[..., None].to(qkv.dtype)   # padding must not enter the conv window
 
         if self.conv_kernel_size is not None:
-            qkv = F.silu(self.short_conv(qkv, padding_mask, packed, cache))
+            qkv = self.short_conv(qkv, padding_mask, packed, cache)
         q, k, v = qkv.split(self.qkv_sizes, dim=-1)
         q = q.view(batch, seq_len, self.num_q_heads, self.key_head_dim)
         k = k.view(batch, seq_len, self.num_k_heads, self.key_head_dim)
@@ -133,6 +133,10 @@ class M2RNNMixer(nn.Module):
         return self.out_proj(self.norm(y.flatten(2)))                             # (B, S, N·V) → (B, S, hidden)
 
     def short_conv(self, qkv, padding_mask, packed: PackedSequences | None, cache) -> torch.Tensor:
+        """silu(causal conv of qkv (B, S, C)), reading and updating the cached window when there is a cache."""
+        if self._is_conv_decode_step(qkv, padding_mask, cache):
+            conv_state = cache.layers[self.layer_idx].conv_states[0]
+            return causal_conv1d_step(qkv[:, 0], conv_state, self.conv_weight).unsqueeze(1)
         context = None
         if cache is not None:
             context = cache.update_conv_state(qkv.transpose(1, 2), self.layer_idx, conv_kernel_size=self.conv_kernel_size)
@@ -141,7 +145,14 @@ class M2RNNMixer(nn.Module):
         if cache is not None and padding_mask is not None:
             # the cache kept the last k positions; with padding among them, the window is the last k real inputs
             cache.layers[self.layer_idx].conv_states[0].copy_(last_inputs)
-        return out
+        return F.silu(out)
+
+    def _is_conv_decode_step(self, qkv, padding_mask, cache) -> bool:
+        """One new token after a cached window, on the Triton backend: the conv step kernel's case."""
+        if cache is None or qkv.shape[1] != 1 or padding_mask is not None or not uses_triton(self.scan_backend, qkv):
+            return False
+        layer = cache.layers[self.layer_idx]
+        return layer.has_previous_state[0] and layer.conv_states[0].shape[-1] == self.conv_kernel_size
 
     def cached_state(self, cache) -> torch.Tensor | None:
         if cache is None:
