@@ -69,7 +69,7 @@ class TokenClock(StoppingCriteria):
 
 def decode_compile_config(mode: str, tensor_guards_only: bool) -> CompileConfig:
     """How generate compiles the decode step: torch.compile `mode`; with `tensor_guards_only`, the compiled step
-    checks only its tensor inputs before each call, not the ~2,600 guards on module attributes and cache flags
+    checks only its tensor inputs before each call, not the thousands of guards on module attributes and cache flags
     (torch.compiler.keep_tensor_guards_unsafe: unsafe if those change between calls)."""
     if not tensor_guards_only:
         return CompileConfig(fullgraph=True, mode=mode)
