@@ -51,23 +51,26 @@ def test_static_cache_with_a_left_padded_batch(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_decode_step_masks_are_transformers_masks(kind):
-    """The model builds generate's decode-step masks itself (host time); they must be the ones transformers builds."""
+@pytest.mark.parametrize("padded", [True, False], ids=["left_padded", "no_mask"])
+def test_decode_step_masks_are_transformers_masks(kind, padded):
+    """The model builds generate's decode-step masks itself (host time); they must be the ones transformers builds,
+    from a left-padding mask or, as newer generate passes for unpadded prompts, from none."""
     model = tiny_model(kind)
     ids, mask = left_pad([random_ids(n, seed=n) for n in (3, 8)])
     cache = M2RNNStaticCache(model.config, max_cache_len=13)
-    model(ids, attention_mask=mask, past_key_values=cache)
+    model(ids, attention_mask=mask if padded else None, past_key_values=cache)
     for step in range(2):   # the first decode step, and one more after it
         mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
+        step_mask = mask if padded else None
         step_embeds = torch.empty(2, 1, 0)
-        position_ids = mask.sum(1, keepdim=True) - 1
-        ours = model.create_masks_for_generate(model.config, step_embeds, mask, cache, position_ids=position_ids)
-        general = create_masks_for_generate(model.config, step_embeds, mask, cache, position_ids=position_ids)
-        assert _static_decode_masks(model.config, step_embeds, mask, cache) is not None   # built here, not by transformers
+        position_ids = mask.sum(1, keepdim=True) - 1 if padded else torch.full((2, 1), mask.shape[1] - 1)
+        ours = model.create_masks_for_generate(model.config, step_embeds, step_mask, cache, position_ids=position_ids)
+        general = create_masks_for_generate(model.config, step_embeds, step_mask, cache, position_ids=position_ids)
+        assert _static_decode_masks(model.config, step_embeds, step_mask, cache) is not None   # built here
         assert ours.keys() == general.keys()
         for layer_type, general_mask in general.items():
             assert (ours[layer_type] is None and general_mask is None) or torch.equal(ours[layer_type], general_mask)
-        model(ids[:, -1:], attention_mask=mask, past_key_values=cache)
+        model(ids[:, -1:], attention_mask=step_mask, past_key_values=cache)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -281,21 +281,29 @@ class M2RNNForCausalLM(M2RNNPreTrainedModel, GenerationMixin):
 
 
 def _static_decode_masks(config, inputs_embeds, attention_mask, cache) -> dict | None:
-    """The masks of one decode step over an M2RNNStaticCache with a 2D padding mask, or None for any other case.
+    """The masks of one decode step over an M2RNNStaticCache, or None for any other case.
 
     A generated token is never padding, so the M2RNN layers need no mask. Under sdpa, each attention layer's mask
-    is (B, 1, 1, max_cache_len), True at the key slots that hold a real token: generate's 2D mask covers every
-    token so far (one per filled slot), and the slots past it are empty. This is the mask transformers'
-    `create_causal_mask` builds for such a step.
+    is (B, 1, 1, max_cache_len), True at the key slots that hold a real token, this step's included: with generate's
+    2D padding mask, the mask's ones (it covers every token so far, one per filled slot); without one, the slots up
+    to this token's. These are the masks transformers' `create_causal_mask` builds for such a step.
     """
-    if not (isinstance(cache, M2RNNStaticCache) and inputs_embeds.shape[1] == 1
-            and isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2):
+    if not (isinstance(cache, M2RNNStaticCache) and inputs_embeds.shape[1] == 1):
+        return None
+    if attention_mask is not None and not (isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2):
         return None
     masks = {M2RNN_LAYER: None}
-    if ATTENTION_LAYER in config.layer_types:
-        cache_len = cache.layers[config.layer_types.index(ATTENTION_LAYER)].max_cache_len
-        if config._attn_implementation != "sdpa" or attention_mask.shape[1] > cache_len:
-            return None
+    if ATTENTION_LAYER not in config.layer_types:
+        return masks
+    layer_idx = config.layer_types.index(ATTENTION_LAYER)
+    cache_len = cache.layers[layer_idx].max_cache_len
+    if config._attn_implementation != "sdpa" or (attention_mask is not None and attention_mask.shape[1] > cache_len):
+        return None
+    if attention_mask is None:
+        slots = torch.arange(cache_len, device=inputs_embeds.device)
+        visible = slots <= cache.get_seq_length(layer_idx)   # the tokens cached so far, and this one
+        masks[ATTENTION_LAYER] = visible.expand(inputs_embeds.shape[0], 1, 1, cache_len)
+    else:
         padding_mask = F.pad(attention_mask.bool(), (0, cache_len - attention_mask.shape[1]))
         masks[ATTENTION_LAYER] = padding_mask[:, None, None, :]
     return masks
