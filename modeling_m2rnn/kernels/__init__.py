@@ -1,4 +1,6 @@
-"""The M2RNN recurrence op (DESIGN.md §6): one contract, a PyTorch reference and Triton kernels.
+"""The M2RNN recurrence op (DESIGN.md §6): one contract, a PyTorch reference and Triton kernels; and the decode
+step of the short convolution in front of it (`causal_conv1d_step`, Triton only: its reference is the layer's
+PyTorch convolution, layers/short_conv.py).
 
 This package knows nothing of transformers: it takes tensors and returns tensors.
 """
