@@ -148,8 +148,11 @@ class M2RNNMixer(nn.Module):
         return F.silu(out)
 
     def _is_conv_decode_step(self, qkv, padding_mask, cache) -> bool:
-        """One new token after a cached window, on the Triton backend: the conv step kernel's case."""
+        """One new token after a cached window, on the Triton backend, without gradients (the kernel has no
+        backward): the conv step kernel's case."""
         if cache is None or qkv.shape[1] != 1 or padding_mask is not None or not uses_triton(self.scan_backend, qkv):
+            return False
+        if torch.is_grad_enabled() and (qkv.requires_grad or self.conv_weight.requires_grad):
             return False
         layer = cache.layers[self.layer_idx]
         return layer.has_previous_state[0] and layer.conv_states[0].shape[-1] == self.conv_kernel_size
