@@ -1,5 +1,6 @@
 """The transformers classes: M2RNNModel, M2RNNForCausalLM, M2RNNForSequenceClassification."""
 
+import dataclasses
 import math
 
 import torch
@@ -29,6 +30,8 @@ from .cache import M2RNNCache, M2RNNStaticCache
 
 # transformers 5.17 passes the cache as `past_key_values`, later 5.x versions (5.24) as `cache`: both are accepted.
 CACHE_ARGUMENT_NAMES = ("past_key_values", "cache")
+# The outputs' cache field has the installed version's name: later versions warn when given or asked for the old one.
+CACHE_OUTPUT_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(BaseModelOutputWithPast)} else "past_key_values"
 
 
 class M2RNNDecoderLayer(GradientCheckpointingLayer):
@@ -197,7 +200,7 @@ class M2RNNModel(M2RNNPreTrainedModel):
             )
         if isinstance(past_key_values, (M2RNNCache, M2RNNStaticCache)):
             past_key_values.advance(seq_len, inputs_embeds.device)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), **{CACHE_OUTPUT_FIELD: past_key_values})
 
     @staticmethod
     def _packed_sequences(position_ids, batch: int, seq_len: int) -> PackedSequences | None:
@@ -252,7 +255,7 @@ class M2RNNForCausalLM(M2RNNPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_OUTPUT_FIELD: getattr(outputs, CACHE_OUTPUT_FIELD)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
