@@ -172,6 +172,9 @@ def training_arguments(args) -> TrainingArguments:
         torch_compile=args.torch_compile,
         fsdp=fsdp,
         fsdp_config=fsdp_config,
+        # every parameter takes part in every step; the Trainer's default (True, without gradient checkpointing)
+        # would make DDP walk the autograd graph once more per step looking for unused ones, and warn
+        ddp_find_unused_parameters=False,
         seed=args.seed,
         report_to="none",
     )
