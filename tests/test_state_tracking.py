@@ -51,20 +51,49 @@ def test_every_model_labels_every_position(name):
     assert model(torch.randint(6, (3, 11))).shape == (3, 11, 6)
 
 
+def test_m2rnn_config_overrides_replace_the_recipe():
+    size = ModelSize(hidden_size=32, num_layers=1, num_heads=2, m2rnn_head_dim=4, max_length=16)
+    model = build_model("m2rnn", 6, size, {"m2rnn_v_head_dim": 8, "m2rnn_conv_kernel_size": 4})
+    mixer = model.lm.model.layers[0].m2rnn
+    assert mixer.value_head_dim == 8 and mixer.key_head_dim == 4 and mixer.conv_kernel_size == 4
+    with pytest.raises(SystemExit):
+        run.parse_args(["--m2rnn-config", "[4]"])          # a JSON object of config fields, nothing else
+
+
+def test_a_time_budget_ends_training_and_completes_the_curriculum():
+    group = PermutationGroup("S3")
+    args = run.parse_args(["--train-length", "16", "--batch-size", "2", "--max-seconds", "1", "--steps", "20000",
+                           "--lr", "1e-3", "--device", "cpu"])
+    args.seed = 0
+    lengths = []
+    original = group.sample
+    group.sample = lambda batch, length, generator: lengths.append(length) or original(batch, length, generator)
+    info = run.train(build_model("gru", group.order, ModelSize(hidden_size=8, num_layers=1)), group, args,
+                     torch.device("cpu"))
+    assert 0 < info["steps"] < 20_000 and info["steps"] == len(lengths) and info["train_seconds"] >= 1
+    assert lengths[0] == 8 and lengths[-1] == 16                 # the curriculum ran to the full length
+
+
 def test_pipeline_writes_table_plot_and_report(tmp_path):
+    # --jobs 2: the runs go to two processes at a time and are merged; two seeds of m2rnn become two rows
     argv = ["--group", "S3", "--steps", "4", "--train-length", "8", "--eval-lengths", "8", "16", "--batch-size", "4",
             "--eval-batch-size", "4", "--hidden-size", "16", "--num-layers", "2", "--num-heads", "2",
-            "--device", "cpu", "--output", str(tmp_path)]
+            "--m2rnn-seeds", "0", "1", "--jobs", "2", "--device", "cpu", "--output", str(tmp_path)]
     threads = torch.get_num_threads()
     try:
         run.main(argv)
     finally:
         torch.set_num_threads(threads)   # run.main uses one thread on the CPU; give the other tests theirs back
     results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results["groups"]["S3"]) == set(MODELS)
+    rows = ["m2rnn seed 0", "m2rnn seed 1", *MODELS[1:]]
+    assert list(results["groups"]["S3"]) == rows
     for model_run in results["groups"]["S3"].values():
         assert model_run["steps"] == 4
         assert set(model_run["eval"]) == {"8", "16"}
         assert all(0 <= score["accuracy"] <= 1 for score in model_run["eval"].values())
+    runs = results["groups"]["S3"]
+    assert runs["m2rnn seed 0"]["lr"] == run.LEARNING_RATES["m2rnn"] and runs["gru"]["lr"] == run.LEARNING_RATES["gru"]
+    assert runs["m2rnn seed 0"]["final_train_loss"] != runs["m2rnn seed 1"]["final_train_loss"]   # two seeds, two runs
     assert (tmp_path / "accuracy.png").stat().st_size > 1000
-    assert "| m2rnn |" in (tmp_path / "RESULTS.md").read_text()
+    report = (tmp_path / "RESULTS.md").read_text()
+    assert all(f"| {row} |" in report for row in rows)

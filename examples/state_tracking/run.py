@@ -8,12 +8,17 @@ product x_t ∘ ... ∘ x_0 (see groups.py for the convention). Models are train
 
     python examples/state_tracking/run.py --preset cpu       # S3, train 32, eval up to 128: minutes on a CPU
     python examples/state_tracking/run.py --preset gpu       # S3 and S5, train 128, eval up to 1024
+
+Every (group, model, seed) is one run. With --jobs N the runs go to N processes side by side (the models are
+small: one GPU has room for a dozen of them) and their results are merged into one table.
 """
 
 import argparse
 import json
 import math
+import copy
 import shlex
+import subprocess
 import sys
 import time
 from dataclasses import asdict
@@ -29,12 +34,27 @@ from models import MODELS, ModelSize, build_model  # noqa: E402
 
 PRESETS = {
     "cpu": dict(groups=["S3"], train_length=32, eval_lengths=[32, 64, 128], steps=1500, batch_size=64,
-                eval_batch_size=128, hidden_size=64, num_layers=2, num_heads=4),
-    # sized for about 6 minutes of one H200 for S3 and S5 with all four models: each model trains for at most
-    # --max-seconds (the step count is the cap when steps are fast: Triton M2RNN about 10 ms/step at length 128)
-    "gpu": dict(groups=["S3", "S5"], train_length=128, eval_lengths=[128, 256, 512, 1024], steps=2000,
-                batch_size=128, eval_batch_size=256, hidden_size=128, num_layers=2, num_heads=8, max_seconds=35),
+                eval_batch_size=128, hidden_size=64, num_layers=2, num_heads=4, seeds=[0], jobs=2),
+    # about 6 minutes of one H200: S3 and S5, two M2RNN seeds and one of each other model, all 10 runs side by
+    # side, each training for 270 s (M2RNN alone takes ~18 ms per step at length 128, ~40 ms with ten runs)
+    "gpu": dict(groups=["S3", "S5"], train_length=128, eval_lengths=[128, 256, 512, 1024], steps=100_000,
+                batch_size=128, eval_batch_size=256, hidden_size=128, num_layers=2, num_heads=8, seeds=[0],
+                m2rnn_seeds=[0, 1], max_seconds=270, jobs=10),
 }
+
+# Per-model peak learning rates (AdamW, warm-up then cosine decay). M2RNN needs a large one: its transitions
+# must saturate the tanh to act as a finite automaton, and on S3 at length 128 (H200, 330 s) lr 5e-3, 1e-2 and
+# 2e-2 fitted 0.42, 0.90 and 1.000 of the positions. Llama and the GRU keep the 2e-3 of the earlier runs (the
+# GRU solves S3 with it).
+LEARNING_RATES = {"m2rnn": 2e-2, "hybrid": 2e-2, "llama": 2e-3, "gru": 2e-3}
+EVAL_SEED = 12345   # the same test words for every run
+
+
+def config_overrides(text: str) -> dict:
+    overrides = json.loads(text)
+    if not isinstance(overrides, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object of M2RNNConfig fields, got {text!r}")
+    return overrides
 
 
 def parse_args(argv=None):
@@ -50,13 +70,19 @@ def parse_args(argv=None):
     parser.add_argument("--hidden-size", type=int)
     parser.add_argument("--num-layers", type=int)
     parser.add_argument("--num-heads", type=int, help="attention heads and M2RNN heads")
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, help=f"peak learning rate of every model (default: {LEARNING_RATES})")
+    parser.add_argument("--seeds", type=int, nargs="+", help="a run per seed, for every model")
+    parser.add_argument("--m2rnn-seeds", type=int, nargs="+", help="seeds of the pure M2RNN (default: --seeds)")
     parser.add_argument("--warmup", type=float, default=0.05, help="fraction of the steps with a linear warm-up")
     parser.add_argument("--curriculum", type=float, default=0.5,
                         help="fraction of the steps over which the training length grows to --train-length")
-    parser.add_argument("--max-seconds", type=float, help="stop a model's training after this long")
+    parser.add_argument("--m2rnn-config", type=config_overrides, default={},
+                        help='M2RNNConfig fields over the recipe of models.py, as JSON: \'{"m2rnn_v_head_dim": 32}\'')
+    parser.add_argument("--max-seconds", type=float,
+                        help="train each run for this long (at most --steps steps); the curriculum and the learning "
+                             "rate then follow the elapsed time")
+    parser.add_argument("--jobs", type=int, help="runs side by side, each in its own process")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=None, help="default: outputs/state_tracking/<preset>")
     args = parser.parse_args(argv)
     for name, value in PRESETS[args.preset].items():
@@ -64,23 +90,37 @@ def parse_args(argv=None):
             setattr(args, name, value)
     if args.output is None:
         args.output = Path("outputs/state_tracking") / args.preset
+    if args.m2rnn_seeds is None:
+        args.m2rnn_seeds = args.seeds
     return args
 
 
-def train_length_at(step: int, args) -> int:
-    """The curriculum: lengths grow linearly from 8 to --train-length (multiples of 8) over its steps."""
-    ramp = max(1, round(args.curriculum * args.steps))
-    length = 8 * math.ceil(args.train_length * min(1.0, (step + 1) / ramp) / 8)
+def planned_runs(args) -> list[tuple[str, str, int]]:
+    """(group, model, seed) of every run, in order."""
+    return [(group, name, seed) for group in args.groups for name in args.models
+            for seed in (args.m2rnn_seeds if name == "m2rnn" else args.seeds)]
+
+
+def run_label(name: str, seed: int, args) -> str:
+    """The row of a run in the table: the model, and its seed when the model has several."""
+    seeds = args.m2rnn_seeds if name == "m2rnn" else args.seeds
+    return name if len(seeds) == 1 else f"{name} seed {seed}"
+
+
+def train_length_at(progress: float, args) -> int:
+    """The curriculum: lengths grow linearly from 8 to --train-length (multiples of 8) over its share of training;
+    `progress` in [0, 1) is the fraction of training done."""
+    ramp = min(1.0, progress / args.curriculum) if args.curriculum > 0 else 1.0
+    length = 8 * math.ceil(args.train_length * ramp / 8)
     return max(min(8, args.train_length), min(length, args.train_length))
 
 
-def learning_rate_at(step: int, args) -> float:
+def learning_rate_at(progress: float, args) -> float:
     """Linear warm-up, then cosine decay to a tenth of --lr."""
-    warmup = max(1, round(args.warmup * args.steps))
-    if step < warmup:
-        return args.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, args.steps - warmup)
-    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    if progress < args.warmup:
+        return args.lr * max(progress / args.warmup, 1e-3)
+    decay = (progress - args.warmup) / (1 - args.warmup)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * decay)))
 
 
 def autocast(device: torch.device):
@@ -88,15 +128,21 @@ def autocast(device: torch.device):
 
 
 def train(model, group: PermutationGroup, args, device: torch.device) -> dict:
+    """AdamW over --steps steps, or for --max-seconds of wall time (at most --steps steps): then the curriculum and
+    the schedule follow the time spent, so they run to the end however many runs share the device."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     generator = torch.Generator().manual_seed(args.seed)
     model.train()
     start = time.time()
-    progress = tqdm(range(args.steps), desc="train", leave=False)
-    for step in progress:
+    progress = tqdm(total=args.steps, desc="train", leave=False)
+    step = 0
+    while step < args.steps:
+        done = step / args.steps if args.max_seconds is None else (time.time() - start) / args.max_seconds
+        if done >= 1:
+            break
         for param_group in optimizer.param_groups:
-            param_group["lr"] = learning_rate_at(step, args)
-        words, products = group.sample(args.batch_size, train_length_at(step, args), generator)
+            param_group["lr"] = learning_rate_at(done, args)
+        words, products = group.sample(args.batch_size, train_length_at(done, args), generator)
         words, products = words.to(device), products.to(device)
         with autocast(device):
             logits = model(words)
@@ -108,16 +154,17 @@ def train(model, group: PermutationGroup, args, device: torch.device) -> dict:
         if step % 10 == 0:
             accuracy = (logits.argmax(-1) == products).float().mean().item()
             progress.set_postfix(loss=f"{loss.item():.3f}", acc=f"{accuracy:.3f}", len=words.shape[1])
-        if args.max_seconds is not None and time.time() - start > args.max_seconds:
-            break
-    return {"steps": step + 1, "final_train_loss": loss.item(), "train_seconds": time.time() - start}
+        step += 1
+        progress.update()
+    progress.close()
+    return {"steps": step, "final_train_loss": loss.item(), "train_seconds": time.time() - start}
 
 
 @torch.no_grad()
 def evaluate(model, group: PermutationGroup, args, device: torch.device) -> dict:
     """Per-position accuracy at every evaluation length: over all positions, and at the last one."""
     model.eval()
-    generator = torch.Generator().manual_seed(args.seed + 1)
+    generator = torch.Generator().manual_seed(EVAL_SEED)
     scores = {}
     for length in args.eval_lengths:
         correct = []
@@ -137,11 +184,12 @@ def markdown_table(results: dict) -> str:
         lengths = [str(n) for n in results["settings"]["eval_lengths"]]
         lines += [f"**{group_name}** (train length {results['settings']['train_length']}, "
                   f"accuracy over all positions)", "",
-                  "| model | " + " | ".join(lengths) + " | params | train s |",
-                  "|---" * (len(lengths) + 3) + "|"]
+                  "| model | " + " | ".join(lengths) + " | params | lr | steps | train s |",
+                  "|---" * (len(lengths) + 5) + "|"]
         for name, run in by_model.items():
             accuracies = " | ".join(f"{run['eval'][n]['accuracy']:.3f}" for n in lengths)
-            lines.append(f"| {name} | {accuracies} | {run['params']:,} | {run['train_seconds']:.0f} |")
+            lines.append(f"| {name} | {accuracies} | {run['params']:,} | {run['lr']:g} | {run['steps']:,} "
+                         f"| {run['train_seconds']:.0f} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -185,7 +233,58 @@ def write_outputs(results: dict, output: Path):
     )
 
 
+def run_one(group_name: str, name: str, seed: int, args, size: ModelSize, device: torch.device) -> dict:
+    """Train one model from its seed, then score it at every evaluation length."""
+    group = PermutationGroup(group_name)
+    args = copy.copy(args)
+    args.seed, args.lr = seed, args.lr or LEARNING_RATES[name]
+    torch.manual_seed(seed)
+    model = build_model(name, group.order, size, args.m2rnn_config).to(device)
+    label = f"{group.name} {run_label(name, seed, args)}"
+    print(f"{label}: {sum(p.numel() for p in model.parameters()):,} parameters, lr {args.lr:g}", flush=True)
+    run = {"seed": seed, "lr": args.lr, **train(model, group, args, device)}
+    start = time.time()
+    run["eval"] = {str(n): s for n, s in evaluate(model, group, args, device).items()}
+    run["eval_seconds"] = time.time() - start
+    run["params"] = sum(p.numel() for p in model.parameters())
+    accuracies = "  ".join(f"{n}: {s['accuracy']:.3f}" for n, s in run["eval"].items())
+    print(f"{label}: trained {run['steps']} steps in {run['train_seconds']:.0f} s (loss {run['final_train_loss']:.3f}), "
+          f"evaluated in {run['eval_seconds']:.0f} s; {accuracies}", flush=True)
+    return run
+
+
+def run_in_processes(args, argv: list[str]) -> dict[tuple[str, str, int], dict]:
+    """Every run in its own process, --jobs at a time, each writing into <output>/runs/<group>-<model>-seed<s>."""
+    pending = planned_runs(args)
+    running, finished = {}, {}
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            key = pending.pop(0)
+            group_name, name, seed = key
+            output = args.output / "runs" / f"{group_name}-{name}-seed{seed}"
+            output.mkdir(parents=True, exist_ok=True)
+            command = [sys.executable, __file__, *argv, "--group", group_name, "--models", name, "--seeds", str(seed),
+                       "--m2rnn-seeds", str(seed), "--jobs", "1", "--output", str(output)]
+            log = open(output / "log.txt", "w")
+            running[key] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), output, log)
+        time.sleep(1)
+        for key, (process, output, log) in list(running.items()):
+            if process.poll() is None:
+                continue
+            log.close()
+            del running[key]
+            if process.returncode != 0:
+                raise RuntimeError(f"run {key} failed (exit {process.returncode}); its output is in {output}/log.txt:\n"
+                                   + (output / "log.txt").read_text()[-3000:])
+            run = json.loads((output / "results.json").read_text())["groups"][key[0]]
+            finished[key] = next(iter(run.values()))
+            print(next(line for line in reversed((output / "log.txt").read_text().splitlines()) if ": trained " in line),
+                  flush=True)
+    return finished
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cpu":
@@ -194,28 +293,23 @@ def main(argv=None):
                      max_length=max(args.eval_lengths + [args.train_length]))
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     results = {
-        "command": shlex.join(["python", *sys.argv]) if argv is None else shlex.join(["python", "run.py", *argv]),
+        "command": shlex.join(["python", "examples/state_tracking/run.py", *argv]),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "settings": {**settings, "model_size": asdict(size)},
+        "settings": {**settings, "learning_rates": {m: args.lr or LEARNING_RATES[m] for m in args.models},
+                     "model_size": asdict(size)},
         "groups": {},
     }
-    for group_name in args.groups:
-        group = PermutationGroup(group_name)
-        results["groups"][group.name] = {}
-        for name in args.models:
-            torch.manual_seed(args.seed)
-            model = build_model(name, group.order, size).to(device)
-            print(f"{group.name} {name}: {sum(p.numel() for p in model.parameters()):,} parameters")
-            run = train(model, group, args, device)
-            start = time.time()
-            run["eval"] = {str(n): s for n, s in evaluate(model, group, args, device).items()}
-            run["eval_seconds"] = time.time() - start
-            run["params"] = sum(p.numel() for p in model.parameters())
-            results["groups"][group.name][name] = run
-            accuracies = "  ".join(f"{n}: {s['accuracy']:.3f}" for n, s in run["eval"].items())
-            print(f"{group.name} {name}: trained {run['steps']} steps in {run['train_seconds']:.0f} s "
-                  f"(loss {run['final_train_loss']:.3f}), evaluated in {run['eval_seconds']:.0f} s; {accuracies}")
-            write_outputs(results, args.output)
+    runs = planned_runs(args)
+    if args.jobs > 1 and len(runs) > 1:
+        finished = run_in_processes(args, argv)
+    else:
+        finished = {}
+    for key in runs:
+        group_name, name, seed = key
+        if key not in finished:
+            finished[key] = run_one(group_name, name, seed, args, size, device)
+        results["groups"].setdefault(group_name, {})[run_label(name, seed, args)] = finished[key]
+        write_outputs(results, args.output)
     print("\n" + markdown_table(results))
     print(f"wrote {args.output}/results.json, accuracy.png, RESULTS.md")
     return results
