@@ -56,6 +56,8 @@ def test_m2rnn_config_overrides_replace_the_recipe():
     model = build_model("m2rnn", 6, size, {"m2rnn_v_head_dim": 8, "m2rnn_conv_kernel_size": 4})
     mixer = model.lm.model.layers[0].m2rnn
     assert mixer.value_head_dim == 8 and mixer.key_head_dim == 4 and mixer.conv_kernel_size == 4
+    with pytest.raises(ValueError, match="m2rnn_v_head_dimm"):
+        build_model("m2rnn", 6, size, {"m2rnn_v_head_dimm": 8})   # a typo would otherwise be kept and ignored
     with pytest.raises(SystemExit):
         run.parse_args(["--m2rnn-config", "[4]"])          # a JSON object of config fields, nothing else
 

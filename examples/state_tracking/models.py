@@ -80,6 +80,9 @@ def m2rnn_config(vocab_size: int, size: ModelSize, layer_types: list[str], overr
         m2rnn_use_residual=False,
         m2rnn_gradient_clipping=None,
     )
+    unknown = set(overrides or {}) - set(M2RNNConfig().to_dict())
+    if unknown:
+        raise ValueError(f"not M2RNNConfig fields: {sorted(unknown)}")   # the config would keep them and ignore them
     return M2RNNConfig(**{**recipe, **(overrides or {})})
 
 
