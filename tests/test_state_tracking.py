@@ -7,6 +7,7 @@ from functools import reduce
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "state_tracking"))
@@ -80,7 +81,7 @@ def test_pipeline_writes_table_plot_and_report(tmp_path):
     # --jobs 2: the runs go to two processes at a time and are merged; two seeds of m2rnn become two rows
     argv = ["--group", "S3", "--steps", "4", "--train-length", "8", "--eval-lengths", "8", "16", "--batch-size", "4",
             "--eval-batch-size", "4", "--hidden-size", "16", "--num-layers", "2", "--num-heads", "2",
-            "--m2rnn-seeds", "0", "1", "--jobs", "2", "--device", "cpu", "--output", str(tmp_path)]
+            "--m2rnn-seeds", "0", "1", "--jobs", "2", "--save-models", "--device", "cpu", "--output", str(tmp_path)]
     threads = torch.get_num_threads()
     try:
         run.main(argv)
@@ -99,3 +100,11 @@ def test_pipeline_writes_table_plot_and_report(tmp_path):
     assert (tmp_path / "accuracy.png").stat().st_size > 1000
     report = (tmp_path / "RESULTS.md").read_text()
     assert all(f"| {row} |" in report for row in rows)
+
+    # a saved model, loaded into a fresh one, scores what its run reported
+    args = run.parse_args(argv)
+    size = ModelSize(hidden_size=16, num_layers=2, num_heads=2, max_length=16)
+    model = build_model("m2rnn", 6, size, args.m2rnn_config)
+    safetensors.torch.load_model(model, tmp_path / "runs" / "S3-m2rnn-seed1" / "models" / "S3-m2rnn-seed1.safetensors")
+    scores = run.evaluate(model, PermutationGroup("S3"), args, torch.device("cpu"))
+    assert {str(n): s for n, s in scores.items()} == runs["m2rnn seed 1"]["eval"]

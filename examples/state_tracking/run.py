@@ -14,9 +14,9 @@ small: one GPU has room for a dozen of them) and their results are merged into o
 """
 
 import argparse
+import copy
 import json
 import math
-import copy
 import shlex
 import subprocess
 import sys
@@ -24,6 +24,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -85,6 +86,9 @@ def parse_args(argv=None):
                         help="train each run for this long (at most --steps steps); the curriculum and the learning "
                              "rate then follow the elapsed time")
     parser.add_argument("--jobs", type=int, help="runs side by side, each in its own process")
+    parser.add_argument("--eval-float32", action="store_true", help="evaluate without bf16 autocast on CUDA")
+    parser.add_argument("--save-models", action="store_true",
+                        help="write each trained model's weights to <output>/models/<group>-<model>-seed<s>.safetensors")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", type=Path, default=None, help="default: outputs/state_tracking/<preset>")
     args = parser.parse_args(argv)
@@ -128,8 +132,9 @@ def learning_rate_at(progress: float, args) -> float:
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * decay)))
 
 
-def autocast(device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+def autocast(device: torch.device, enabled: bool = True):
+    """bf16 autocast on CUDA; the CPU runs in float32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
 
 
 def train(model, group: PermutationGroup, args, device: torch.device) -> dict:
@@ -175,7 +180,7 @@ def evaluate(model, group: PermutationGroup, args, device: torch.device) -> dict
         correct = []
         for start in range(0, args.eval_batch_size, args.batch_size):
             words, products = group.sample(min(args.batch_size, args.eval_batch_size - start), length, generator)
-            with autocast(device):
+            with autocast(device, enabled=not args.eval_float32):
                 predictions = model(words.to(device)).argmax(-1).cpu()
             correct.append(predictions == products)
         correct = torch.cat(correct).float()
@@ -248,6 +253,10 @@ def run_one(group_name: str, name: str, seed: int, args, size: ModelSize, device
     label = f"{group.name} {run_label(name, seed, args)}"
     print(f"{label}: {sum(p.numel() for p in model.parameters()):,} parameters, lr {args.lr:g}", flush=True)
     run = {"seed": seed, "lr": args.lr, **train(model, group, args, device)}
+    if args.save_models:
+        path = args.output / "models" / f"{group.name}-{name}-seed{seed}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        safetensors.torch.save_model(model, str(path))   # save_model: the tied embeddings are stored once
     start = time.time()
     run["eval"] = {str(n): s for n, s in evaluate(model, group, args, device).items()}
     run["eval_seconds"] = time.time() - start
