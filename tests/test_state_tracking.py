@@ -108,3 +108,15 @@ def test_pipeline_writes_table_plot_and_report(tmp_path):
     safetensors.torch.load_model(model, tmp_path / "runs" / "S3-m2rnn-seed1" / "models" / "S3-m2rnn-seed1.safetensors")
     scores = run.evaluate(model, PermutationGroup("S3"), args, torch.device("cpu"))
     assert {str(n): s for n, s in scores.items()} == runs["m2rnn seed 1"]["eval"]
+
+
+def test_a_failed_run_stops_the_study_with_its_error(tmp_path):
+    argv = ["--models", "m2rnn", "gru", "--steps", "2", "--train-length", "8", "--eval-lengths", "8",
+            "--batch-size", "2", "--hidden-size", "8", "--num-heads", "2", "--jobs", "2", "--device", "cpu",
+            "--m2rnn-config", '{"m2rnn_v_head_dimm": 8}', "--output", str(tmp_path)]
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(RuntimeError, match="not M2RNNConfig fields"):   # the child's error, in the parent's
+            run.main(argv)
+    finally:
+        torch.set_num_threads(threads)

@@ -271,29 +271,33 @@ def run_in_processes(args, argv: list[str]) -> dict[tuple[str, str, int], dict]:
     """Every run in its own process, --jobs at a time, each writing into <output>/runs/<group>-<model>-seed<s>."""
     pending = planned_runs(args)
     running, finished = {}, {}
-    while pending or running:
-        while pending and len(running) < args.jobs:
-            key = pending.pop(0)
-            group_name, name, seed = key
-            output = args.output / "runs" / f"{group_name}-{name}-seed{seed}"
-            output.mkdir(parents=True, exist_ok=True)
-            command = [sys.executable, __file__, *argv, "--group", group_name, "--models", name, "--seeds", str(seed),
-                       "--m2rnn-seeds", str(seed), "--jobs", "1", "--output", str(output)]
-            log = open(output / "log.txt", "w")
-            running[key] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), output, log)
-        time.sleep(1)
-        for key, (process, output, log) in list(running.items()):
-            if process.poll() is None:
-                continue
+    try:
+        while pending or running:
+            while pending and len(running) < args.jobs:
+                key = pending.pop(0)
+                group_name, name, seed = key
+                output = args.output / "runs" / f"{group_name}-{name}-seed{seed}"
+                output.mkdir(parents=True, exist_ok=True)
+                command = [sys.executable, __file__, *argv, "--group", group_name, "--models", name, "--seeds",
+                           str(seed), "--m2rnn-seeds", str(seed), "--jobs", "1", "--output", str(output)]
+                log = open(output / "log.txt", "w")
+                running[key] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), output, log)
+            time.sleep(1)
+            for key, (process, output, log) in list(running.items()):
+                if process.poll() is None:
+                    continue
+                log.close()
+                del running[key]
+                text = (output / "log.txt").read_text()
+                if process.returncode != 0:
+                    raise RuntimeError(f"run {key} failed (exit {process.returncode}); the end of its output "
+                                       f"({output}/log.txt):\n{text[-3000:]}")
+                finished[key] = next(iter(json.loads((output / "results.json").read_text())["groups"][key[0]].values()))
+                print(next(line for line in reversed(text.splitlines()) if ": trained " in line), flush=True)
+    finally:
+        for process, _, log in running.values():   # a failed or interrupted study stops the runs still going
+            process.kill()
             log.close()
-            del running[key]
-            if process.returncode != 0:
-                raise RuntimeError(f"run {key} failed (exit {process.returncode}); its output is in {output}/log.txt:\n"
-                                   + (output / "log.txt").read_text()[-3000:])
-            run = json.loads((output / "results.json").read_text())["groups"][key[0]]
-            finished[key] = next(iter(run.values()))
-            print(next(line for line in reversed((output / "log.txt").read_text().splitlines()) if ": trained " in line),
-                  flush=True)
     return finished
 
 
