@@ -54,6 +54,11 @@ LEARNING_RATES = {"m2rnn": 2e-2, "hybrid": 2e-2, "llama": 2e-3, "gru": 2e-3}
 EVAL_SEED = 12345   # the same test words for every run
 
 
+def peak_learning_rate(name: str, args) -> float:
+    """--lr if given, else the model's own rate."""
+    return args.lr or LEARNING_RATES[name]
+
+
 def config_overrides(text: str) -> dict:
     overrides = json.loads(text)
     if not isinstance(overrides, dict):
@@ -144,7 +149,7 @@ def train(model, group: PermutationGroup, args, device: torch.device) -> dict:
     generator = torch.Generator().manual_seed(args.seed)
     model.train()
     start = time.time()
-    progress = tqdm(total=args.steps, desc="train", leave=False)
+    bar = tqdm(total=args.steps, desc="train", leave=False)
     step = 0
     while step < args.steps:
         done = step / args.steps if args.max_seconds is None else (time.time() - start) / args.max_seconds
@@ -163,10 +168,10 @@ def train(model, group: PermutationGroup, args, device: torch.device) -> dict:
         optimizer.step()
         if step % 10 == 0:
             accuracy = (logits.argmax(-1) == products).float().mean().item()
-            progress.set_postfix(loss=f"{loss.item():.3f}", acc=f"{accuracy:.3f}", len=words.shape[1])
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{accuracy:.3f}", len=words.shape[1])
         step += 1
-        progress.update()
-    progress.close()
+        bar.update()
+    bar.close()
     return {"steps": step, "final_train_loss": loss.item(), "train_seconds": time.time() - start}
 
 
@@ -247,7 +252,7 @@ def run_one(group_name: str, name: str, seed: int, args, size: ModelSize, device
     """Train one model from its seed, then score it at every evaluation length."""
     group = PermutationGroup(group_name)
     args = copy.copy(args)
-    args.seed, args.lr = seed, args.lr or LEARNING_RATES[name]
+    args.seed, args.lr = seed, peak_learning_rate(name, args)
     torch.manual_seed(seed)
     model = build_model(name, group.order, size, args.m2rnn_config).to(device)
     label = f"{group.name} {run_label(name, seed, args)}"
@@ -313,7 +318,7 @@ def main(argv=None):
     results = {
         "command": shlex.join(["python", "examples/state_tracking/run.py", *argv]),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "settings": {**settings, "learning_rates": {m: args.lr or LEARNING_RATES[m] for m in args.models},
+        "settings": {**settings, "learning_rates": {m: peak_learning_rate(m, args) for m in args.models},
                      "model_size": asdict(size)},
         "groups": {},
     }
