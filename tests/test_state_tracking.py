@@ -75,6 +75,30 @@ def test_a_time_budget_ends_training_and_completes_the_curriculum():
                      torch.device("cpu"))
     assert 0 < info["steps"] < 20_000 and info["steps"] == len(lengths) and info["train_seconds"] >= 1
     assert lengths[0] == 8 and lengths[-1] == 16                 # the curriculum ran to the full length
+    curve = info["curve"]                                        # a point every run.CURVE_EVERY steps
+    assert [point["step"] for point in curve] == list(range(0, info["steps"], run.CURVE_EVERY))
+    assert curve[0]["length"] == 8 and all(point["loss"] > 0 for point in curve)
+
+
+def test_saved_weights_may_share_memory(tmp_path):
+    # on CUDA, cuDNN packs a GRU's weights into one buffer; safetensors refuses tensors that share memory
+    torch.manual_seed(0)
+    model = build_model("gru", 6, ModelSize(hidden_size=8, num_layers=2))
+    buffer = torch.cat([p.detach().flatten() for p in model.gru.parameters()])
+    offset = 0
+    for p in model.gru.parameters():
+        p.data = buffer[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
+    run.save_weights(model, tmp_path / "gru.safetensors")
+    fresh = build_model("gru", 6, ModelSize(hidden_size=8, num_layers=2))
+    safetensors.torch.load_model(fresh, tmp_path / "gru.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+
+
+def test_runs_are_spread_over_the_visible_gpus(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert run.visible_gpus("cuda") == ["3", "5"]
+    assert run.visible_gpus("cuda:1") == [None] and run.visible_gpus("cpu") == [None]   # a named device stays
 
 
 def test_pipeline_writes_table_plot_and_report(tmp_path):
