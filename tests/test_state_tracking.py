@@ -80,6 +80,12 @@ def test_a_time_budget_ends_training_and_completes_the_curriculum():
     assert curve[0]["length"] == 8 and all(point["loss"] > 0 for point in curve)
 
 
+def test_exact_batch_rate_counts_the_later_full_length_batches():
+    curve = [{"length": 8, "accuracy": 1.0}] + [{"length": 16, "accuracy": a} for a in (1.0, 0.5, 0.9999, 1.0, 1.0)]
+    assert run.exact_batch_rate(curve, 16) == 2 / 3          # the later half: 0.9999, 1.0, 1.0
+    assert run.exact_batch_rate(curve[:1], 16) is None       # training never reached the full length
+
+
 def test_saved_weights_may_share_memory(tmp_path):
     # on CUDA, cuDNN packs a GRU's weights into one buffer; safetensors refuses tensors that share memory
     torch.manual_seed(0)
