@@ -42,8 +42,8 @@ PRESETS = {
                 eval_batch_size=128, hidden_size=64, num_layers=2, num_heads=2, seeds=[0], jobs=2,
                 m2rnn_config={"m2rnn_k_head_dim": 32, "m2rnn_v_head_dim": 32}),
     # about 8 minutes of two H200s: S3 and S5, six M2RNN seeds (the outcome varies from seed to seed) and one of
-    # each other model, all 18 runs side by side, each training for 450 s (~14,000 steps at nine runs per GPU).
-    # Four heads of 32×32 states: in the H200 sweeps they extrapolated where eight heads of 16×16 did not.
+    # each other model, all 18 runs side by side, each training for 450 s (~15,600 steps at nine runs per GPU).
+    # Four heads of 32×32 states: in the H200 sweeps they fitted S3 more reliably than eight heads of 16×16.
     "gpu": dict(groups=["S3", "S5"], train_length=128, eval_lengths=[128, 256, 512, 1024], steps=100_000,
                 batch_size=128, eval_batch_size=256, hidden_size=128, num_layers=2, num_heads=4, seeds=[0],
                 m2rnn_seeds=[0, 1, 2, 3, 4, 5], max_seconds=450, jobs=18,
@@ -51,9 +51,10 @@ PRESETS = {
 }
 
 # Per-model peak learning rates (AdamW, warm-up then cosine decay). M2RNN needs a large one: its transitions
-# must saturate the tanh to act as a finite automaton. On S3 at length 128 (H200) lr 5e-3 did not fit in 330 s,
-# and lr 2e-2 fitted in 270 s but failed in 4 of 4 seeds over 450 s; 1e-2 is the rate of every run that
-# extrapolated to 4x in the sweeps. Llama and the GRU keep 2e-3 (the GRU solves S3 with it).
+# must saturate the tanh to act as a finite automaton. On S3 at length 128 (H200, eight heads of 16×16) lr 5e-3
+# did not fit in 330 s, and lr 2e-2 fitted in 270 s but in none of 8 runs over 450 s. With four heads of 32×32,
+# lr 1e-2 fitted in 3 of 4 sweep runs over 450 s and 2e-2 in none of 2 (results/gpu/RESULTS.md). Llama and the
+# GRU keep 2e-3 (the GRU solves S3 with it).
 LEARNING_RATES = {"m2rnn": 1e-2, "hybrid": 1e-2, "llama": 2e-3, "gru": 2e-3}
 EVAL_SEED = 12345   # the same test words for every run
 CURVE_EVERY = 100   # training steps between the points of a run's training curve in results.json
