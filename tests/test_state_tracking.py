@@ -107,16 +107,20 @@ def test_runs_are_spread_over_the_visible_gpus(monkeypatch):
     assert run.visible_gpus("cuda:1") == [None] and run.visible_gpus("cpu") == [None]   # a named device stays
 
 
-def test_pipeline_writes_table_plot_and_report(tmp_path):
+@pytest.fixture
+def main_threads():
+    """run.main uses one thread on the CPU; the other tests get theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_pipeline_writes_table_plot_and_report(tmp_path, main_threads):
     # --jobs 2: the runs go to two processes at a time and are merged; two seeds of m2rnn become two rows
     argv = ["--group", "S3", "--steps", "4", "--train-length", "8", "--eval-lengths", "8", "16", "--batch-size", "4",
             "--eval-batch-size", "4", "--hidden-size", "16", "--num-layers", "2", "--num-heads", "2",
             "--m2rnn-seeds", "0", "1", "--jobs", "2", "--save-models", "--device", "cpu", "--output", str(tmp_path)]
-    threads = torch.get_num_threads()
-    try:
-        run.main(argv)
-    finally:
-        torch.set_num_threads(threads)   # run.main uses one thread on the CPU; give the other tests theirs back
+    run.main(argv)
     results = json.loads((tmp_path / "results.json").read_text())
     rows = ["m2rnn seed 0", "m2rnn seed 1", *MODELS[1:]]
     assert list(results["groups"]["S3"]) == rows
@@ -140,13 +144,9 @@ def test_pipeline_writes_table_plot_and_report(tmp_path):
     assert {str(n): s for n, s in scores.items()} == runs["m2rnn seed 1"]["eval"]
 
 
-def test_a_failed_run_stops_the_study_with_its_error(tmp_path):
+def test_a_failed_run_stops_the_study_with_its_error(tmp_path, main_threads):
     argv = ["--models", "m2rnn", "gru", "--steps", "2", "--train-length", "8", "--eval-lengths", "8",
             "--batch-size", "2", "--hidden-size", "8", "--num-heads", "2", "--jobs", "2", "--device", "cpu",
             "--m2rnn-config", '{"m2rnn_v_head_dimm": 8}', "--output", str(tmp_path)]
-    threads = torch.get_num_threads()
-    try:
-        with pytest.raises(RuntimeError, match="not M2RNNConfig fields"):   # the child's error, in the parent's
-            run.main(argv)
-    finally:
-        torch.set_num_threads(threads)
+    with pytest.raises(RuntimeError, match="not M2RNNConfig fields"):   # the child's error, in the parent's
+        run.main(argv)

@@ -57,7 +57,8 @@ PRESETS = {
 # GRU keep 2e-3 (the GRU solves S3 with it).
 LEARNING_RATES = {"m2rnn": 1e-2, "hybrid": 1e-2, "llama": 2e-3, "gru": 2e-3}
 EVAL_SEED = 12345   # the same test words for every run
-CURVE_EVERY = 100   # training steps between the points of a run's training curve in results.json
+CURVE_EVERY = 100   # training steps between the points of a run's training curve in results.json (a multiple of
+                    # 10: the curve takes the points at which the progress bar already scored the batch)
 
 
 def peak_learning_rate(name: str, args) -> float:
