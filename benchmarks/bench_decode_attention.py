@@ -1,0 +1,71 @@
+"""One decode step of softmax attention over a static KV cache, as the hybrid's attention layers run it under
+`cache_implementation="static"`: which attention kernel, and how long.
+
+    PYTHONPATH=. python benchmarks/bench_decode_attention.py
+
+Shapes of the 400M hybrid: 16 heads of 64, a cache of 16512 slots (16384 prompt + 128 new tokens), of which the
+first `prompt` hold tokens and the rest are masked out. Every SDPA backend is timed, and the eager formula compiled
+by inductor, beside the floor (K and V of the whole cache read once at 4.2 TB/s). Errors are relative to a float32
+evaluation of the same formula.
+"""
+
+import torch
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from modeling_m2rnn.layers.attention import eager_attention_forward
+
+CACHE_LEN, HEADS, HEAD_DIM = 16512, 16, 64
+BACKENDS = {"sdpa (auto)": None, "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH,
+            "cudnn": SDPBackend.CUDNN_ATTENTION}
+
+
+class _Layer(torch.nn.Module):
+    """What eager_attention_forward reads of an attention layer: one query head per key/value head, no dropout."""
+
+    num_key_value_groups = 1
+
+
+LAYER = _Layer().eval()
+
+
+def eager(query, key, value, mask):
+    return eager_attention_forward(LAYER, query, key, value, mask, HEAD_DIM**-0.5)[0]
+
+
+def sdpa(backend):
+    def attend(query, key, value, mask):
+        if backend is None:
+            return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+        with sdpa_kernel(backend):
+            return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+    return attend
+
+
+def main():
+    compiled_eager = torch.compile(eager, dynamic=False)
+    for batch in (1, 16):
+        for prompt in (512, 16384):
+            query, key, value = (torch.randn(batch, HEADS, length, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+                                 for length in (1, CACHE_LEN, CACHE_LEN))
+            mask = torch.zeros(batch, 1, 1, CACHE_LEN, device="cuda", dtype=torch.bool)
+            mask[..., :prompt] = True
+            reference = eager(query.float(), key.float(), value.float(), mask).transpose(1, 2)
+            row = {}
+            kernels = {name: sdpa(backend) for name, backend in BACKENDS.items()}
+            kernels["compiled eager"] = lambda *inputs: compiled_eager(*inputs).transpose(1, 2)
+            for name, kernel in kernels.items():
+                try:
+                    out = kernel(query, key, value, mask)
+                except RuntimeError as error:   # a backend that does not take this case
+                    row[name] = repr(error)[:80]
+                    continue
+                error = ((out.float() - reference).norm() / reference.norm()).item()
+                micros = 1e3 * triton.testing.do_bench(lambda: kernel(query, key, value, mask), rep=200)
+                row[name] = f"{micros:.1f} us (rel. error {error:.1e})"
+            floor = 2 * batch * HEADS * CACHE_LEN * HEAD_DIM * 2 / 4.2e12 * 1e6
+            print(f"B={batch} prompt={prompt} floor {floor:.1f} us: {row}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
