@@ -5,6 +5,7 @@
     PYTHONPATH=. python benchmarks/bench_generate.py --tensor-guards-only          # opt-in: fewer host checks per token
     PYTHONPATH=. python benchmarks/bench_generate.py --profile --batches 1         # where a decode step's time goes
     PYTHONPATH=. python benchmarks/bench_generate.py --attn-implementation eager   # the hybrid's attention layers
+    PYTHONPATH=. python benchmarks/bench_generate.py --batches 1 --repeats 5        # each case timed 5 times
 
 Random weights in bf16, greedy decoding of `--new-tokens` tokens after prompts of each length. For each model,
 prompt length and batch size: prefill time (to the first token), ms per token after the prefill (the median
@@ -18,6 +19,7 @@ attention layers, plus the M2RNN states read and written) over 4.2 TB/s.
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -94,17 +96,23 @@ def time_generate(model, prompt, new_tokens: int, **options) -> tuple[float, flo
     return start.elapsed_time(clock.events[0]) / 1e3, intervals.median().item() / 1e3
 
 
-def measure(model, batch: int, prompt_len: int, new_tokens: int, mode: str, max_cache_len: int, compile_config: CompileConfig) -> dict:
+def measure(model, batch: int, prompt_len: int, new_tokens: int, mode: str, max_cache_len: int,
+            compile_config: CompileConfig, repeats: int = 1) -> dict:
+    """One case, timed `repeats` times after a warm-up: the medians, and every run's ms per token when repeated
+    (batch-1 compiled decoding can change speed within a process: benchmarks/RESULTS.md, 2026-11-30)."""
     prompt = torch.randint(1, model.config.vocab_size, (batch, prompt_len), device="cuda")
     options = static_compiled(max_cache_len, compile_config) if mode == "static_compiled" else {}
     start = time.perf_counter()
     model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False, **options)   # compiles, warms up
     first_call_s = time.perf_counter() - start
     torch.cuda.reset_peak_memory_stats()
-    prefill, seconds_per_token = time_generate(model, prompt, new_tokens, **options)
-    ms_per_token = 1e3 * seconds_per_token
+    runs = [time_generate(model, prompt, new_tokens, **options) for _ in range(repeats)]
+    prefill = statistics.median(prefill for prefill, _ in runs)
+    ms_per_token = 1e3 * statistics.median(seconds for _, seconds in runs)
     result = dict(ms_per_token=round(ms_per_token, 3), tokens_per_s=round(1e3 * batch / ms_per_token, 1),
                   prefill_ms=round(1e3 * prefill, 1), peak_GiB=round(torch.cuda.max_memory_allocated() / 2**30, 2))
+    if repeats > 1:
+        result["ms_per_token_runs"] = [round(1e3 * seconds, 3) for _, seconds in runs]
     if mode == "static_compiled":
         result["first_call_s"] = round(first_call_s, 1)
     return result
@@ -168,6 +176,8 @@ def main():
                         help="torch.compile mode of the static-cache decode step (both replay CUDA graphs)")
     parser.add_argument("--tensor-guards-only", action="store_true",
                         help="compile with torch.compiler.keep_tensor_guards_unsafe: less host time per token (opt-in)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="time each case this many times in a row and report the median and every run")
     parser.add_argument("--skip-logit-check", action="store_true",
                         help="skip the compiled-vs-eager logit comparison (one compile fewer per model)")
     parser.add_argument("--attn-implementation", default="sdpa", help="transformers attention of the attention layers")
@@ -206,7 +216,8 @@ def main():
                 for prompt_len in args.prompts:
                     key = f"{name}_{mode}_B{batch}_P{prompt_len}"
                     try:
-                        result = measure(model, batch, prompt_len, args.new_tokens, mode, max_cache_len, compile_config)
+                        result = measure(model, batch, prompt_len, args.new_tokens, mode, max_cache_len, compile_config,
+                                         args.repeats)
                     except Exception as error:   # keep the other measurements of a limited GPU session
                         report["results"][key] = {"error": repr(error)[:500]}
                         print(key, "FAILED", repr(error)[:500], flush=True)
