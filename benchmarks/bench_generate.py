@@ -180,7 +180,8 @@ def main():
                         help="time each case this many times in a row and report the median and every run")
     parser.add_argument("--skip-logit-check", action="store_true",
                         help="skip the compiled-vs-eager logit comparison (one compile fewer per model)")
-    parser.add_argument("--attn-implementation", default="sdpa", help="transformers attention of the attention layers")
+    parser.add_argument("--attn-implementation", help="transformers attention of the attention layers (default: the "
+                                                      "model's, sdpa)")
     parser.add_argument("--profile", action="store_true",
                         help="only profile each model's compiled decode at the first batch size, and print where it goes")
     args = parser.parse_args()
