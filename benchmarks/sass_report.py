@@ -66,13 +66,15 @@ def compile_sm90(kernel, constants: dict, pointer_types: dict, num_warps: int):
 
 def gpu_constants(config: KernelConfig) -> dict:
     """The dtype constants a CUDA launch with bf16 inputs gets."""
-    return dict(**dot_constants(torch.bfloat16, True, config), **gradient_constants(torch.bfloat16, True, config))
+    return dict(**dot_constants(torch.bfloat16, True, config, config.backward_warps),
+                **gradient_constants(torch.bfloat16, True, config))
 
 
 def forward(config: KernelConfig, store_checkpoints: bool):
     constants = dict(**SHAPE.head_constants(), HP=config.forward_heads_per_program,
                      BR=SHAPE.block_rows(config.forward_rows), CHUNK=config.chunk, HAS_H0=False, VARLEN=False,
-                     STORE_CHECKPOINTS=store_checkpoints, **dot_constants(torch.bfloat16, True, config))
+                     STORE_CHECKPOINTS=store_checkpoints,
+                     **dot_constants(torch.bfloat16, True, config, config.forward_warps))
     pointers = {name: "*bf16" for name in ("q_ptr", "k_ptr", "v_ptr", "W_ptr", "f_ptr", "h0_ptr", "y_ptr")}
     pointers.update(checkpoint_ptr="*fp16", cu_seqlens_ptr="*i32")
     return compile_sm90(scan_forward_kernel, constants, pointers, config.forward_warps)

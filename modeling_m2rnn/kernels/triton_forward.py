@@ -15,6 +15,8 @@ from .triton_step import (
     candidate,
     checkpoint_offsets,
     checkpoint_slot_shift,
+    column_sums,
+    column_sums_columns,
     head_rows_offsets,
     load_step,
     load_weights,
@@ -31,7 +33,7 @@ def scan_forward_kernel(
     N: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr, NV: tl.constexpr, NF: tl.constexpr, NW: tl.constexpr,
     K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HP: tl.constexpr, BR: tl.constexpr,
     CHUNK: tl.constexpr, HAS_H0: tl.constexpr, VARLEN: tl.constexpr, STORE_CHECKPOINTS: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr, LANE_SUMS: tl.constexpr,
 ):
     state_row = tl.program_id(0)
     heads = tl.program_id(1) * HP + tl.arange(0, HP)  # (HP,)
@@ -52,6 +54,9 @@ def scan_forward_kernel(
     y_partial_ptr = y_ptr + tl.program_id(2).to(tl.int64) * y_partial_stride
     y_offsets = heads[:, None] * V + rv[None, :]  # (HP, BV) within one (b, t) row of y
     y_mask = rv[None, :] < V
+    y_columns, y_lane_mask = column_sums_columns(HP, BV)
+    y_lane_offsets = heads[:, None, None, None] * V + y_columns
+    y_lane_mask = y_lane_mask & (y_columns < V)
 
     # The time axis in checkpoint chunks (see checkpoint_slot_shift), so that the checkpoint store sits outside
     # the step loop rather than behind a branch in every step.
@@ -67,9 +72,14 @@ def scan_forward_kernel(
             q_next, k_next, v_next, f_next = load_step(q_ptr, k_ptr, v_ptr, f_ptr, batch, t + 1, seq_len,
                                                        t + 1 < chunk_end, heads, rk, rv, N, NQ, NK, NV, NF, K, V)
             H = blend(H, candidate(H.to(DOT_DTYPE), W_dot, k_t, v_t, DOT_PRECISION, FAST_TANH), f_t)
-            y_t = tl.sum(q_t[:, :, None] * H, axis=1)  # (HP, BV), this row block's part
-            y_row = (batch * seq_len + t).to(tl.int64) * N * V
-            tl.store(y_partial_ptr + y_row + y_offsets, y_t.to(y_ptr.dtype.element_ty), mask=y_mask)
+            y_row = y_partial_ptr + (batch * seq_len + t).to(tl.int64) * N * V
+            # This row block's part of y_t
+            if LANE_SUMS:
+                y_t = column_sums(q_t[:, :, None] * H, HP, BR, BV)  # (HP, 8, BV // 16, 4)
+                tl.store(y_row + y_lane_offsets, y_t.to(y_ptr.dtype.element_ty), mask=y_lane_mask)
+            else:
+                y_t = tl.sum(q_t[:, :, None] * H, axis=1)  # (HP, BV)
+                tl.store(y_row + y_offsets, y_t.to(y_ptr.dtype.element_ty), mask=y_mask)
             q_t, k_t, v_t, f_t = q_next, k_next, v_next, f_next
 
     tl.store(h_final_ptr + state_base + state_offsets, H, mask=state_mask)

@@ -136,3 +136,73 @@ def blend(H, Z, f_t):
     """H_t = f_t H_{t-1} + (1 - f_t) Z_t; H, Z (HP, BR, BV), f_t (HP,)."""
     f = f_t[:, None, None]
     return f * H + (1.0 - f) * Z
+
+
+# Row and column sums by hand. A state block (HP, BR, BV) on one warp sits in the tensor cores' accumulator
+# layout: lane = 4g + j holds rows i·8 + g (i < BR / 8) and columns a·8 + 2j + e (a < BV / 8, e < 2). tl.sum
+# sums every value it holds, then reduces across the lanes with one shuffle per value and lane bit. The sums
+# below halve the values a lane carries at each lane bit instead (a reduce-scatter: send one half, keep the
+# other), so after the last bit each lane holds distinct sums, which it stores itself: fewer shuffles and no
+# shared-memory round trip to the store's layout. GPU only (inline assembly), for 16-bit tensor-core blocks
+# on one warp; elsewhere the kernels use tl.sum.
+
+@triton.jit
+def _shuffle_xor(x, lane_bits):
+    """x (float32) from the lane whose index differs from this lane's in `lane_bits` (int32, x's shape)."""
+    return tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, $2, 0x1f, 0xffffffff;", "=r,r,r", [x, lane_bits],
+                                     dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _halve(first, second, keeps_second, LANE_BIT: tl.constexpr):
+    """One reduce-scatter step over LANE_BIT: a lane keeps `second` where `keeps_second` (its LANE_BIT is set)
+    and `first` elsewhere, sends the other to its partner, and adds what the partner sent."""
+    send = tl.where(keeps_second, first, second)
+    keep = tl.where(keeps_second, second, first)
+    return keep + _shuffle_xor(send, tl.full(send.shape, LANE_BIT, tl.int32))
+
+
+@triton.jit
+def column_sums(x, HP: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr):
+    """Σ over the rows of x (HP, BR, BV) as (HP, 8, BV // 16, 4): entry (h, g, b, j) holds column
+    column_sums_columns(...)[h, g, b, j] of head h; entries with g >= 4 repeat those with g - 4."""
+    # (HP, 8 g, BV // 16, 2 a_low, 4 j, 2 e): each lane's own rows summed first
+    x = tl.sum(tl.reshape(x, (HP, BR // 8, 8, BV // 16, 2, 4, 2)), axis=1)
+    g = tl.arange(0, 8)[None, :, None, None, None]
+    first, second = tl.split(tl.permute(x, (0, 1, 2, 4, 5, 3)))
+    x = _halve(first, second, (g & 1) == 1, 4)  # lane bit 2 = g bit 0 keeps a_low
+    first, second = tl.split(x)
+    x = _halve(first, second, (tl.reshape(g, (1, 8, 1, 1)) & 2) == 2, 8)  # g bit 1 keeps e
+    return x + _shuffle_xor(x, tl.full(x.shape, 16, tl.int32))
+
+
+@triton.jit
+def column_sums_columns(HP: tl.constexpr, BV: tl.constexpr):
+    """(HP, 8, BV // 16, 4) column of each entry of column_sums, and the mask of the entries that own it."""
+    g = tl.arange(0, 8)[None, :, None, None]
+    b = tl.arange(0, BV // 16)[None, None, :, None]
+    j = tl.arange(0, 4)[None, None, None, :]
+    column = tl.broadcast_to(b * 16 + (g & 1) * 8 + 2 * j + (g >> 1 & 1), (HP, 8, BV // 16, 4))
+    return column, g < 4
+
+
+@triton.jit
+def row_sums(x, HP: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr):
+    """Σ over the heads and columns of x (HP, BR, BV), BR >= 32, as (BR // 32, 8, 4): entry (c, g, j) holds
+    row c·32 + j·8 + g, every row once."""
+    # (HP, BR // 32, 2 i_high, 2 i_low, 8 g, 4 j): each lane's own columns summed first
+    x = tl.sum(tl.sum(tl.reshape(x, (HP, BR // 32, 2, 2, 8, BV // 8, 4, 2)), axis=7), axis=5)
+    j = tl.arange(0, 4)[None, None, :, None]
+    first, second = tl.split(tl.permute(tl.sum(x, axis=0), (0, 3, 4, 1, 2)))
+    x = _halve(first, second, (j & 1) == 1, 1)  # lane bit 0 = j bit 0 keeps i_low
+    first, second = tl.split(x)
+    return _halve(first, second, (tl.reshape(j, (1, 1, 4)) & 2) == 2, 2)  # j bit 1 keeps i_high
+
+
+@triton.jit
+def row_sums_rows(BR: tl.constexpr):
+    """(BR // 32, 8, 4) row of each entry of row_sums."""
+    c = tl.arange(0, BR // 32)[:, None, None]
+    g = tl.arange(0, 8)[None, :, None]
+    j = tl.arange(0, 4)[None, None, :]
+    return c * 32 + j * 8 + g
