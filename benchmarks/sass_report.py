@@ -58,10 +58,11 @@ def signature(kernel, constants: dict, pointer_types: dict) -> tuple[dict, dict]
     return types, attributes
 
 
-def compile_sm90(kernel, constants: dict, pointer_types: dict, num_warps: int):
+def compile_sm90(kernel, constants: dict, pointer_types: dict, num_warps: int, max_registers=None):
     types, attributes = signature(kernel, constants, pointer_types)
     source = ASTSource(fn=kernel, signature=types, constexprs=constants, attrs=attributes)
-    return triton.compile(source, target=TARGET, options=dict(num_warps=num_warps))
+    options = dict(num_warps=num_warps, **({"maxnreg": max_registers} if max_registers is not None else {}))
+    return triton.compile(source, target=TARGET, options=options)
 
 
 def gpu_constants(config: KernelConfig) -> dict:
@@ -86,7 +87,7 @@ def backward(config: KernelConfig):
                      **gpu_constants(config))
     pointers = {name: "*bf16" for name in ("q_ptr", "k_ptr", "v_ptr", "W_ptr", "f_ptr", "dy_ptr", "dv_ptr")}
     pointers.update(checkpoint_ptr="*fp16", scratch_ptr="*fp16", cu_seqlens_ptr="*i32")
-    return compile_sm90(scan_backward_kernel, constants, pointers, config.backward_warps)
+    return compile_sm90(scan_backward_kernel, constants, pointers, config.backward_warps, config.backward_max_registers)
 
 
 def disassemble(compiled) -> tuple[list[tuple[int, str, int | None]], str]:

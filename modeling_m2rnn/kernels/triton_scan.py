@@ -52,6 +52,11 @@ class KernelConfig:
     # 11.3 ms, 2 heads on 2 warps 14.1 ms, 4 on 4 warps 18.5 ms.
     backward_max_heads_per_program: int = 1
     backward_warps: int = 1
+    # Register cap of a backward program (ptxas maxnreg; GPU only). 65,536 registers per SM hold 11 one-warp
+    # programs of at most 184 registers each, so the 400M shape's 1,344 programs run in one wave on 132 SMs.
+    # Uncapped, the count depends on the input dtypes and the Triton version: triton 3.6 gave the lane-sum
+    # kernel 189 registers for float32 W, and forward+backward took 14.5 ms instead of 11.1 (benchmarks/RESULTS.md).
+    backward_max_registers: Optional[int] = 184
     # The backward walks the time axis in segments of whole chunks, one launch each, so that the float32
     # dq, dk partials (B, segment, N / heads, K) stay within this many MiB (at least one chunk); the dv, df
     # partials of the row blocks are one segment long too.
@@ -139,6 +144,11 @@ def gradient_constants(dtype: torch.dtype, on_gpu: bool, config: KernelConfig) -
     if config.backward_products == "bf16" and on_gpu:
         return dict(GRAD_DTYPE=tl.bfloat16, GRAD_PRECISION="ieee")
     return dict(GRAD_DTYPE=tl.float32, GRAD_PRECISION="tf32")
+
+
+def _register_cap(device: torch.device, max_registers: Optional[int]) -> dict:
+    """Launch option capping a program's registers on the GPU (the interpreter takes no such option)."""
+    return dict(maxnreg=max_registers) if device.type == "cuda" and max_registers is not None else {}
 
 
 def _dot_torch_dtype(x: torch.Tensor) -> torch.dtype:
@@ -291,7 +301,7 @@ def scan_backward_op(
             **shape.head_constants(), HP=heads, BR=rows, CHUNK=CONFIG.chunk, VARLEN=shape.varlen,
             CLIP=gradient_clipping is not None, **dot_constants(v.dtype, v.is_cuda, CONFIG, CONFIG.backward_warps),
             **gradient_constants(v.dtype, v.is_cuda, CONFIG),
-            num_warps=CONFIG.backward_warps,
+            num_warps=CONFIG.backward_warps, **_register_cap(device, CONFIG.backward_max_registers),
         )
         steps = segment_end - segment_start
         # Summed in float32; the copy into dq, dk rounds once to their dtype.
