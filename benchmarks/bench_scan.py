@@ -45,11 +45,11 @@ def relative_error(out, ref) -> float:
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
-def make_inputs(B, S, N, K=64, V=16, nqk=1, dtype=torch.bfloat16, initial_state=True, num_states=None):
+def make_inputs(B, S, N, K=64, V=16, nqk=1, dtype=torch.bfloat16, initial_state=True, num_states=None, W_dtype=None):
     q = torch.randn(B, S, nqk, K, device="cuda").to(dtype)
     k = (torch.randn(B, S, nqk, K, device="cuda") / K**0.5).to(dtype)
     v = torch.randn(B, S, N, V, device="cuda").to(dtype)
-    W = (torch.randn(N, V, V, device="cuda") / V**0.5).to(dtype)
+    W = (torch.randn(N, V, V, device="cuda") / V**0.5).to(W_dtype or dtype)
     f = 0.5 + 0.45 * torch.rand(B, S, N, device="cuda")
     h0 = 0.5 * torch.randn(num_states or B, N, K, V, device="cuda") if initial_state else None
     return [q, k, v, W, f, h0]
@@ -68,6 +68,8 @@ def check_correctness(log) -> dict:
     cases = {
         "bf16_400m_like": (dict(B=2, S=300, N=8), torch.bfloat16, 1.0, None, BF16_BOUND),
         "bf16_odd_dims": (dict(B=2, S=129, N=6, K=48, V=12, nqk=2), torch.bfloat16, None, None, BF16_BOUND),
+        # The model's mix: W a float32 parameter beside bf16 activations (a separately compiled kernel).
+        "bf16_float32_W": (dict(B=2, S=257, N=8, W_dtype=torch.float32), torch.bfloat16, 1.0, None, BF16_BOUND),
         "fp32_packed": (dict(B=1, S=200, N=4, num_states=4), torch.float32, 0.5,
                         torch.tensor([0, 1, 70, 71, 200], device="cuda"), 1e-4),
     }
