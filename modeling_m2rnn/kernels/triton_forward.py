@@ -33,6 +33,7 @@ def scan_forward_kernel(
     N: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr, NV: tl.constexpr, NF: tl.constexpr, NW: tl.constexpr,
     K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HP: tl.constexpr, BR: tl.constexpr,
     CHUNK: tl.constexpr, HAS_H0: tl.constexpr, VARLEN: tl.constexpr, STORE_CHECKPOINTS: tl.constexpr,
+    PREFETCH: tl.constexpr,  # 1 or 2: how many steps ahead the inputs are loaded
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr, LANE_SUMS: tl.constexpr,
 ):
     state_row = tl.program_id(0)
@@ -65,12 +66,15 @@ def scan_forward_kernel(
         chunk_end = tl.minimum(end, chunk * CHUNK + CHUNK)
         if STORE_CHECKPOINTS:
             tl.store(checkpoint_ptr + checkpoint_offs + chunk * BK * BV, H.to(checkpoint_ptr.dtype.element_ty))
-        # Step t+1's inputs are loaded while step t computes, so their latency is off the step chain.
+        # Step t + PREFETCH's inputs are loaded while step t computes, so their latency is off the step chain.
         q_t, k_t, v_t, f_t = load_step(q_ptr, k_ptr, v_ptr, f_ptr, batch, chunk_start, seq_len, True,
                                        heads, rk, rv, N, NQ, NK, NV, NF, K, V)
+        q_1, k_1, v_1, f_1 = load_step(q_ptr, k_ptr, v_ptr, f_ptr, batch, chunk_start + 1, seq_len,
+                                       chunk_start + 1 < chunk_end, heads, rk, rv, N, NQ, NK, NV, NF, K, V)
         for t in range(chunk_start, chunk_end):
-            q_next, k_next, v_next, f_next = load_step(q_ptr, k_ptr, v_ptr, f_ptr, batch, t + 1, seq_len,
-                                                       t + 1 < chunk_end, heads, rk, rv, N, NQ, NK, NV, NF, K, V)
+            q_next, k_next, v_next, f_next = load_step(q_ptr, k_ptr, v_ptr, f_ptr, batch, t + PREFETCH, seq_len,
+                                                       t + PREFETCH < chunk_end, heads, rk, rv,
+                                                       N, NQ, NK, NV, NF, K, V)
             H = blend(H, candidate(H.to(DOT_DTYPE), W_dot, k_t, v_t, DOT_PRECISION, FAST_TANH), f_t)
             y_row = y_partial_ptr + (batch * seq_len + t).to(tl.int64) * N * V
             # This row block's part of y_t
@@ -80,6 +84,10 @@ def scan_forward_kernel(
             else:
                 y_t = tl.sum(q_t[:, :, None] * H, axis=1)  # (HP, BV)
                 tl.store(y_row + y_offsets, y_t.to(y_ptr.dtype.element_ty), mask=y_mask)
-            q_t, k_t, v_t, f_t = q_next, k_next, v_next, f_next
+            if PREFETCH == 1:
+                q_t, k_t, v_t, f_t = q_next, k_next, v_next, f_next
+            else:
+                q_t, k_t, v_t, f_t = q_1, k_1, v_1, f_1
+                q_1, k_1, v_1, f_1 = q_next, k_next, v_next, f_next
 
     tl.store(h_final_ptr + state_base + state_offsets, H, mask=state_mask)
