@@ -119,8 +119,8 @@ def scan_backward_kernel(
             H_dot = H.to(DOT_DTYPE)
             tl.store(scratch_base + (t - chunk_start) * HP * BR * BV + block_offsets, H_dot)
             H = blend(H, candidate(H_dot, W_dot, k_t, v_t, DOT_PRECISION, FAST_TANH), f_t)
-            _store_row_sums(dq_ptr + _partial_row(batch, t, segment_start, segment_steps, N, HP, K), H * dy_t[:, None, :],
-                            head_block, HP, BR, BV, K, LANE_SUMS)
+            dq_row = dq_ptr + _partial_row(batch, t, segment_start, segment_steps, N, HP, K)
+            _store_row_sums(dq_row, H * dy_t[:, None, :], head_block, HP, BR, BV, K, LANE_SUMS)
             k_t, v_t, f_t = k_next, v_next, f_next
         # Global writes of one thread become visible to the others at a barrier.
         tl.debug_barrier()
@@ -151,8 +151,8 @@ def scan_backward_kernel(
             dH = f * G + tl.dot(dA_dot, W_t, input_precision=GRAD_PRECISION)
             dW += tl.dot(tl.permute(H_prev.to(GRAD_DTYPE), (0, 2, 1)), dA_dot, input_precision=GRAD_PRECISION)
 
-            _store_row_sums(dk_ptr + _partial_row(batch, t, segment_start, segment_steps, N, HP, K), dA * v_t[:, None, :],
-                            head_block, HP, BR, BV, K, LANE_SUMS)
+            dk_row = dk_ptr + _partial_row(batch, t, segment_start, segment_steps, N, HP, K)
+            _store_row_sums(dk_row, dA * v_t[:, None, :], head_block, HP, BR, BV, K, LANE_SUMS)
             row = (batch * segment_steps + t - segment_start).to(tl.int64)
             # This row block's part of dv_t
             if LANE_SUMS:
