@@ -67,7 +67,8 @@ def compile_sm90(kernel, constants: dict, pointer_types: dict, num_warps: int, m
 
 def gpu_constants(config: KernelConfig) -> dict:
     """The dtype constants a CUDA launch with bf16 inputs gets."""
-    return dict(**dot_constants(torch.bfloat16, True, config, config.backward_warps),
+    return dict(**dot_constants(torch.bfloat16, True, config, config.backward_warps,
+                              config.backward_max_heads_per_program),
                 **gradient_constants(torch.bfloat16, True, config))
 
 
@@ -75,7 +76,8 @@ def forward(config: KernelConfig, store_checkpoints: bool, prefetch: int = 1):
     constants = dict(**SHAPE.head_constants(), HP=config.forward_heads_per_program,
                      BR=SHAPE.block_rows(config.forward_rows), CHUNK=config.chunk, HAS_H0=False, VARLEN=False,
                      STORE_CHECKPOINTS=store_checkpoints, PREFETCH=prefetch,
-                     **dot_constants(torch.bfloat16, True, config, config.forward_warps))
+                     **dot_constants(torch.bfloat16, True, config, config.forward_warps,
+                                    config.forward_heads_per_program))
     pointers = {name: "*bf16" for name in ("q_ptr", "k_ptr", "v_ptr", "W_ptr", "f_ptr", "h0_ptr", "y_ptr")}
     pointers.update(checkpoint_ptr="*fp16", cu_seqlens_ptr="*i32")
     return compile_sm90(scan_forward_kernel, constants, pointers, config.forward_warps)

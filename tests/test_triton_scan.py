@@ -208,14 +208,15 @@ def test_ops_pass_opcheck_and_compile_without_graph_breaks():
 
 def test_gpu_only_paths_are_chosen_as_documented():
     """The inline-assembly paths (fast tanh, lane sums) and the register cap go to GPU launches only, and the
-    lane sums only to 16-bit inputs on one-warp programs, whose layout they assume."""
+    lane sums only to 16-bit inputs on one-warp, one-head programs (the layout they assume, as checked on the GPU)."""
     config = KernelConfig()
-    gpu_bf16 = triton_scan.dot_constants(torch.bfloat16, True, config, warps=1)
+    gpu_bf16 = triton_scan.dot_constants(torch.bfloat16, True, config, warps=1, heads=1)
     assert gpu_bf16["FAST_TANH"] and gpu_bf16["LANE_SUMS"]
-    assert not triton_scan.dot_constants(torch.bfloat16, True, config, warps=2)["LANE_SUMS"]
-    assert not triton_scan.dot_constants(torch.bfloat16, True, KernelConfig(lane_sums=False), warps=1)["LANE_SUMS"]
+    assert not triton_scan.dot_constants(torch.bfloat16, True, config, warps=2, heads=1)["LANE_SUMS"]
+    assert not triton_scan.dot_constants(torch.bfloat16, True, config, warps=1, heads=2)["LANE_SUMS"]
+    assert not triton_scan.dot_constants(torch.bfloat16, True, KernelConfig(lane_sums=False), 1, 1)["LANE_SUMS"]
     for dtype, on_gpu in ((torch.float32, True), (torch.bfloat16, False)):
-        constants = triton_scan.dot_constants(dtype, on_gpu, config, warps=1)
+        constants = triton_scan.dot_constants(dtype, on_gpu, config, warps=1, heads=1)
         assert not constants["FAST_TANH"] and not constants["LANE_SUMS"]
     assert triton_scan._register_cap(torch.device("cuda"), 184) == {"maxnreg": 184}
     assert triton_scan._register_cap(torch.device("cpu"), 184) == {}

@@ -126,17 +126,17 @@ class ScanShape:
                     K=self.key_dim, V=self.value_dim, BK=self.block_k, BV=self.block_v)
 
 
-def dot_constants(dtype: torch.dtype, on_gpu: bool, config: KernelConfig, warps: int) -> dict:
-    """Kernel constants that depend on the input dtype, the device and the warps of a program (see the
-    module doc). The interpreter has no inline assembly; the lane sums also assume one warp's tensor-core
-    accumulator layout (see triton_step.column_sums)."""
+def dot_constants(dtype: torch.dtype, on_gpu: bool, config: KernelConfig, warps: int, heads: int) -> dict:
+    """Kernel constants that depend on the input dtype, the device and a program's warps and heads (see the
+    module doc). The interpreter has no inline assembly. The lane sums also assume one warp's tensor-core
+    accumulator layout (see triton_step.column_sums); they are checked on the GPU with one head per program."""
     full = dtype == torch.float32
     fast = on_gpu and not full
     return dict(
         DOT_DTYPE=tl.float32 if full else tl.float16,
         DOT_PRECISION="ieee",
         FAST_TANH=config.fast_tanh and fast,
-        LANE_SUMS=config.lane_sums and fast and warps == 1,
+        LANE_SUMS=config.lane_sums and fast and warps == 1 and heads == 1,
     )
 
 
@@ -239,7 +239,7 @@ def _scan_forward(q, k, v, W, f, initial_state, cu_seqlens, store_checkpoints):
         **shape.head_constants(), HP=heads, BR=shape.block_rows(rows), CHUNK=CONFIG.chunk,
         HAS_H0=initial_state is not None, VARLEN=shape.varlen, STORE_CHECKPOINTS=store_checkpoints,
         PREFETCH=_forward_prefetch(shape, v.device, math.prod(grid)),
-        **dot_constants(v.dtype, v.is_cuda, CONFIG, CONFIG.forward_warps), num_warps=CONFIG.forward_warps,
+        **dot_constants(v.dtype, v.is_cuda, CONFIG, CONFIG.forward_warps, heads), num_warps=CONFIG.forward_warps,
     )
     return _sum_row_blocks(y_partials), final_state, checkpoints
 
@@ -314,7 +314,7 @@ def scan_backward_op(
             S, shape.num_checkpoint_slots(CONFIG.chunk), gradient_clipping or 0.0,
             segment_start, segment_end, segment, B * segment,
             **shape.head_constants(), HP=heads, BR=rows, CHUNK=CONFIG.chunk, VARLEN=shape.varlen,
-            CLIP=gradient_clipping is not None, **dot_constants(v.dtype, v.is_cuda, CONFIG, CONFIG.backward_warps),
+            CLIP=gradient_clipping is not None, **dot_constants(v.dtype, v.is_cuda, CONFIG, CONFIG.backward_warps, heads),
             **gradient_constants(v.dtype, v.is_cuda, CONFIG),
             num_warps=CONFIG.backward_warps, **_register_cap(device, CONFIG.backward_max_registers),
         )
