@@ -144,7 +144,7 @@ def blend(H, Z, f_t):
 # below halve the values a lane carries at each lane bit instead (a reduce-scatter: send one half, keep the
 # other), so after the last bit each lane holds distinct sums, which it stores itself: fewer shuffles and no
 # shared-memory round trip to the store's layout. GPU only (inline assembly), for 16-bit tensor-core blocks
-# on one warp; elsewhere the kernels use tl.sum.
+# on one warp (launched for one head per program, the case checked on the GPU); elsewhere the kernels use tl.sum.
 
 @triton.jit
 def _shuffle_xor(x, lane_bits):
