@@ -24,16 +24,14 @@ from .triton_step import (
     candidate,
     checkpoint_offsets,
     checkpoint_slot_shift,
-    column_sums,
-    column_sums_columns,
     head_rows_offsets,
     load_step,
     load_weights,
     padded_block_offsets,
     row_block,
-    row_sums,
-    row_sums_rows,
     sequence_bounds,
+    store_column_sums,
+    store_row_sums,
 )
 
 
@@ -88,12 +86,6 @@ def scan_backward_kernel(
     partial_rows = rows_block.to(tl.int64) * row_block_steps
     dv_partial_ptr = dv_ptr + partial_rows * N * V
     df_partial_ptr = df_ptr + partial_rows * N
-    v_offsets = heads[:, None] * V + rv[None, :]
-    v_mask = rv[None, :] < V
-    # Where the lane sums (LANE_SUMS) of dv_t land: see column_sums.
-    v_columns, lane_v_mask = column_sums_columns(HP, BV)
-    lane_v_offsets = heads[:, None, None, None] * V + v_columns
-    lane_v_mask = lane_v_mask & (v_columns < V)
 
     # The chunks of this sequence inside the segment (segment bounds are chunk bounds).
     lo = tl.maximum(start, segment_start)
@@ -120,7 +112,7 @@ def scan_backward_kernel(
             tl.store(scratch_base + (t - chunk_start) * HP * BR * BV + block_offsets, H_dot)
             H = blend(H, candidate(H_dot, W_dot, k_t, v_t, DOT_PRECISION, FAST_TANH), f_t)
             dq_row = dq_ptr + _partial_row(batch, t, segment_start, segment_steps, N, HP, K)
-            _store_row_sums(dq_row, H * dy_t[:, None, :], head_block, HP, BR, BV, K, LANE_SUMS)
+            store_row_sums(dq_row, H * dy_t[:, None, :], head_block, HP, BR, BV, K, LANE_SUMS)
             k_t, v_t, f_t = k_next, v_next, f_next
         # Global writes of one thread become visible to the others at a barrier.
         tl.debug_barrier()
@@ -152,16 +144,10 @@ def scan_backward_kernel(
             dW += tl.dot(tl.permute(H_prev.to(GRAD_DTYPE), (0, 2, 1)), dA_dot, input_precision=GRAD_PRECISION)
 
             dk_row = dk_ptr + _partial_row(batch, t, segment_start, segment_steps, N, HP, K)
-            _store_row_sums(dk_row, dA * v_t[:, None, :], head_block, HP, BR, BV, K, LANE_SUMS)
+            store_row_sums(dk_row, dA * v_t[:, None, :], head_block, HP, BR, BV, K, LANE_SUMS)
             row = (batch * segment_steps + t - segment_start).to(tl.int64)
             # This row block's part of dv_t
-            if LANE_SUMS:
-                dv_t = column_sums(dA * k_t[:, :, None], HP, BR, BV)  # (HP, 8, BV // 16, 4)
-                tl.store(dv_partial_ptr + row * N * V + lane_v_offsets, dv_t.to(dv_ptr.dtype.element_ty),
-                         mask=lane_v_mask)
-            else:
-                dv_t = tl.sum(dA * k_t[:, :, None], axis=1)  # (HP, BV)
-                tl.store(dv_partial_ptr + row * N * V + v_offsets, dv_t.to(dv_ptr.dtype.element_ty), mask=v_mask)
+            store_column_sums(dv_partial_ptr + row * N * V, dA * k_t[:, :, None], heads, HP, BR, BV, V, LANE_SUMS)
             df_t = tl.sum(tl.sum(G * (H_prev32 - Z), axis=2), axis=1)  # (HP,), this row block's part
             tl.store(df_partial_ptr + row * N + heads, df_t)
 
@@ -181,16 +167,3 @@ def scan_backward_kernel(
 def _partial_row(batch, t, segment_start, segment_steps, N: tl.constexpr, HP: tl.constexpr, K: tl.constexpr):
     """Offset of step t's row in a (B, segment_steps, N // HP, K) partial of dq or dk."""
     return (batch * segment_steps + t - segment_start).to(tl.int64) * (N // HP) * K
-
-
-@triton.jit
-def _store_row_sums(row_ptr, x, head_block, HP: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr, K: tl.constexpr,
-                    LANE_SUMS: tl.constexpr):
-    """Stores Σ over the heads and columns of x (HP, BR, BV), the program's rows of a dq or dk partial, in the
-    (…, N // HP, K) row at row_ptr."""
-    if LANE_SUMS and BR >= 32:
-        rows = tl.program_id(2) * BR + row_sums_rows(BR)  # (BR // 32, 8, 4)
-        tl.store(row_ptr + head_block * K + rows, row_sums(x, HP, BR, BV), mask=rows < K)
-    else:
-        rows = row_block(BR)
-        tl.store(row_ptr + head_block * K + rows, tl.sum(tl.sum(x, axis=2), axis=0), mask=rows < K)

@@ -15,13 +15,12 @@ from .triton_step import (
     candidate,
     checkpoint_offsets,
     checkpoint_slot_shift,
-    column_sums,
-    column_sums_columns,
     head_rows_offsets,
     load_step,
     load_weights,
     row_block,
     sequence_bounds,
+    store_column_sums,
 )
 
 
@@ -53,11 +52,6 @@ def scan_forward_kernel(
     checkpoint_offs = checkpoint_offsets(batch, heads, rk, checkpoint_slot_shift(state_row, VARLEN), num_slots,
                                          N, BK, BV)  # (HP, BR, BV), chunk 0's slot
     y_partial_ptr = y_ptr + tl.program_id(2).to(tl.int64) * y_partial_stride
-    y_offsets = heads[:, None] * V + rv[None, :]  # (HP, BV) within one (b, t) row of y
-    y_mask = rv[None, :] < V
-    y_columns, y_lane_mask = column_sums_columns(HP, BV)
-    y_lane_offsets = heads[:, None, None, None] * V + y_columns
-    y_lane_mask = y_lane_mask & (y_columns < V)
 
     # The time axis in checkpoint chunks (see checkpoint_slot_shift), so that the checkpoint store sits outside
     # the step loop rather than behind a branch in every step.
@@ -77,13 +71,7 @@ def scan_forward_kernel(
                                                        N, NQ, NK, NV, NF, K, V)
             H = blend(H, candidate(H.to(DOT_DTYPE), W_dot, k_t, v_t, DOT_PRECISION, FAST_TANH), f_t)
             y_row = y_partial_ptr + (batch * seq_len + t).to(tl.int64) * N * V
-            # This row block's part of y_t
-            if LANE_SUMS:
-                y_t = column_sums(q_t[:, :, None] * H, HP, BR, BV)  # (HP, 8, BV // 16, 4)
-                tl.store(y_row + y_lane_offsets, y_t.to(y_ptr.dtype.element_ty), mask=y_lane_mask)
-            else:
-                y_t = tl.sum(q_t[:, :, None] * H, axis=1)  # (HP, BV)
-                tl.store(y_row + y_offsets, y_t.to(y_ptr.dtype.element_ty), mask=y_mask)
+            store_column_sums(y_row, q_t[:, :, None] * H, heads, HP, BR, BV, V, LANE_SUMS)  # this row block's part
             if PREFETCH == 1:
                 q_t, k_t, v_t, f_t = q_next, k_next, v_next, f_next
             else:

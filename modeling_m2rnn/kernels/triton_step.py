@@ -163,9 +163,9 @@ def _halve(first, second, keeps_second, LANE_BIT: tl.constexpr):
 
 
 @triton.jit
-def column_sums(x, HP: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr):
+def _column_sums(x, HP: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr):
     """Σ over the rows of x (HP, BR, BV) as (HP, 8, BV // 16, 4): entry (h, g, b, j) holds column
-    column_sums_columns(...)[h, g, b, j] of head h; entries with g >= 4 repeat those with g - 4."""
+    _column_sums_columns(...)[h, g, b, j] of head h; entries with g >= 4 repeat those with g - 4."""
     # (HP, 8 g, BV // 16, 2 a_low, 4 j, 2 e): each lane's own rows summed first
     x = tl.sum(tl.reshape(x, (HP, BR // 8, 8, BV // 16, 2, 4, 2)), axis=1)
     g = tl.arange(0, 8)[None, :, None, None, None]
@@ -177,8 +177,8 @@ def column_sums(x, HP: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr):
 
 
 @triton.jit
-def column_sums_columns(HP: tl.constexpr, BV: tl.constexpr):
-    """(HP, 8, BV // 16, 4) column of each entry of column_sums, and the mask of the entries that own it."""
+def _column_sums_columns(HP: tl.constexpr, BV: tl.constexpr):
+    """(HP, 8, BV // 16, 4) column of each entry of _column_sums, and the mask of the entries that own it."""
     g = tl.arange(0, 8)[None, :, None, None]
     b = tl.arange(0, BV // 16)[None, None, :, None]
     j = tl.arange(0, 4)[None, None, None, :]
@@ -187,7 +187,7 @@ def column_sums_columns(HP: tl.constexpr, BV: tl.constexpr):
 
 
 @triton.jit
-def row_sums(x, HP: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr):
+def _row_sums(x, HP: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr):
     """Σ over the heads and columns of x (HP, BR, BV), BR >= 32, as (BR // 32, 8, 4): entry (c, g, j) holds
     row c·32 + j·8 + g, every row once."""
     # (HP, BR // 32, 2 i_high, 2 i_low, 8 g, 4 j): each lane's own columns summed first
@@ -200,9 +200,38 @@ def row_sums(x, HP: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr):
 
 
 @triton.jit
-def row_sums_rows(BR: tl.constexpr):
-    """(BR // 32, 8, 4) row of each entry of row_sums."""
+def _row_sums_rows(BR: tl.constexpr):
+    """(BR // 32, 8, 4) row of each entry of _row_sums."""
     c = tl.arange(0, BR // 32)[:, None, None]
     g = tl.arange(0, 8)[None, :, None]
     j = tl.arange(0, 4)[None, None, :]
     return c * 32 + j * 8 + g
+
+
+@triton.jit
+def store_column_sums(row_ptr, x, heads, HP: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr, V: tl.constexpr,
+                      LANE_SUMS: tl.constexpr):
+    """Stores Σ over the rows of x (HP, BR, BV), the program's part of y_t or dv_t, in row_ptr's dtype into the
+    (N, V) row at row_ptr (columns of `heads`)."""
+    if LANE_SUMS:
+        columns, owned = _column_sums_columns(HP, BV)  # (HP, 8, BV // 16, 4)
+        sums = _column_sums(x, HP, BR, BV)
+        tl.store(row_ptr + heads[:, None, None, None] * V + columns, sums.to(row_ptr.dtype.element_ty),
+                 mask=owned & (columns < V))
+    else:
+        columns = tl.arange(0, BV)[None, :]
+        sums = tl.sum(x, axis=1)  # (HP, BV)
+        tl.store(row_ptr + heads[:, None] * V + columns, sums.to(row_ptr.dtype.element_ty), mask=columns < V)
+
+
+@triton.jit
+def store_row_sums(row_ptr, x, head_block, HP: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr, K: tl.constexpr,
+                   LANE_SUMS: tl.constexpr):
+    """Stores Σ over the heads and columns of x (HP, BR, BV), the program's rows of a dq or dk partial, in the
+    (…, N // HP, K) row at row_ptr."""
+    if LANE_SUMS and BR >= 32:
+        rows = tl.program_id(2) * BR + _row_sums_rows(BR)  # (BR // 32, 8, 4)
+        tl.store(row_ptr + head_block * K + rows, _row_sums(x, HP, BR, BV), mask=rows < K)
+    else:
+        rows = row_block(BR)
+        tl.store(row_ptr + head_block * K + rows, tl.sum(tl.sum(x, axis=2), axis=0), mask=rows < K)
