@@ -1,9 +1,10 @@
 """nn.Modules of the model. They know nothing of generation beyond the cache object they are handed."""
 
 from .attention import Attention
+from .linear import Linear
 from .m2rnn import M2RNNMixer, PackedSequences
 from .short_conv import causal_conv1d
 from .mlp import GatedMLP
 from .norm import RMSNorm
 
-__all__ = ["Attention", "GatedMLP", "M2RNNMixer", "PackedSequences", "RMSNorm", "causal_conv1d"]
+__all__ = ["Attention", "GatedMLP", "Linear", "M2RNNMixer", "PackedSequences", "RMSNorm", "causal_conv1d"]

@@ -9,6 +9,8 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from .linear import Linear
+
 
 def repeat_kv(hidden_states: torch.Tensor, num_groups: int) -> torch.Tensor:
     """(B, H_kv, T, D) → (B, H_kv · num_groups, T, D), each key/value head shared by `num_groups` query heads."""
@@ -44,10 +46,10 @@ class Attention(nn.Module):
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
         bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.q_proj = Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
+        self.o_proj = Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=bias)
 
     def forward(self, hidden_states, attention_mask=None, position_embeddings=None, past_key_values=None, **kwargs):
         heads_shape = (*hidden_states.shape[:-1], -1, self.head_dim)

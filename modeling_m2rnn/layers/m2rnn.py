@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import causal_conv1d_step, m2rnn_scan, uses_triton
+from .linear import Linear
 from .norm import RMSNorm
 from .short_conv import causal_conv1d
 
@@ -75,7 +76,7 @@ class M2RNNMixer(nn.Module):
         ]
         qkv_size = sum(self.qkv_sizes)
         self.projection_sizes = [qkv_size, self.num_f_heads, self.num_g_heads * self.value_head_dim]
-        self.in_proj = nn.Linear(config.hidden_size, sum(self.projection_sizes), bias=False)
+        self.in_proj = Linear(config.hidden_size, sum(self.projection_sizes), bias=False)
 
         self.conv_kernel_size = config.m2rnn_conv_kernel_size
         if self.conv_kernel_size is not None:
@@ -89,7 +90,7 @@ class M2RNNMixer(nn.Module):
         self.D = nn.Parameter(torch.empty(self.num_heads, self.value_head_dim)) if config.m2rnn_use_residual else None
 
         self.norm = RMSNorm(self.num_heads * self.value_head_dim, eps=config.rms_norm_eps)
-        self.out_proj = nn.Linear(self.num_heads * self.value_head_dim, config.hidden_size, bias=False)
+        self.out_proj = Linear(self.num_heads * self.value_head_dim, config.hidden_size, bias=False)
 
     def forget_gate(self, a: torch.Tensor) -> torch.Tensor:
         """a (B, S, Nf) → f in (0, 1], float32: in bf16 every f above ~0.998 would round to 1 and freeze its head."""
