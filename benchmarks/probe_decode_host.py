@@ -1,0 +1,141 @@
+"""Where the time of a compiled batch-1 decode token goes: host or GPU, measurement after measurement in one process.
+
+    PYTHONPATH=. python benchmarks/probe_decode_host.py --model hybrid-m2rnn-400m [--rounds 8] [--pin-cpus 0 4 8]
+
+generate waits for the GPU at every token, so a token costs the host's work plus the GPU's. This wraps generate's
+compiled decode step (transformers keeps it as `model._compiled_call`) and records, per token:
+- `host_in_call`: host time inside the compiled call (guards, CUDA-graph bookkeeping, the launch);
+- `gpu_span`: GPU time from an event recorded just before the call to one just after it;
+- `gpu_idle_before_step`: GPU time from the previous token's end to that first event, while generate prepares the
+  next step on the host;
+- `interval`: the token's whole time (the median of each); `cpu`: the core the main thread ran on last.
+Rounds repeat the measurement; `--pin-cpus` repeats it with the main thread on each core given; one round runs
+with guard evaluation skipped. Last, the GPU kernel time per decode token (torch.profiler, gaps excluded) and the
+compiled-vs-eager logit error at batch 1. Results go to $OUT (or benchmarks/results) as JSON.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import StoppingCriteriaList
+
+from bench_generate import TokenClock, decode_compile_config, static_compiled
+from modeling_m2rnn import M2RNNConfig, M2RNNForCausalLM
+
+
+def current_cpu() -> int:
+    """The core this thread last ran on (field 39 of /proc/thread-self/stat)."""
+    return int(Path("/proc/thread-self/stat").read_text().rsplit(")", 1)[1].split()[36])
+
+
+class StepRecorder:
+    """Stands in for generate's compiled step: calls it between two CUDA events and times the host's part."""
+
+    def __init__(self, compiled_step):
+        self.compiled_step = compiled_step
+        self.calls = []   # (host start, host end, start event, end event)
+
+    def __call__(self, *args, **kwargs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        host_start = time.perf_counter()
+        start.record()
+        out = self.compiled_step(*args, **kwargs)
+        end.record()
+        self.calls.append((host_start, time.perf_counter(), start, end))
+        return out
+
+
+def probe(model, recorder: StepRecorder, prompt, options: dict, label: str, new_tokens: int = 128) -> dict:
+    recorder.calls.clear()
+    clock = TokenClock(prompt.shape[0])
+    model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                   stopping_criteria=StoppingCriteriaList([clock]), **options)
+    intervals = clock.intervals_ms().tolist()
+    calls = recorder.calls   # call k is the step after token k (the prefill's token is token 0)
+    median = lambda values: round(statistics.median(values), 3)
+    return dict(
+        label=label,
+        interval=median(intervals),
+        gpu_span=median([start.elapsed_time(end) for _, _, start, end in calls]),
+        gpu_idle_before_step=median([clock.events[k].elapsed_time(start) for k, (_, _, start, _) in enumerate(calls)]),
+        host_in_call=median([1e3 * (host_end - host_start) for host_start, host_end, _, _ in calls]),
+        cpu=current_cpu(),
+    )
+
+
+def decode_kernel_time(model, prompt, options: dict) -> dict:
+    """GPU kernel time and kernel count per decode token: two profiled generates, 9 and 41 tokens, differenced so
+    that the prefill drops out."""
+    def totals(tokens):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+            model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, **options)
+        kernels = [e for e in profiler.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        return sum(e.device_time for e in kernels), len(kernels)
+
+    (short_us, short_count), (long_us, long_count) = totals(9), totals(41)
+    return dict(decode_kernel_us_per_token=round((long_us - short_us) / 32, 1),
+                decode_kernels_per_token=round((long_count - short_count) / 32, 1))
+
+
+def logit_error(model, prompt, options: dict, steps: int = 16) -> float:
+    """Largest relative error of the compiled decode's logits against eager ones, until the tokens first differ."""
+    settings = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True,
+                    return_dict_in_generate=True)
+    eager = model.generate(prompt, **settings)
+    compiled = model.generate(prompt, **settings, **options)
+    worst = 0.0
+    for step, (a, b) in enumerate(zip(eager.logits, compiled.logits)):
+        worst = max(worst, ((a.float() - b.float()).norm() / a.float().norm()).item())
+        if not torch.equal(eager.sequences[:, prompt.shape[1] + step], compiled.sequences[:, prompt.shape[1] + step]):
+            break
+    return worst
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="hybrid-m2rnn-400m")
+    parser.add_argument("--prompt", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--pin-cpus", nargs="*", type=int, default=[])
+    parser.add_argument("--compile-mode", default="reduce-overhead", choices=["reduce-overhead", "max-autotune"])
+    parser.add_argument("--tensor-guards-only", action="store_true")
+    parser.add_argument("--output", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results")))
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    model = M2RNNForCausalLM(M2RNNConfig.from_preset(args.model)).to("cuda", torch.bfloat16).eval()
+    options = static_compiled(16512, decode_compile_config(args.compile_mode, args.tensor_guards_only))
+    prompt = torch.randint(1, model.config.vocab_size, (1, args.prompt), device="cuda")
+    model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False, **options)   # compiles
+    recorder = StepRecorder(model._compiled_call)
+    model._compiled_call = recorder
+
+    rows = [probe(model, recorder, prompt, options, f"round {i}") for i in range(args.rounds)]
+    all_cpus = os.sched_getaffinity(0)
+    for cpu in args.pin_cpus:
+        os.sched_setaffinity(0, {cpu})   # this thread only
+        rows.append(probe(model, recorder, prompt, options, f"pinned to cpu {cpu}"))
+    os.sched_setaffinity(0, all_cpus)
+    with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+        rows.append(probe(model, recorder, prompt, options, "guard evaluation skipped"))
+    model._compiled_call = recorder.compiled_step
+
+    short_prompt = prompt[:, :64]
+    rows.append(dict(label="GPU kernels", **decode_kernel_time(model, short_prompt, options),
+                     compiled_vs_eager_logit_error=logit_error(model, short_prompt, options)))
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    args.output.mkdir(parents=True, exist_ok=True)
+    report = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
+                  model=args.model, prompt=args.prompt, compile_mode=args.compile_mode,
+                  tensor_guards_only=args.tensor_guards_only, rows=rows)
+    (args.output / f"probe_decode_host_{args.model}.json").write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
