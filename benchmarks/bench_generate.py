@@ -5,7 +5,7 @@
     PYTHONPATH=. python benchmarks/bench_generate.py --tensor-guards-only          # opt-in: fewer host checks per token
     PYTHONPATH=. python benchmarks/bench_generate.py --profile --batches 1         # where a decode step's time goes
     PYTHONPATH=. python benchmarks/bench_generate.py --attn-implementation eager   # the hybrid's attention layers
-    PYTHONPATH=. python benchmarks/bench_generate.py --batches 1 --repeats 5        # each case timed 5 times
+    PYTHONPATH=. python benchmarks/bench_generate.py --batches 1 --repeats 5        # each compiled case timed 5 times
 
 Random weights in bf16, greedy decoding of `--new-tokens` tokens after prompts of each length. For each model,
 prompt length and batch size: prefill time (to the first token), ms per token after the prefill (the median
@@ -176,8 +176,9 @@ def main():
                         help="torch.compile mode of the static-cache decode step (both replay CUDA graphs)")
     parser.add_argument("--tensor-guards-only", action="store_true",
                         help="compile with torch.compiler.keep_tensor_guards_unsafe: less host time per token (opt-in)")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="time each case this many times in a row and report the median and every run")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="time each compiled case this many times in a row and report the median and every run "
+                             "(a compiled token waits on the host, whose speed varies; eager cases run once)")
     parser.add_argument("--skip-logit-check", action="store_true",
                         help="skip the compiled-vs-eager logit comparison (one compile fewer per model)")
     parser.add_argument("--attn-implementation", help="transformers attention of the attention layers (default: the "
@@ -217,8 +218,9 @@ def main():
                 for prompt_len in args.prompts:
                     key = f"{name}_{mode}_B{batch}_P{prompt_len}"
                     try:
+                        repeats = args.repeats if mode == "static_compiled" else 1
                         result = measure(model, batch, prompt_len, args.new_tokens, mode, max_cache_len, compile_config,
-                                         args.repeats)
+                                         repeats)
                     except Exception as error:   # keep the other measurements of a limited GPU session
                         report["results"][key] = {"error": repr(error)[:500]}
                         print(key, "FAILED", repr(error)[:500], flush=True)
