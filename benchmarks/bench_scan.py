@@ -70,6 +70,8 @@ def check_correctness(log) -> dict:
         "bf16_odd_dims": (dict(B=2, S=129, N=6, K=48, V=12, nqk=2), torch.bfloat16, None, None, BF16_BOUND),
         # The model's mix: W a float32 parameter beside bf16 activations (a separately compiled kernel).
         "bf16_float32_W": (dict(B=2, S=257, N=8, W_dtype=torch.float32), torch.bfloat16, 1.0, None, BF16_BOUND),
+        # A decode step: one token from a carried state, 84 heads as in the 400M model (one-head programs).
+        "bf16_decode_step": (dict(B=3, S=1, N=84), torch.bfloat16, None, None, BF16_BOUND),
         "fp32_packed": (dict(B=1, S=200, N=4, num_states=4), torch.float32, 0.5,
                         torch.tensor([0, 1, 70, 71, 200], device="cuda"), 1e-4),
     }
