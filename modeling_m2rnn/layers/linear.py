@@ -9,7 +9,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 class Linear(nn.Linear):
     """nn.Linear (same parameters, same checkpoints) whose product for a single row, when compiled, is written as
     a multiply-and-sum: inductor then emits one bandwidth-bound reduction kernel that reads the weight once and
-    takes in the pointwise ops before it.
+    can take in the pointwise ops before it.
 
     Batch-1 decoding is that case, and there cuBLAS takes 5–9 µs per product of the 400M model on an H200 against
     2.3–3.9 µs for the reduction (`benchmarks/RESULTS.md`, 2026-11-30, eighth session). Everything else
