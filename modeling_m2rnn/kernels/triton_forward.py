@@ -63,8 +63,9 @@ def scan_forward_kernel(
         # Step t + PREFETCH's inputs are loaded while step t computes, so their latency is off the step chain.
         q_t, k_t, v_t, f_t = load_step(q_ptr, k_ptr, v_ptr, f_ptr, batch, chunk_start, seq_len, True,
                                        heads, rk, rv, N, NQ, NK, NV, NF, K, V)
-        q_1, k_1, v_1, f_1 = load_step(q_ptr, k_ptr, v_ptr, f_ptr, batch, chunk_start + 1, seq_len,
-                                       chunk_start + 1 < chunk_end, heads, rk, rv, N, NQ, NK, NV, NF, K, V)
+        if PREFETCH == 2:
+            q_1, k_1, v_1, f_1 = load_step(q_ptr, k_ptr, v_ptr, f_ptr, batch, chunk_start + 1, seq_len,
+                                           chunk_start + 1 < chunk_end, heads, rk, rv, N, NQ, NK, NV, NF, K, V)
         for t in range(chunk_start, chunk_end):
             q_next, k_next, v_next, f_next = load_step(q_ptr, k_ptr, v_ptr, f_ptr, batch, t + PREFETCH, seq_len,
                                                        t + PREFETCH < chunk_end, heads, rk, rv,
