@@ -118,10 +118,11 @@ def measure(model, batch: int, prompt_len: int, new_tokens: int, mode: str, max_
     return result
 
 
-def compiled_logit_error(model, max_cache_len: int, compile_config: CompileConfig, steps: int = 16) -> float:
+def compiled_logit_error(model, max_cache_len: int, compile_config: CompileConfig, steps: int = 16,
+                         batch: int = 2) -> float:
     """Largest relative error of the compiled decode's logits against eager ones, over the steps before the two
     greedy sequences first differ (random bf16 weights have near-ties that a fused kernel can flip)."""
-    prompt = torch.randint(1, model.config.vocab_size, (2, 64), device="cuda")
+    prompt = torch.randint(1, model.config.vocab_size, (batch, 64), device="cuda")
     options = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True,
                    return_dict_in_generate=True)
     eager = model.generate(prompt, **options)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from transformers import StoppingCriteriaList
 
-from bench_generate import TokenClock, decode_compile_config, static_compiled
+from bench_generate import TokenClock, compiled_logit_error, decode_compile_config, static_compiled
 from modeling_m2rnn import M2RNNConfig, M2RNNForCausalLM
 
 
@@ -82,20 +82,6 @@ def decode_kernel_time(model, prompt, options: dict) -> dict:
                 decode_kernels_per_token=round((long_count - short_count) / 32, 1))
 
 
-def logit_error(model, prompt, options: dict, steps: int = 16) -> float:
-    """Largest relative error of the compiled decode's logits against eager ones, until the tokens first differ."""
-    settings = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True,
-                    return_dict_in_generate=True)
-    eager = model.generate(prompt, **settings)
-    compiled = model.generate(prompt, **settings, **options)
-    worst = 0.0
-    for step, (a, b) in enumerate(zip(eager.logits, compiled.logits)):
-        worst = max(worst, ((a.float() - b.float()).norm() / a.float().norm()).item())
-        if not torch.equal(eager.sequences[:, prompt.shape[1] + step], compiled.sequences[:, prompt.shape[1] + step]):
-            break
-    return worst
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="hybrid-m2rnn-400m")
@@ -109,7 +95,8 @@ def main():
 
     torch.manual_seed(0)
     model = M2RNNForCausalLM(M2RNNConfig.from_preset(args.model)).to("cuda", torch.bfloat16).eval()
-    options = static_compiled(16512, decode_compile_config(args.compile_mode, args.tensor_guards_only))
+    compile_config = decode_compile_config(args.compile_mode, args.tensor_guards_only)
+    options = static_compiled(16512, compile_config)
     prompt = torch.randint(1, model.config.vocab_size, (1, args.prompt), device="cuda")
     model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False, **options)   # compiles
     recorder = StepRecorder(model._compiled_call)
@@ -125,9 +112,8 @@ def main():
         rows.append(probe(model, recorder, prompt, options, "guard evaluation skipped"))
     model._compiled_call = recorder.compiled_step
 
-    short_prompt = prompt[:, :64]
-    rows.append(dict(label="GPU kernels", **decode_kernel_time(model, short_prompt, options),
-                     compiled_vs_eager_logit_error=logit_error(model, short_prompt, options)))
+    rows.append(dict(label="GPU kernels", **decode_kernel_time(model, prompt[:, :64], options),
+                     compiled_vs_eager_logit_error=compiled_logit_error(model, 16512, compile_config, batch=1)))
     for row in rows:
         print(json.dumps(row), flush=True)
     args.output.mkdir(parents=True, exist_ok=True)
