@@ -147,7 +147,8 @@ def scan_backward_kernel(
             store_row_sums(dk_row, dA * v_t[:, None, :], head_block, HP, BR, BV, K, LANE_SUMS)
             row = (batch * segment_steps + t - segment_start).to(tl.int64)
             # This row block's part of dv_t
-            store_column_sums(dv_partial_ptr + row * N * V, dA * k_t[:, :, None], heads, HP, BR, BV, V, LANE_SUMS)
+            store_column_sums(dv_partial_ptr + row * N * V, dA * k_t[:, :, None], heads, True, HP, BR, BV, V,
+                              LANE_SUMS)
             df_t = tl.sum(tl.sum(G * (H_prev32 - Z), axis=2), axis=1)  # (HP,), this row block's part
             tl.store(df_partial_ptr + row * N + heads, df_t)
 

@@ -53,6 +53,7 @@ def scan_forward_kernel(
                                          N, BK, BV)  # (HP, BR, BV), chunk 0's slot
     y_partial_ptr = y_ptr + tl.program_id(2).to(tl.int64) * y_partial_stride
 
+    q_prev = tl.zeros((HP, BR), dtype=tl.float32)  # PREFETCH == 2: q of the step whose y is still to store
     # The time axis in checkpoint chunks (see checkpoint_slot_shift), so that the checkpoint store sits outside
     # the step loop rather than behind a branch in every step.
     for chunk in range(start // CHUNK, tl.cdiv(end, CHUNK)):
@@ -70,13 +71,31 @@ def scan_forward_kernel(
             q_next, k_next, v_next, f_next = load_step(q_ptr, k_ptr, v_ptr, f_ptr, batch, t + PREFETCH, seq_len,
                                                        t + PREFETCH < chunk_end, heads, rk, rv,
                                                        N, NQ, NK, NV, NF, K, V)
+            if PREFETCH == 2:
+                # Few programs per SM, so a step's latency is exposed: y_{t-1}, from H_{t-1}, is summed beside
+                # step t's chain instead of after it (H200, 400M shape, B=1: 1.75 -> 1.65 ms; with many programs
+                # per SM the late sum costs more than it hides, B=8: 2.21 -> 2.39 ms).
+                store_y_partial(y_partial_ptr, batch, seq_len, t - 1, q_prev, H, t > start, heads,
+                                N, HP, BR, BV, V, LANE_SUMS)
+                q_prev = q_t
             H = blend(H, candidate(H.to(DOT_DTYPE), W_dot, k_t, v_t, DOT_PRECISION, FAST_TANH), f_t)
-            y_row = y_partial_ptr + (batch * seq_len + t).to(tl.int64) * N * V
-            store_column_sums(y_row, q_t[:, :, None] * H, heads, HP, BR, BV, V, LANE_SUMS)  # this row block's part
             if PREFETCH == 1:
+                store_y_partial(y_partial_ptr, batch, seq_len, t, q_t, H, True, heads, N, HP, BR, BV, V, LANE_SUMS)
                 q_t, k_t, v_t, f_t = q_next, k_next, v_next, f_next
             else:
                 q_t, k_t, v_t, f_t = q_1, k_1, v_1, f_1
                 q_1, k_1, v_1, f_1 = q_next, k_next, v_next, f_next
 
+    if PREFETCH == 2:
+        store_y_partial(y_partial_ptr, batch, seq_len, end - 1, q_prev, H, end > start, heads,
+                        N, HP, BR, BV, V, LANE_SUMS)
     tl.store(h_final_ptr + state_base + state_offsets, H, mask=state_mask)
+
+
+@triton.jit
+def store_y_partial(y_partial_ptr, batch, seq_len, t, q_t, H, valid, heads,
+                    N: tl.constexpr, HP: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr, V: tl.constexpr,
+                    LANE_SUMS: tl.constexpr):
+    """This row block's part of y_t = Σ_i q_t[i] H_t[i,:], where `valid`."""
+    y_row = y_partial_ptr + (batch * seq_len + t).to(tl.int64) * N * V
+    store_column_sums(y_row, q_t[:, :, None] * H, heads, valid, HP, BR, BV, V, LANE_SUMS)

@@ -47,8 +47,9 @@ class KernelConfig:
     forward_heads_per_program: int = 1
     forward_warps: int = 1
     # With at most this many forward programs per SM (B=1 at the 400M shape: 168 on 132 SMs) a step waits on
-    # the latency of its input loads, so they are issued two steps ahead instead of one. H200, 400M shape:
-    # B=1 forward 2.04 -> 1.81 ms; at B=8 the extra register moves cost more than they hide (2.21 -> 2.30).
+    # the latency of its input loads, so they are issued two steps ahead instead of one, and y_t is summed one
+    # step late, beside the next step's chain. H200, 400M shape, B=1 forward: 2.04 -> 1.81 ms (loads), then
+    # 1.75 -> 1.65 (late y). At B=8 each costs more than it hides (2.21 -> 2.30 and -> 2.39 ms).
     forward_deep_prefetch_programs_per_sm: float = 2.0
     backward_rows: int = 32
     # Heads sharing q, k summed in registers. More heads: fewer dq, dk partials but, on one warp per

@@ -209,19 +209,20 @@ def _row_sums_rows(BR: tl.constexpr):
 
 
 @triton.jit
-def store_column_sums(row_ptr, x, heads, HP: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr, V: tl.constexpr,
-                      LANE_SUMS: tl.constexpr):
+def store_column_sums(row_ptr, x, heads, valid, HP: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr,
+                      V: tl.constexpr, LANE_SUMS: tl.constexpr):
     """Stores Σ over the rows of x (HP, BR, BV), the program's part of y_t or dv_t, in row_ptr's dtype into the
-    (N, V) row at row_ptr (columns of `heads`)."""
+    (N, V) row at row_ptr (columns of `heads`), where `valid`."""
     if LANE_SUMS:
         columns, owned = _column_sums_columns(HP, BV)  # (HP, 8, BV // 16, 4)
         sums = _column_sums(x, HP, BR, BV)
         tl.store(row_ptr + heads[:, None, None, None] * V + columns, sums.to(row_ptr.dtype.element_ty),
-                 mask=owned & (columns < V))
+                 mask=tl.where(valid, owned & (columns < V), False))
     else:
         columns = tl.arange(0, BV)[None, :]
         sums = tl.sum(x, axis=1)  # (HP, BV)
-        tl.store(row_ptr + heads[:, None] * V + columns, sums.to(row_ptr.dtype.element_ty), mask=columns < V)
+        tl.store(row_ptr + heads[:, None] * V + columns, sums.to(row_ptr.dtype.element_ty),
+                 mask=tl.where(valid, columns < V, False))
 
 
 @triton.jit
