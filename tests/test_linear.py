@@ -15,13 +15,15 @@ def compiled_output_and_code(layer, x):
     return out, "\n".join(code)
 
 
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])   # without grad the input is realized first
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_compiled_single_row_is_a_reduction_that_matches_float64(bias, dtype):
+def test_a_compiled_single_row_is_a_reduction_that_matches_float64(bias, dtype, grad):
     torch.manual_seed(0)
     layer = Linear(37, 23, bias=bias).to(dtype)
     x = torch.randn(1, 1, 37, dtype=dtype)
-    out, code = compiled_output_and_code(layer, x)
+    with torch.set_grad_enabled(grad):
+        out, code = compiled_output_and_code(layer, x)
     reference = F.linear(x.double(), layer.weight.double(), None if layer.bias is None else layer.bias.double())
     bound = 1e-6 if dtype == torch.float32 else 8e-3   # float32 accumulation, then one rounding to the output dtype
     assert out.dtype == dtype and out.shape == (1, 1, 23)

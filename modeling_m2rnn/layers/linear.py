@@ -8,8 +8,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 class Linear(nn.Linear):
     """nn.Linear (same parameters, same checkpoints) whose product for a single row, when compiled, is written as
-    a multiply-and-sum: inductor then emits one bandwidth-bound reduction kernel that reads the weight once and
-    can take in the pointwise ops before it.
+    a multiply-and-sum: inductor then emits one bandwidth-bound reduction kernel that reads the weight once.
 
     Batch-1 decoding is that case, and there cuBLAS takes 5–9 µs per product of the 400M model on an H200 against
     2.3–3.9 µs for the reduction (`benchmarks/RESULTS.md`, 2026-11-30, eighth session). Everything else
@@ -18,6 +17,11 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._single_row_compiled(x):
+            if not torch.is_grad_enabled():
+                # as_strided needs storage, so inductor writes x to a buffer first instead of recomputing the ops
+                # that produce it (a norm, an activation) for every block of output rows: H200, 400M hybrid, batch-1
+                # decode, GPU time per token 851 -> 758 µs (benchmarks/RESULTS.md, 2026-11-30, ninth session).
+                x = x.as_strided(x.size(), x.stride())
             # (…, 1, in) · (out, in) summed over `in` in float32, the accumulation cuBLAS uses too
             y = (x.unsqueeze(-2).float() * self.weight.float()).sum(-1)
             if self.bias is not None:
