@@ -17,16 +17,20 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._single_row_compiled(x):
-            if not torch.is_grad_enabled():
-                # as_strided needs storage, so inductor writes x to a buffer first instead of recomputing the ops
-                # that produce it (a norm, an activation) for every block of output rows: H200, 400M hybrid, batch-1
-                # decode, GPU time per token 851 -> 758 µs (benchmarks/RESULTS.md, 2026-11-30, ninth session).
-                x = x.as_strided(x.size(), x.stride())
+            inference = not torch.is_grad_enabled()
+            if inference:
+                # Written once, rather than the ops that produce x (a norm, an activation) recomputed for every
+                # block of output rows: H200, 400M hybrid, batch-1 decode, GPU time per token 851 -> 758 µs.
+                x = _in_buffer(x)
             # (…, 1, in) · (out, in) summed over `in` in float32, the accumulation cuBLAS uses too
             y = (x.unsqueeze(-2).float() * self.weight.float()).sum(-1)
             if self.bias is not None:
                 y = y + self.bias.float()
-            return y.to(x.dtype)
+            y = y.to(x.dtype)
+            # The cast then happens in the reduction kernel, and a consumer that needs a buffer (the conv step op)
+            # takes a view of it instead of a copy of its part: 315 -> 291 kernels, 753 -> 735 µs per token.
+            # (benchmarks/RESULTS.md, 2026-11-30, ninth session)
+            return _in_buffer(y) if inference else y
         return F.linear(x, self.weight, self.bias)
 
     def _single_row_compiled(self, x: torch.Tensor) -> bool:
@@ -37,3 +41,9 @@ class Linear(nn.Linear):
             and x.dtype == self.weight.dtype
             and not torch.is_autocast_enabled(x.device.type)
         )
+
+
+def _in_buffer(x: torch.Tensor) -> torch.Tensor:
+    """x itself; under torch.compile, inductor writes it to a buffer of its own (its lowering of as_strided needs
+    storage) instead of inlining its computation into every consumer."""
+    return x.as_strided(x.size(), x.stride())
