@@ -15,7 +15,7 @@ def compiled_output_and_code(layer, x):
     return out, "\n".join(code)
 
 
-@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])   # without grad the input is realized first
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])   # without grad x and y go through buffers
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_compiled_single_row_is_a_reduction_that_matches_float64(bias, dtype, grad):

@@ -28,8 +28,8 @@ class Linear(nn.Linear):
                 y = y + self.bias.float()
             y = y.to(x.dtype)
             # The cast then happens in the reduction kernel, and a consumer that needs a buffer (the conv step op)
-            # takes a view of it instead of a copy of its part: 315 -> 291 kernels, 753 -> 735 µs per token.
-            # (benchmarks/RESULTS.md, 2026-11-30, ninth session)
+            # takes a view of it instead of a copy of its part: 315 -> 291 kernels, 753 -> 735 µs per token
+            # (both figures: benchmarks/RESULTS.md, 2026-11-30, ninth session).
             return _in_buffer(y) if inference else y
         return F.linear(x, self.weight, self.bias)
 
