@@ -85,15 +85,16 @@ def static_compiled(max_cache_len: int, compile_config: CompileConfig) -> dict:
     return dict(cache_implementation="static", max_cache_len=max_cache_len, compile_config=compile_config)
 
 
-def time_generate(model, prompt, new_tokens: int, **options) -> tuple[float, float]:
-    """Seconds to the first token (the prefill) and the median seconds per token after it."""
+def time_generate(model, prompt, new_tokens: int, **options) -> tuple[float, float, float]:
+    """Seconds to the first token (the prefill), the median seconds per token after it, and the slowest token's
+    (where a new cache's decode step is warmed up and captured)."""
     clock = TokenClock(prompt.shape[0])
     start = torch.cuda.Event(enable_timing=True)
     start.record()
     model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                    stopping_criteria=StoppingCriteriaList([clock]), **options)
     intervals = clock.intervals_ms()
-    return start.elapsed_time(clock.events[0]) / 1e3, intervals.median().item() / 1e3
+    return start.elapsed_time(clock.events[0]) / 1e3, intervals.median().item() / 1e3, intervals.max().item() / 1e3
 
 
 def measure(model, batch: int, prompt_len: int, new_tokens: int, mode: str, max_cache_len: int,
@@ -107,12 +108,13 @@ def measure(model, batch: int, prompt_len: int, new_tokens: int, mode: str, max_
     first_call_s = time.perf_counter() - start
     torch.cuda.reset_peak_memory_stats()
     runs = [time_generate(model, prompt, new_tokens, **options) for _ in range(repeats)]
-    prefill = statistics.median(prefill for prefill, _ in runs)
-    ms_per_token = 1e3 * statistics.median(seconds for _, seconds in runs)
+    prefill = statistics.median(prefill for prefill, _, _ in runs)
+    ms_per_token = 1e3 * statistics.median(seconds for _, seconds, _ in runs)
     result = dict(ms_per_token=round(ms_per_token, 3), tokens_per_s=round(1e3 * batch / ms_per_token, 1),
-                  prefill_ms=round(1e3 * prefill, 1), peak_GiB=round(torch.cuda.max_memory_allocated() / 2**30, 2))
+                  prefill_ms=round(1e3 * prefill, 1), peak_GiB=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                  slowest_token_ms=round(1e3 * statistics.median(slowest for _, _, slowest in runs), 2))
     if repeats > 1:
-        result["ms_per_token_runs"] = [round(1e3 * seconds, 3) for _, seconds in runs]
+        result["ms_per_token_runs"] = [round(1e3 * seconds, 3) for _, seconds, _ in runs]
     if mode == "static_compiled":
         result["first_call_s"] = round(first_call_s, 1)
     return result

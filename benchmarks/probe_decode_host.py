@@ -3,15 +3,17 @@
     PYTHONPATH=. python benchmarks/probe_decode_host.py --model hybrid-m2rnn-400m [--rounds 8] [--pin-cpus 0 4 8]
 
 generate waits for the GPU at every token, so a token costs the host's work plus the GPU's. This wraps generate's
-compiled decode step (transformers keeps it as `model._compiled_call`) and records, per token:
+compiled decode step (what `model.get_compiled_call` returns) and records, per token:
 - `host_in_call`: host time inside the compiled call (guards, CUDA-graph bookkeeping, the launch);
 - `gpu_span`: GPU time from an event recorded just before the call to one just after it;
 - `gpu_idle_before_step`: GPU time from the previous token's end to that first event, while generate prepares the
   next step on the host;
 - `interval`: the token's whole time (the median of each); `cpu`: the core the main thread ran on last.
 Rounds repeat the measurement; `--pin-cpus` repeats it with the main thread on each core given; one round runs
-with guard evaluation skipped. Last, the GPU kernel time per decode token (torch.profiler, gaps excluded) and the
-compiled-vs-eager logit error at batch 1. Results go to $OUT (or benchmarks/results) as JSON.
+with guard evaluation skipped, and as many rounds as the first run transformers' own compiled call, whose CUDA graphs
+are inductor's (cudagraph trees) instead of the model's `DecodeGraphs`. Last, the GPU kernel time per decode token
+(torch.profiler, gaps excluded) and the compiled-vs-eager logit error at batch 1. Results go to $OUT (or
+benchmarks/results) as JSON.
 """
 
 import argparse
@@ -22,10 +24,11 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import StoppingCriteriaList
+from transformers import PreTrainedModel, StoppingCriteriaList
 
 from bench_generate import TokenClock, compiled_logit_error, decode_compile_config, static_compiled
 from modeling_m2rnn import M2RNNConfig, M2RNNForCausalLM
+from modeling_m2rnn.models.decode_graphs import CapturedStep
 
 
 def current_cpu() -> int:
@@ -36,9 +39,20 @@ def current_cpu() -> int:
 class StepRecorder:
     """Stands in for generate's compiled step: calls it between two CUDA events and times the host's part."""
 
-    def __init__(self, compiled_step):
-        self.compiled_step = compiled_step
+    def __init__(self, get_compiled_call):
+        self.get_compiled_call = get_compiled_call
+        self.compiled_step = None
         self.calls = []   # (host start, host end, start event, end event)
+
+    def install(self, model) -> None:
+        """Record the steps of `model.generate`, made by `get_compiled_call` (None: the model's own)."""
+        get_compiled_call = self.get_compiled_call or model.get_compiled_call
+
+        def recorded(compile_config):
+            self.compiled_step = get_compiled_call(compile_config)
+            return self
+
+        model.get_compiled_call = recorded
 
     def __call__(self, *args, **kwargs):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -99,8 +113,8 @@ def main():
     options = static_compiled(16512, compile_config)
     prompt = torch.randint(1, model.config.vocab_size, (1, args.prompt), device="cuda")
     model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False, **options)   # compiles
-    recorder = StepRecorder(model._compiled_call)
-    model._compiled_call = recorder
+    recorder = StepRecorder(None)
+    recorder.install(model)
 
     rows = [probe(model, recorder, prompt, options, f"round {i}") for i in range(args.rounds)]
     all_cpus = os.sched_getaffinity(0)
@@ -110,9 +124,16 @@ def main():
     os.sched_setaffinity(0, all_cpus)
     with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
         rows.append(probe(model, recorder, prompt, options, "guard evaluation skipped"))
-    model._compiled_call = recorder.compiled_step
+    graphs = getattr(model, "_decode_graphs", None)
+    captured = sum(isinstance(step, CapturedStep) for step in graphs.steps.values()) if graphs else 0
 
-    rows.append(dict(label="GPU kernels", **decode_kernel_time(model, prompt[:, :64], options),
+    inductor_graphs = StepRecorder(PreTrainedModel.get_compiled_call.__get__(model))
+    inductor_graphs.install(model)
+    model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False, **options)   # compiles
+    rows += [probe(model, inductor_graphs, prompt, options, f"inductor's CUDA graphs, round {i}") for i in range(args.rounds)]
+    del model.get_compiled_call
+
+    rows.append(dict(label="GPU kernels", graphs_captured=captured, **decode_kernel_time(model, prompt[:, :64], options),
                      compiled_vs_eager_logit_error=compiled_logit_error(model, 16512, compile_config, batch=1)))
     for row in rows:
         print(json.dumps(row), flush=True)

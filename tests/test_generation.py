@@ -12,6 +12,7 @@ from torch._dynamo.utils import counters
 
 from modeling_m2rnn import M2RNNCache, M2RNNStaticCache, load_prompt_state, save_prompt_state
 from modeling_m2rnn.kernels import causal_conv1d_step
+from modeling_m2rnn.models.decode_graphs import DecodeGraphs, graph_free_compile_kwargs
 from modeling_m2rnn.models.m2rnn import _static_decode_masks
 from test_modeling import left_pad, random_ids, tiny_model
 
@@ -94,6 +95,76 @@ def test_compiled_decode_equals_eager_in_one_graph_without_recompiles(kind, batc
     finally:
         torch._dynamo.config.error_on_recompile = False
     assert torch.equal(again, eager)
+
+
+class EmulatedGraphs:
+    """capture_cuda_graph's behaviour on the CPU: a capture changes no tensor (a CUDA graph records kernels without
+    running them) and a replay runs the step again on the captured inputs, writing over the captured outputs."""
+
+    def __init__(self):
+        self.captures = self.replays = 0
+
+    def __call__(self, step, kwargs):
+        self.captures += 1
+        cache = kwargs["past_key_values"]
+        before = [t.clone() for t in cache.tensors()]
+        outputs = step(**kwargs)
+        for tensor, saved in zip(cache.tensors(), before):
+            tensor.copy_(saved)
+
+        def replay():
+            self.replays += 1
+            for name, value in step(**kwargs).items():
+                if isinstance(value, torch.Tensor):
+                    outputs[name].copy_(value)
+
+        return replay, outputs
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("batch", [1, 2])   # 2: left-padded, so the attention layers' masks change every step
+def test_decode_graphs_replay_the_eager_steps(kind, batch, monkeypatch):
+    torch._dynamo.reset()
+    model = tiny_model(kind)
+    ids, mask = left_pad([random_ids(n, seed=n) for n in (5, 3)[:batch]])
+    run = dict(attention_mask=mask, max_new_tokens=7, min_new_tokens=7, return_dict_in_generate=True, output_logits=True)
+    eager = model.generate(ids, past_key_values=M2RNNStaticCache(model.config, max_cache_len=16), **run)
+    capture = EmulatedGraphs()
+    graphs = DecodeGraphs(model, dict(backend="eager", fullgraph=True, dynamic=False), capture=capture)
+    steps = []   # the arguments of each decode step
+    monkeypatch.setattr(model, "get_compiled_call", lambda compile_config: lambda **step: steps.append(step) or graphs(**step))
+    compile_config = CompileConfig()
+    compile_config._compile_all_devices = True   # generate compiles only on accelerators unless told to
+    for _ in range(2):   # the second generate has a new cache: new addresses, a new graph
+        cache = M2RNNStaticCache(model.config, max_cache_len=16)   # room for the two steps after generate
+        replayed = model.generate(ids, past_key_values=cache, compile_config=compile_config, **run)
+        assert torch.equal(replayed.sequences, eager.sequences)
+        # each step's logits are its own (a replay overwrites the graph's outputs); float32, and at one row the
+        # compiled projections sum in another order (layers/linear.py): seen ~1e-7
+        replayed_logits, eager_logits = torch.stack(replayed.logits), torch.stack(eager.logits)
+        assert (replayed_logits - eager_logits).norm() / eager_logits.norm() < 1e-5
+    # per generate: the prefill, one decode step warming up, then one capture and 5 replays
+    assert (capture.captures, capture.replays) == (2, 10)
+    with torch.no_grad():   # as in generate
+        logits = graphs(**steps[-1]).logits
+        saved = logits.clone()
+        graphs(**steps[-1])   # one more step, from another state: its logits must go elsewhere
+    assert torch.equal(logits, saved)
+
+
+def test_decode_graphs_take_the_cuda_graphs_out_of_the_compile_config():
+    assert graph_free_compile_kwargs(CompileConfig()) == dict(
+        fullgraph=False, dynamic=None, backend="inductor", options={"triton.cudagraphs": False}
+    )
+    autotune = graph_free_compile_kwargs(CompileConfig(mode="max-autotune"))["options"]
+    assert autotune == {"max_autotune": True, "coordinate_descent_tuning": True, "triton.cudagraphs": False}
+    guard_filter = torch.compiler.keep_tensor_guards_unsafe
+    options = dict(torch._inductor.list_mode_options("reduce-overhead"), guard_filter_fn=guard_filter)
+    assert graph_free_compile_kwargs(CompileConfig(mode=None, options=options))["options"] == {
+        "triton.cudagraphs": False, "guard_filter_fn": guard_filter
+    }
+    assert graph_free_compile_kwargs(CompileConfig(mode="default")) is None   # no CUDA graphs asked for
+    assert graph_free_compile_kwargs(CompileConfig(backend="aot_eager")) is None
 
 
 @pytest.mark.parametrize("kind", KINDS)

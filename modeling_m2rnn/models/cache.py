@@ -7,6 +7,9 @@ from safetensors.torch import save_file
 from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import LinearAttentionLayer
 
+# transformers 5.17 passes the cache as `past_key_values`, later 5.x versions (5.24) as `cache`: both are accepted.
+CACHE_ARGUMENT_NAMES = ("past_key_values", "cache")
+
 
 class _TokenCount:
     """Attention layers know the cache length from their keys; a model made only of M2RNN layers has no such
@@ -66,6 +69,14 @@ class M2RNNStaticCache(_TokenCount, StaticCache):
         super().reset()
         if isinstance(self.seen_tokens, torch.Tensor):
             self.seen_tokens.zero_()
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the cache holds: what a captured decode step reads and writes in place."""
+        found = [self.seen_tokens] if isinstance(self.seen_tokens, torch.Tensor) else []
+        for layer in self.layers:
+            for value in vars(layer).values():
+                found.extend(t for t in (value.values() if isinstance(value, dict) else [value]) if isinstance(t, torch.Tensor))
+        return found
 
 
 def save_prompt_state(cache: M2RNNCache, path) -> None:

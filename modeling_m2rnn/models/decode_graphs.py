@@ -1,0 +1,141 @@
+"""Decode steps over the static cache replayed as CUDA graphs, with almost no host work per token.
+
+transformers compiles generate's decode step with `mode="reduce-overhead"`: inductor's CUDA graphs, behind dynamo's
+guards and the bookkeeping of cudagraph trees over hundreds of inputs. On an H200 host that took 0.5–1.1 ms of host
+time per batch-1 token (benchmarks/RESULTS.md), and generate waits for the GPU at every token, so the GPU idled
+through it (the step's kernels take ~0.8 ms). Here the step is compiled without CUDA graphs and captured in a graph
+of its own; a replay copies the step's few input tensors into the graph's and launches it.
+"""
+
+from collections import OrderedDict
+
+import torch
+import torch._inductor
+from torch.utils._pytree import tree_flatten, tree_unflatten
+from transformers import CompileConfig
+from transformers.utils import ModelOutput
+
+from .cache import CACHE_ARGUMENT_NAMES, M2RNNStaticCache
+
+_WARMED_UP = "warmed up"                  # seen once: the compiled step ran for real (compiling, tuning, lazy init)
+_NOT_CAPTURABLE = "not capturable"        # its outputs hold more than tensors (hidden states, attentions)
+
+
+def graph_free_compile_kwargs(compile_config: CompileConfig) -> dict | None:
+    """torch.compile's arguments for `compile_config` with its CUDA graphs taken out (DecodeGraphs captures them), or
+    None where the config asks for no CUDA graphs or for another backend than inductor."""
+    kwargs = compile_config.to_dict()
+    mode, options = kwargs.pop("mode"), kwargs.pop("options") or {}
+    if kwargs["backend"] != "inductor":
+        return None
+    options = {**(torch._inductor.list_mode_options(mode) if mode else {}), **options}
+    if not options.get("triton.cudagraphs"):
+        return None
+    return {**kwargs, "options": {**options, "triton.cudagraphs": False}}
+
+
+def capture_cuda_graph(step, kwargs: dict):
+    """Record `step(**kwargs)` in a CUDA graph, which runs none of its kernels: (replay, the outputs it writes)."""
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: a streamer's or pipeline's thread may touch CUDA while this one captures
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        outputs = step(**kwargs)
+    return graph.replay, outputs
+
+
+class DecodeGraphs:
+    """What `M2RNNForCausalLM.get_compiled_call` hands generate on CUDA: the compiled forward, whose decode steps over
+    an `M2RNNStaticCache` run as CUDA graphs.
+
+    A step is known by its signature: the shapes, dtypes and devices of its tensor arguments, the values of the
+    others, and the addresses and shapes of the cache's tensors (a graph reads and writes the cache in place, at the
+    addresses it was captured with). The first step of a signature runs the compiled forward (it compiles and warms
+    up), the second captures a graph and replays it, later ones replay. Graphs read the parameters at their
+    addresses too: `check_parameters` drops every graph when one has moved (generate calls it once per call, through
+    `get_compiled_call`). Anything else (prefill chunks, gradients, other caches) runs the compiled forward.
+    """
+
+    def __init__(self, model: torch.nn.Module, compile_kwargs: dict, capture=capture_cuda_graph, max_graphs: int = 8):
+        self.model = model
+        self.compile_kwargs = compile_kwargs
+        self.compiled_call = torch.compile(model.__call__, **compile_kwargs)
+        self.capture = capture
+        self.max_graphs = max_graphs
+        self.steps: OrderedDict[tuple, object] = OrderedDict()
+        self.parameter_addresses = None
+
+    def check_parameters(self) -> None:
+        addresses = [(t.data_ptr(), t.dtype, t.shape) for t in (*self.model.parameters(), *self.model.buffers())]
+        if addresses != self.parameter_addresses:
+            self.steps.clear()
+            self.parameter_addresses = addresses
+
+    def __call__(self, **kwargs):
+        cache_name = next((name for name in CACHE_ARGUMENT_NAMES if kwargs.get(name) is not None), None)
+        cache = kwargs.get(cache_name)
+        inputs, spec = tree_flatten({name: value for name, value in kwargs.items() if name != cache_name})
+        key = self._signature(inputs, spec, cache)
+        step = self.steps.get(key) if key is not None else _NOT_CAPTURABLE
+        if step is None or step is _NOT_CAPTURABLE:
+            outputs = self.compiled_call(**kwargs)
+            if step is None:
+                self._remember(key, _WARMED_UP if CapturedStep.can_capture(outputs, cache) else _NOT_CAPTURABLE)
+            return outputs
+        if step is _WARMED_UP:
+            step = CapturedStep(self.compiled_call, inputs, spec, cache_name, cache, self.capture)
+            self._remember(key, step)
+        self.steps.move_to_end(key)
+        return step(inputs, cache)
+
+    def _signature(self, inputs: list, spec, cache) -> tuple | None:
+        """The key of a decode step over a prefilled M2RNNStaticCache without gradients, or None for anything else."""
+        if torch.is_grad_enabled() or not isinstance(cache, M2RNNStaticCache):
+            return None
+        if not isinstance(cache.seen_tokens, torch.Tensor):   # not prefilled: the step would initialise the cache
+            return None
+        signature = [spec, self.model.training]
+        for x in inputs:
+            if isinstance(x, torch.Tensor):
+                signature.append((x.shape, x.dtype, x.device))
+            elif x is None or isinstance(x, (bool, int, float, str)):
+                signature.append(x)
+            else:
+                return None
+        signature.extend((t.data_ptr(), t.shape, t.dtype) for t in cache.tensors())
+        return tuple(signature)
+
+    def _remember(self, key: tuple, step) -> None:
+        self.steps[key] = step
+        while len(self.steps) > self.max_graphs:   # beam search or new caches would otherwise pile graphs up
+            self.steps.popitem(last=False)
+
+    def __deepcopy__(self, memo):
+        return None   # graphs cannot be copied; a copied model builds its own at its first compiled generate
+
+
+class CapturedStep:
+    """One decode step's graph: the input tensors it reads and the output tensors it writes, at fixed addresses."""
+
+    def __init__(self, call, inputs: list, spec, cache_name: str, cache, capture):
+        self.inputs = [x.clone() if isinstance(x, torch.Tensor) else x for x in inputs]
+        self.tensor_inputs = [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor)]
+        # the capture runs none of the step's kernels: the first call's replay is this step
+        self.replay, outputs = capture(call, {**tree_unflatten(self.inputs, spec), cache_name: cache})
+        self.output_type = type(outputs)
+        self.outputs = {name: value for name, value in outputs.items() if isinstance(value, torch.Tensor)}
+        self.cache_fields = {name for name, value in outputs.items() if value is cache}
+
+    @staticmethod
+    def can_capture(outputs, cache) -> bool:
+        """Only tensors (besides the cache) can be handed out as copies after each replay."""
+        return isinstance(outputs, ModelOutput) and all(
+            isinstance(value, torch.Tensor) or value is cache for value in outputs.values()
+        )
+
+    def __call__(self, inputs: list, cache):
+        for i in self.tensor_inputs:
+            self.inputs[i].copy_(inputs[i])
+        self.replay()
+        # copies: the next replay overwrites the graph's outputs, and generate may keep these (output_logits)
+        outputs = {name: value.clone() for name, value in self.outputs.items()}
+        return self.output_type(**outputs, **dict.fromkeys(self.cache_fields, cache))
