@@ -48,8 +48,8 @@ class DecodeGraphs:
     an `M2RNNStaticCache` run as CUDA graphs.
 
     A step is known by its signature: the shapes, dtypes and devices of its tensor arguments, the values of the
-    others, and the addresses and shapes of the cache's tensors (a graph reads and writes the cache in place, at the
-    addresses it was captured with). The first step of a signature runs the compiled forward (it compiles and warms
+    others, and the addresses of the cache's tensors (a graph reads and writes the cache in place, at the addresses
+    it was captured with). The first step of a signature runs the compiled forward (it compiles and warms
     up), the second captures a graph and replays it, later ones replay. Graphs read the parameters at their
     addresses too: `check_parameters` drops every graph when one has moved (generate calls it once per call, through
     `get_compiled_call`). Anything else (prefill chunks, gradients, other caches) runs the compiled forward.
@@ -101,7 +101,9 @@ class DecodeGraphs:
                 signature.append(x)
             else:
                 return None
-        signature.extend((t.data_ptr(), t.shape, t.dtype) for t in cache.tensors())
+        # addresses alone: their shapes follow from the inputs' (batch, the attention mask's cache length) and the
+        # parameters' dtype, which check_parameters watches
+        signature.extend(t.data_ptr() for t in cache.tensors())
         return tuple(signature)
 
     def _remember(self, key: tuple, step) -> None:
