@@ -17,9 +17,6 @@ from transformers.utils import ModelOutput
 
 from .cache import CACHE_ARGUMENT_NAMES, M2RNNStaticCache
 
-_WARMED_UP = "warmed up"                  # seen once: the compiled step ran for real (compiling, tuning, lazy init)
-_NOT_CAPTURABLE = "not capturable"        # its outputs hold more than tensors (hidden states, attentions)
-
 
 def graph_free_compile_kwargs(compile_config: CompileConfig) -> dict | None:
     """torch.compile's arguments for `compile_config` with its CUDA graphs taken out (DecodeGraphs captures them), or
@@ -47,12 +44,12 @@ class DecodeGraphs:
     """What `M2RNNForCausalLM.get_compiled_call` hands generate on CUDA: the compiled forward, whose decode steps over
     an `M2RNNStaticCache` run as CUDA graphs.
 
-    A step is known by its signature: the shapes, dtypes and devices of its tensor arguments, the values of the
-    others, and the addresses of the cache's tensors (a graph reads and writes the cache in place, at the addresses
-    it was captured with). The first step of a signature runs the compiled forward (it compiles and warms
-    up), the second captures a graph and replays it, later ones replay. Graphs read the parameters at their
-    addresses too: `check_parameters` drops every graph when one has moved (generate calls it once per call, through
-    `get_compiled_call`). Anything else (prefill chunks, gradients, other caches) runs the compiled forward.
+    A graph bakes in the shapes of its inputs and the addresses of everything it reads and writes: the cache's
+    tensors, updated in place, and the parameters. So the first step of each shape signature runs the compiled forward
+    (compiling and warming it up), and later ones replay a graph captured for the cache's addresses (one per cache:
+    generate builds a new one per call). `check_parameters` drops every graph when a parameter has moved (generate
+    calls it once per call, through `get_compiled_call`). Anything else (prefill chunks, gradients, other caches,
+    outputs beyond tensors) runs the compiled forward.
     """
 
     def __init__(self, model: torch.nn.Module, compile_kwargs: dict, capture=capture_cuda_graph, max_graphs: int = 8):
@@ -61,12 +58,14 @@ class DecodeGraphs:
         self.compiled_call = torch.compile(model.__call__, **compile_kwargs)
         self.capture = capture
         self.max_graphs = max_graphs
-        self.steps: OrderedDict[tuple, object] = OrderedDict()
+        self.capturable: dict[tuple, bool] = {}           # per shape signature, once warmed up
+        self.steps: OrderedDict[tuple, CapturedStep] = OrderedDict()   # per shape signature and cache addresses
         self.parameter_addresses = None
 
     def check_parameters(self) -> None:
         addresses = [(t.data_ptr(), t.dtype, t.shape) for t in (*self.model.parameters(), *self.model.buffers())]
-        if addresses != self.parameter_addresses:
+        if addresses != self.parameter_addresses:   # moved, or another dtype: recompile (warm up) and recapture
+            self.capturable.clear()
             self.steps.clear()
             self.parameter_addresses = addresses
 
@@ -74,21 +73,27 @@ class DecodeGraphs:
         cache_name = next((name for name in CACHE_ARGUMENT_NAMES if kwargs.get(name) is not None), None)
         cache = kwargs.get(cache_name)
         inputs, spec = tree_flatten({name: value for name, value in kwargs.items() if name != cache_name})
-        key = self._signature(inputs, spec, cache)
-        step = self.steps.get(key) if key is not None else _NOT_CAPTURABLE
-        if step is None or step is _NOT_CAPTURABLE:
+        shapes = self._signature(inputs, spec, cache)
+        if shapes is None or not self.capturable.get(shapes, True):
+            return self.compiled_call(**kwargs)
+        if shapes not in self.capturable:   # first sight: the compiled step runs for real (compiling, tuning, lazy init)
             outputs = self.compiled_call(**kwargs)
-            if step is None:
-                self._remember(key, _WARMED_UP if CapturedStep.can_capture(outputs, cache) else _NOT_CAPTURABLE)
+            self.capturable[shapes] = CapturedStep.can_capture(outputs, cache)
             return outputs
-        if step is _WARMED_UP:
-            step = CapturedStep(self.compiled_call, inputs, spec, cache_name, cache, self.capture)
-            self._remember(key, step)
-        self.steps.move_to_end(key)
+        # generate builds a new cache per call: its tensors usually land elsewhere, and need a graph of their own
+        key = (shapes, *(t.data_ptr() for t in cache.tensors()))
+        step = self.steps.get(key)
+        if step is None:
+            step = self.steps[key] = CapturedStep(self.compiled_call, inputs, spec, cache_name, cache, self.capture)
+            while len(self.steps) > self.max_graphs:
+                self.steps.popitem(last=False)
+        else:
+            self.steps.move_to_end(key)
         return step(inputs, cache)
 
     def _signature(self, inputs: list, spec, cache) -> tuple | None:
-        """The key of a decode step over a prefilled M2RNNStaticCache without gradients, or None for anything else."""
+        """What a decode step over a prefilled M2RNNStaticCache without gradients compiles to, or None for any other
+        call: the argument structure, the tensors' shapes, dtypes and devices, and the other arguments' values."""
         if torch.is_grad_enabled() or not isinstance(cache, M2RNNStaticCache):
             return None
         if not isinstance(cache.seen_tokens, torch.Tensor):   # not prefilled: the step would initialise the cache
@@ -101,15 +106,7 @@ class DecodeGraphs:
                 signature.append(x)
             else:
                 return None
-        # addresses alone: their shapes follow from the inputs' (batch, the attention mask's cache length) and the
-        # parameters' dtype, which check_parameters watches
-        signature.extend(t.data_ptr() for t in cache.tensors())
         return tuple(signature)
-
-    def _remember(self, key: tuple, step) -> None:
-        self.steps[key] = step
-        while len(self.steps) > self.max_graphs:   # beam search or new caches would otherwise pile graphs up
-            self.steps.popitem(last=False)
 
     def __deepcopy__(self, memo):
         return None   # graphs cannot be copied; a copied model builds its own at its first compiled generate
@@ -138,6 +135,6 @@ class CapturedStep:
         for i in self.tensor_inputs:
             self.inputs[i].copy_(inputs[i])
         self.replay()
-        # copies: the next replay overwrites the graph's outputs, and generate may keep these (output_logits)
+        # copies: the next replay overwrites the graph's outputs, which a caller may still hold
         outputs = {name: value.clone() for name, value in self.outputs.items()}
         return self.output_type(**outputs, **dict.fromkeys(self.cache_fields, cache))
