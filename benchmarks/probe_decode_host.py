@@ -8,7 +8,8 @@ compiled decode step (what `model.get_compiled_call` returns) and records, per t
 - `gpu_span`: GPU time from an event recorded just before the call to one just after it;
 - `gpu_idle_before_step`: GPU time from the previous token's end to that first event, while generate prepares the
   next step on the host;
-- `interval`: the token's whole time (the median of each); `cpu`: the core the main thread ran on last.
+- `interval`: the token's whole time (the median of each), `slowest_token` the longest (where a new cache's step
+  is captured); `cpu`: the core the main thread ran on last.
 Rounds repeat the measurement; `--pin-cpus` repeats it with the main thread on each core given; one round runs
 with guard evaluation skipped, and as many rounds as the first run transformers' own compiled call, whose CUDA graphs
 are inductor's (cudagraph trees) instead of the model's `DecodeGraphs`. Last, the GPU kernel time per decode token
@@ -75,6 +76,7 @@ def probe(model, recorder: StepRecorder, prompt, options: dict, label: str, new_
     return dict(
         label=label,
         interval=median(intervals),
+        slowest_token=round(max(intervals), 2),   # where a step is captured (or recorded) for a new cache
         gpu_span=median([start.elapsed_time(end) for _, _, start, end in calls]),
         gpu_idle_before_step=median([clock.events[k].elapsed_time(start) for k, (_, _, start, _) in enumerate(calls)]),
         host_in_call=median([1e3 * (host_end - host_start) for host_start, host_end, _, _ in calls]),
