@@ -17,6 +17,8 @@ from transformers.utils import ModelOutput
 
 from .cache import CACHE_ARGUMENT_NAMES, M2RNNStaticCache
 
+_WARMED_UP = "warmed up"   # a step that ran the compiled forward on this cache; the next one is captured
+
 
 def graph_free_compile_kwargs(compile_config: CompileConfig) -> dict | None:
     """torch.compile's arguments for `compile_config` with its CUDA graphs taken out (DecodeGraphs captures them), or
@@ -45,11 +47,13 @@ class DecodeGraphs:
     an `M2RNNStaticCache` run as CUDA graphs.
 
     A graph bakes in the shapes of its inputs and the addresses of everything it reads and writes: the cache's
-    tensors, updated in place, and the parameters. So the first step of each shape signature runs the compiled forward
-    (compiling and warming it up), and later ones replay a graph captured for the cache's addresses (one per cache:
-    generate builds a new one per call). `check_parameters` drops every graph when a parameter has moved (generate
-    calls it once per call, through `get_compiled_call`). Anything else (prefill chunks, gradients, other caches,
-    outputs beyond tensors) runs the compiled forward.
+    tensors, updated in place, and the parameters. So the first decode step on a cache (generate builds one per call)
+    runs the compiled forward, which compiles or warms it up; the second captures a graph for the cache's addresses,
+    and later ones replay it. `check_model` drops the graphs when a parameter has moved or the config has changed
+    (generate calls it once per call, through `get_compiled_call`). dynamo's guards are evaluated only where the
+    compiled forward runs, not on a replay (nor at all for a new cache that lands at an earlier one's addresses, whose
+    graph replays at once): a module attribute changed by hand, outside the config, goes unseen.
+    Anything else (prefill chunks, gradients, other caches, outputs beyond tensors) runs the compiled forward.
     """
 
     def __init__(self, model: torch.nn.Module, compile_kwargs: dict, capture=capture_cuda_graph, max_graphs: int = 8):
@@ -58,16 +62,19 @@ class DecodeGraphs:
         self.compiled_call = torch.compile(model.__call__, **compile_kwargs)
         self.capture = capture
         self.max_graphs = max_graphs
-        self.capturable: dict[tuple, bool] = {}           # per shape signature, once warmed up
-        self.steps: OrderedDict[tuple, CapturedStep] = OrderedDict()   # per shape signature and cache addresses
-        self.parameter_addresses = None
+        self.capturable: dict[tuple, bool] = {}   # per shape signature: whether its outputs are tensors only
+        self.steps: OrderedDict[tuple, object] = OrderedDict()   # per signature and cache: _WARMED_UP or its graph
+        self.model_made_for = None
 
-    def check_parameters(self) -> None:
-        addresses = [(t.data_ptr(), t.dtype, t.shape) for t in (*self.model.parameters(), *self.model.buffers())]
-        if addresses != self.parameter_addresses:   # moved, or another dtype: recompile (warm up) and recapture
+    def check_model(self) -> None:
+        """Drop every graph and warm-up when a parameter has moved or the config has changed (another attention
+        implementation, say): what the graphs and the compiled step were made for."""
+        parameters = [(t.data_ptr(), t.dtype, t.shape) for t in (*self.model.parameters(), *self.model.buffers())]
+        model = (parameters, repr(vars(self.model.config)))
+        if model != self.model_made_for:
             self.capturable.clear()
             self.steps.clear()
-            self.parameter_addresses = addresses
+            self.model_made_for = model
 
     def __call__(self, **kwargs):
         cache_name = next((name for name in CACHE_ARGUMENT_NAMES if kwargs.get(name) is not None), None)
@@ -76,19 +83,19 @@ class DecodeGraphs:
         shapes = self._signature(inputs, spec, cache)
         if shapes is None or not self.capturable.get(shapes, True):
             return self.compiled_call(**kwargs)
-        if shapes not in self.capturable:   # first sight: the compiled step runs for real (compiling, tuning, lazy init)
-            outputs = self.compiled_call(**kwargs)
-            self.capturable[shapes] = CapturedStep.can_capture(outputs, cache)
-            return outputs
-        # generate builds a new cache per call: its tensors usually land elsewhere, and need a graph of their own
         key = (shapes, *(t.data_ptr() for t in cache.tensors()))
         step = self.steps.get(key)
         if step is None:
-            step = self.steps[key] = CapturedStep(self.compiled_call, inputs, spec, cache_name, cache, self.capture)
-            while len(self.steps) > self.max_graphs:
-                self.steps.popitem(last=False)
-        else:
-            self.steps.move_to_end(key)
+            # The first step on a cache (generate builds one per call) runs the compiled step for real: it compiles,
+            # tunes and recompiles there if it must, never inside a capture.
+            outputs = self.compiled_call(**kwargs)
+            self.capturable[shapes] = CapturedStep.can_capture(outputs, cache)
+            self._remember(key, _WARMED_UP)
+            return outputs
+        if step is _WARMED_UP:
+            step = CapturedStep(self.compiled_call, inputs, spec, cache_name, cache, self.capture)
+            self._remember(key, step)
+        self.steps.move_to_end(key)
         return step(inputs, cache)
 
     def _signature(self, inputs: list, spec, cache) -> tuple | None:
@@ -107,6 +114,11 @@ class DecodeGraphs:
             else:
                 return None
         return tuple(signature)
+
+    def _remember(self, key: tuple, step) -> None:
+        self.steps[key] = step
+        while len(self.steps) > self.max_graphs:   # caches come and go: keep the latest graphs
+            self.steps.popitem(last=False)
 
     def __deepcopy__(self, memo):
         return None   # graphs cannot be copied; a copied model builds its own at its first compiled generate

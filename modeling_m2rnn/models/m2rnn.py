@@ -281,7 +281,7 @@ class M2RNNForCausalLM(M2RNNPreTrainedModel, GenerationMixin):
         graphs = getattr(self, "_decode_graphs", None)
         if graphs is None or graphs.compile_kwargs != compile_kwargs:
             graphs = self._decode_graphs = DecodeGraphs(self, compile_kwargs)
-        graphs.check_parameters()
+        graphs.check_model()
         return graphs
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
