@@ -98,7 +98,7 @@ def test_compiled_decode_equals_eager_in_one_graph_without_recompiles(kind, batc
 
 
 class EmulatedGraphs:
-    """capture_cuda_graph's behaviour on the CPU: a capture changes no tensor (a CUDA graph records kernels without
+    """CUDAGraphCapture's behaviour on the CPU: a capture changes no tensor (a CUDA graph records kernels without
     running them) and a replay runs the step again on the captured inputs, writing over the captured outputs."""
 
     def __init__(self):

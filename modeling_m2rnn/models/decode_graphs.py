@@ -33,24 +33,33 @@ def graph_free_compile_kwargs(compile_config: CompileConfig) -> dict | None:
     return {**kwargs, "options": {**options, "triton.cudagraphs": False}}
 
 
-def capture_cuda_graph(step, kwargs: dict):
-    """Record `step(**kwargs)` in a CUDA graph, which runs none of its kernels: (replay, the outputs it writes).
+class CUDAGraphCapture:
+    """Records `step(**kwargs)` in a CUDA graph, which runs none of its kernels: returns (replay, the outputs it writes).
 
-    `torch.cuda.graph` would first empty the allocator's cache, and the next generate's cache would then land at new
-    addresses and need a capture of its own (~20 ms on an H200 host). Kept, the freed blocks of one generate's cache
-    usually serve the next one's, whose steps then replay the same graph."""
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()   # a capture needs a stream other than the default one
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        # thread_local: a streamer's or pipeline's thread may use CUDA while this one captures
-        graph.capture_begin(capture_error_mode="thread_local")
-        try:
-            outputs = step(**kwargs)
-        finally:
-            graph.capture_end()
-    torch.cuda.current_stream().wait_stream(stream)
-    return graph.replay, outputs
+    The graphs share one memory pool: they replay one at a time and their outputs are copied after each replay, so one
+    graph's temporaries may take another's memory. And unlike `torch.cuda.graph`, a capture leaves the allocator's
+    cache alone: emptied, the next generate's cache would land at new addresses and need a capture of its own (~10-20
+    ms of a token on an H200 host); kept, the blocks of one generate's cache can serve the next one's.
+    """
+
+    def __init__(self):
+        self.pool = None
+
+    def __call__(self, step, kwargs: dict):
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream()   # a capture needs a stream other than the default one
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            # thread_local: a streamer's or pipeline's thread may use CUDA while this one captures
+            graph.capture_begin(self.pool, capture_error_mode="thread_local")
+            try:
+                outputs = step(**kwargs)
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream().wait_stream(stream)
+        return graph.replay, outputs
 
 
 class DecodeGraphs:
@@ -67,11 +76,11 @@ class DecodeGraphs:
     Anything else (prefill chunks, gradients, other caches, outputs beyond tensors) runs the compiled forward.
     """
 
-    def __init__(self, model: torch.nn.Module, compile_kwargs: dict, capture=capture_cuda_graph, max_graphs: int = 8):
+    def __init__(self, model: torch.nn.Module, compile_kwargs: dict, capture=None, max_graphs: int = 8):
         self.model = model
         self.compile_kwargs = compile_kwargs
         self.compiled_call = torch.compile(model.__call__, **compile_kwargs)
-        self.capture = capture
+        self.capture = capture or CUDAGraphCapture()
         self.max_graphs = max_graphs
         self.capturable: dict[tuple, bool] = {}   # per shape signature: whether its outputs are tensors only
         self.steps: OrderedDict[tuple, object] = OrderedDict()   # per signature and cache: _WARMED_UP or its graph
