@@ -2,7 +2,6 @@
 
     PYTHONPATH=. python benchmarks/bench_generate.py [--prompts 512 4096 16384] [--batches 1 16] [--new-tokens 128]
     PYTHONPATH=. python benchmarks/bench_generate.py --compile-mode max-autotune   # inductor tunes the B=1 products
-    PYTHONPATH=. python benchmarks/bench_generate.py --tensor-guards-only          # opt-in: fewer host checks per token
     PYTHONPATH=. python benchmarks/bench_generate.py --profile --batches 1         # where a decode step's time goes
     PYTHONPATH=. python benchmarks/bench_generate.py --attn-implementation eager   # the hybrid's attention layers
     PYTHONPATH=. python benchmarks/bench_generate.py --batches 1 --repeats 5        # each compiled case timed 5 times
@@ -70,14 +69,10 @@ class TokenClock(StoppingCriteria):
         return torch.tensor([a.elapsed_time(b) for a, b in zip(self.events, self.events[1:])])
 
 
-def decode_compile_config(mode: str, tensor_guards_only: bool) -> CompileConfig:
-    """How generate compiles the decode step: torch.compile `mode`; with `tensor_guards_only`, the compiled step
-    checks only its tensor inputs before each call, not the thousands of guards on module attributes and cache flags
-    (torch.compiler.keep_tensor_guards_unsafe: unsafe if those change between calls)."""
-    if not tensor_guards_only:
-        return CompileConfig(fullgraph=True, mode=mode)
-    options = dict(torch._inductor.list_mode_options(mode), guard_filter_fn=torch.compiler.keep_tensor_guards_unsafe)
-    return CompileConfig(fullgraph=True, mode=None, options=options)
+def decode_compile_config(mode: str) -> CompileConfig:
+    """How generate compiles the decode step: torch.compile `mode`, whose CUDA graphs the model captures itself
+    (models/decode_graphs.py)."""
+    return CompileConfig(fullgraph=True, mode=mode)
 
 
 def static_compiled(max_cache_len: int, compile_config: CompileConfig) -> dict:
@@ -177,8 +172,6 @@ def main():
     parser.add_argument("--output", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results")))
     parser.add_argument("--compile-mode", default="reduce-overhead", choices=["reduce-overhead", "max-autotune"],
                         help="torch.compile mode of the static-cache decode step (both replay CUDA graphs)")
-    parser.add_argument("--tensor-guards-only", action="store_true",
-                        help="compile with torch.compiler.keep_tensor_guards_unsafe: less host time per token (opt-in)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="time each compiled case this many times in a row and report the median and every run "
                              "(a compiled token waits on the host, whose speed varies; eager cases run once)")
@@ -193,8 +186,8 @@ def main():
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     report = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, commit=commit,
                   date=time.strftime("%Y-%m-%d"), new_tokens=args.new_tokens, results={})
-    compile_config = decode_compile_config(args.compile_mode, args.tensor_guards_only)
-    report["compile"] = dict(mode=args.compile_mode, tensor_guards_only=args.tensor_guards_only)
+    compile_config = decode_compile_config(args.compile_mode)
+    report["compile"] = dict(mode=args.compile_mode)
     report["attn_implementation"] = args.attn_implementation
     max_cache_len = max(args.prompts) + args.new_tokens   # one compiled graph per batch size serves every prompt
 

@@ -10,9 +10,9 @@ compiled decode step (what `model.get_compiled_call` returns) and records, per t
   next step on the host;
 - `interval`: the token's whole time (the median of each), `slowest_token` the longest (where a new cache's step
   is captured); `cpu`: the core the main thread ran on last.
-Rounds repeat the measurement; `--pin-cpus` repeats it with the main thread on each core given; one round runs
-with guard evaluation skipped, and as many rounds as the first run transformers' own compiled call, whose CUDA graphs
-are inductor's (cudagraph trees) instead of the model's `DecodeGraphs`. Last, the GPU kernel time per decode token
+Rounds repeat the measurement; `--pin-cpus` repeats it with the main thread on each core given; then as many rounds
+as the first run transformers' own compiled call, whose CUDA graphs are inductor's (cudagraph trees, with dynamo's
+guards evaluated before every token) instead of the model's `DecodeGraphs`. Last, the GPU kernel time per decode token
 (torch.profiler, gaps excluded) and the compiled-vs-eager logit error at batch 1. Results go to $OUT (or
 benchmarks/results) as JSON.
 """
@@ -105,13 +105,12 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--pin-cpus", nargs="*", type=int, default=[])
     parser.add_argument("--compile-mode", default="reduce-overhead", choices=["reduce-overhead", "max-autotune"])
-    parser.add_argument("--tensor-guards-only", action="store_true")
     parser.add_argument("--output", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results")))
     args = parser.parse_args()
 
     torch.manual_seed(0)
     model = M2RNNForCausalLM(M2RNNConfig.from_preset(args.model)).to("cuda", torch.bfloat16).eval()
-    compile_config = decode_compile_config(args.compile_mode, args.tensor_guards_only)
+    compile_config = decode_compile_config(args.compile_mode)
     options = static_compiled(16512, compile_config)
     prompt = torch.randint(1, model.config.vocab_size, (1, args.prompt), device="cuda")
     model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False, **options)   # compiles
@@ -124,8 +123,6 @@ def main():
         os.sched_setaffinity(0, {cpu})   # this thread only
         rows.append(probe(model, recorder, prompt, options, f"pinned to cpu {cpu}"))
     os.sched_setaffinity(0, all_cpus)
-    with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-        rows.append(probe(model, recorder, prompt, options, "guard evaluation skipped"))
     graphs = getattr(model, "_decode_graphs", None)
     captured = sum(isinstance(step, CapturedStep) for step in graphs.steps.values()) if graphs else 0
 
@@ -141,8 +138,7 @@ def main():
         print(json.dumps(row), flush=True)
     args.output.mkdir(parents=True, exist_ok=True)
     report = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
-                  model=args.model, prompt=args.prompt, compile_mode=args.compile_mode,
-                  tensor_guards_only=args.tensor_guards_only, rows=rows)
+                  model=args.model, prompt=args.prompt, compile_mode=args.compile_mode, rows=rows)
     (args.output / f"probe_decode_host_{args.model}.json").write_text(json.dumps(report, indent=1))
 
 
