@@ -152,6 +152,25 @@ def test_decode_graphs_replay_the_eager_steps(kind, batch, monkeypatch):
     assert torch.equal(logits, saved)
 
 
+def test_decode_graphs_run_steps_with_more_than_tensor_outputs_uncaptured(monkeypatch):
+    """Hidden states come out as a tuple per step, which a replay could not hand out fresh: no graph is captured."""
+    torch._dynamo.reset()
+    model = tiny_model("hybrid")
+    run = dict(max_new_tokens=4, min_new_tokens=4, return_dict_in_generate=True, output_hidden_states=True)
+    eager = model.generate(random_ids(1, 5), past_key_values=M2RNNStaticCache(model.config, max_cache_len=9), **run)
+    capture = EmulatedGraphs()
+    graphs = DecodeGraphs(model, dict(backend="eager", fullgraph=True, dynamic=False), capture=capture)
+    monkeypatch.setattr(model, "get_compiled_call", lambda compile_config: graphs)
+    compile_config = CompileConfig()
+    compile_config._compile_all_devices = True
+    compiled = model.generate(random_ids(1, 5), past_key_values=M2RNNStaticCache(model.config, max_cache_len=9),
+                              compile_config=compile_config, **run)
+    assert capture.captures == 0
+    assert torch.equal(compiled.sequences, eager.sequences)
+    last_step = lambda output: torch.stack(output.hidden_states[-1])
+    assert (last_step(compiled) - last_step(eager)).norm() / last_step(eager).norm() < 1e-5
+
+
 def test_decode_graphs_take_the_cuda_graphs_out_of_the_compile_config():
     assert graph_free_compile_kwargs(CompileConfig()) == dict(
         fullgraph=False, dynamic=None, backend="inductor", options={"triton.cudagraphs": False}
