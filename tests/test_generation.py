@@ -106,7 +106,7 @@ class EmulatedGraphs:
 
     def __call__(self, step, kwargs):
         self.captures += 1
-        cache = kwargs["past_key_values"]
+        cache = next(value for value in kwargs.values() if isinstance(value, M2RNNStaticCache))   # under either name
         before = [t.clone() for t in cache.tensors()]
         outputs = step(**kwargs)
         for tensor, saved in zip(cache.tensors(), before):
