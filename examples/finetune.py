@@ -242,6 +242,10 @@ def main(argv=None):
         # the loss at every logging step and every eval, so that two launches of the same run can be compared
         trainer.state.save_to_json(str(args.output_dir / "trainer_state.json"))
         print(f"eval loss {eval_loss:.4f} (perplexity {math.exp(min(eval_loss, 50)):.2f}); saved to {args.output_dir}")
+    # Every process waits for the others, then takes its process group down here, not at interpreter exit (where a
+    # gloo process that finished first once aborted, after the run was saved).
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
     return trainer
 
 
