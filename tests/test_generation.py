@@ -82,8 +82,7 @@ def test_compiled_decode_equals_eager_in_one_graph_without_recompiles(kind, batc
     model = tiny_model(kind)
     prompt = random_ids(batch, 6, seed=5)
     eager = model.generate(prompt, max_new_tokens=10, min_new_tokens=10, cache_implementation="static")
-    compile_config = CompileConfig(fullgraph=True, dynamic=False)
-    compile_config._compile_all_devices = True   # generate compiles only on accelerators unless told to
+    compile_config = compile_on_any_device(fullgraph=True, dynamic=False)
     compiled = model.generate(prompt, max_new_tokens=10, min_new_tokens=10, cache_implementation="static",
                               compile_config=compile_config)
     assert torch.equal(eager, compiled)
@@ -121,6 +120,18 @@ class EmulatedGraphs:
         return replay, outputs
 
 
+def emulated_decode_graphs(model) -> tuple[DecodeGraphs, EmulatedGraphs]:
+    """DecodeGraphs over an emulated capture, on dynamo without inductor (a quick compile)."""
+    capture = EmulatedGraphs()
+    return DecodeGraphs(model, dict(backend="eager", fullgraph=True, dynamic=False), capture=capture), capture
+
+
+def compile_on_any_device(**options) -> CompileConfig:
+    compile_config = CompileConfig(**options)
+    compile_config._compile_all_devices = True   # generate compiles only on accelerators unless told to
+    return compile_config
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("batch", [1, 2])   # 2: left-padded, so the attention layers' masks change every step
 def test_decode_graphs_replay_the_eager_steps(kind, batch, monkeypatch):
@@ -129,12 +140,10 @@ def test_decode_graphs_replay_the_eager_steps(kind, batch, monkeypatch):
     ids, mask = left_pad([random_ids(n, seed=n) for n in (5, 3)[:batch]])
     run = dict(attention_mask=mask, max_new_tokens=7, min_new_tokens=7, return_dict_in_generate=True, output_logits=True)
     eager = model.generate(ids, past_key_values=M2RNNStaticCache(model.config, max_cache_len=16), **run)
-    capture = EmulatedGraphs()
-    graphs = DecodeGraphs(model, dict(backend="eager", fullgraph=True, dynamic=False), capture=capture)
+    graphs, capture = emulated_decode_graphs(model)
     steps = []   # the arguments of each decode step
     monkeypatch.setattr(model, "get_compiled_call", lambda compile_config: lambda **step: steps.append(step) or graphs(**step))
-    compile_config = CompileConfig()
-    compile_config._compile_all_devices = True   # generate compiles only on accelerators unless told to
+    compile_config = compile_on_any_device()
     for _ in range(2):   # the second generate has a new cache: new addresses, a new graph
         cache = M2RNNStaticCache(model.config, max_cache_len=16)   # room for the two steps after generate
         replayed = model.generate(ids, past_key_values=cache, compile_config=compile_config, **run)
@@ -158,13 +167,10 @@ def test_decode_graphs_run_steps_with_more_than_tensor_outputs_uncaptured(monkey
     model = tiny_model("hybrid")
     run = dict(max_new_tokens=4, min_new_tokens=4, return_dict_in_generate=True, output_hidden_states=True)
     eager = model.generate(random_ids(1, 5), past_key_values=M2RNNStaticCache(model.config, max_cache_len=9), **run)
-    capture = EmulatedGraphs()
-    graphs = DecodeGraphs(model, dict(backend="eager", fullgraph=True, dynamic=False), capture=capture)
+    graphs, capture = emulated_decode_graphs(model)
     monkeypatch.setattr(model, "get_compiled_call", lambda compile_config: graphs)
-    compile_config = CompileConfig()
-    compile_config._compile_all_devices = True
     compiled = model.generate(random_ids(1, 5), past_key_values=M2RNNStaticCache(model.config, max_cache_len=9),
-                              compile_config=compile_config, **run)
+                              compile_config=compile_on_any_device(), **run)
     assert capture.captures == 0
     assert torch.equal(compiled.sequences, eager.sequences)
     last_step = lambda output: torch.stack(output.hidden_states[-1])

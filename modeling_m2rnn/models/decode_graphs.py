@@ -38,8 +38,9 @@ class CUDAGraphCapture:
 
     The graphs share one memory pool: they replay one at a time and their outputs are copied after each replay, so one
     graph's temporaries may take another's memory. And unlike `torch.cuda.graph`, a capture leaves the allocator's
-    cache alone: emptied, the next generate's cache would land at new addresses and need a capture of its own (~10-20
-    ms of a token on an H200 host); kept, the blocks of one generate's cache can serve the next one's.
+    cache alone, so that the blocks of one generate's cache can serve the next one's, whose steps would then replay
+    the same graph. On an H200 that happened for the pure model at batch 1, not in the hybrid probes, where every
+    generate call still paid a capture of 10-20 ms (benchmarks/RESULTS.md, 2026-12-03).
     """
 
     def __init__(self):
