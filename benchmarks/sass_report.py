@@ -72,10 +72,10 @@ def gpu_constants(config: KernelConfig) -> dict:
                 **gradient_constants(torch.bfloat16, True, config))
 
 
-def forward(config: KernelConfig, store_checkpoints: bool, prefetch: int = 1):
+def forward(config: KernelConfig, store_checkpoints: bool):
     constants = dict(**SHAPE.head_constants(), HP=config.forward_heads_per_program,
                      BR=SHAPE.block_rows(config.forward_rows), CHUNK=config.chunk, HAS_H0=False, VARLEN=False,
-                     STORE_CHECKPOINTS=store_checkpoints, PREFETCH=prefetch,
+                     STORE_CHECKPOINTS=store_checkpoints,
                      **dot_constants(torch.bfloat16, True, config, config.forward_warps,
                                     config.forward_heads_per_program))
     pointers = {name: "*bf16" for name in ("q_ptr", "k_ptr", "v_ptr", "W_ptr", "f_ptr", "h0_ptr", "y_ptr")}
@@ -146,8 +146,6 @@ def main():
     if "forward" in args.kernels:
         print(report("forward, inference", forward(config, store_checkpoints=False)))
         print(report("forward, training (checkpoints)", forward(config, store_checkpoints=True)))
-        print(report("forward, inference, inputs 2 steps ahead (few programs per SM, e.g. B=1)",
-                     forward(config, store_checkpoints=False, prefetch=2)))
     if "backward" in args.kernels:
         print(report("backward", backward(config)))
 

@@ -7,7 +7,6 @@ round y and the gradients to bf16 (2^-9 per element): 1e-2 (seen: ~4e-3). fp16 i
 (seen: ~3e-4 in the interpreter; the GPU's tanh.approx adds ~5e-4).
 """
 
-import math
 import os
 
 import torch
@@ -82,20 +81,18 @@ def check_against_reference(inputs, gradient_clipping=None, cu_seqlens=None):
     return errors
 
 
-@pytest.fixture(params=["default", "small_chunks", "small_chunks_prefetch_2"])
+@pytest.fixture(params=["default", "small_chunks"])
 def kernel_config(request, monkeypatch):
     """The default launch, and one with 4-step chunks, 16-row forward and 32-row backward blocks,
     2 heads per program on 2 warps in both kernels and one chunk per backward launch, so that short
     sequences cross checkpoint and segment boundaries (packed ones mid-chunk), K=20, 24, 48 end in
     part-filled row blocks (whose padding rows the backward reads from checkpoints the forward wrote
-    in other blocks) and heads are summed inside a program. The last also has the forward load its
-    inputs two steps ahead (the launch for few programs per SM), across those chunk boundaries."""
+    in other blocks) and heads are summed inside a program."""
     if request.param != "default":
         monkeypatch.setattr(
             triton_scan, "CONFIG",
             KernelConfig(chunk=4, forward_rows=16, forward_heads_per_program=2, forward_warps=2, backward_rows=32,
-                         backward_max_heads_per_program=2, backward_warps=2, backward_partials_mib=0,
-                         forward_deep_prefetch_programs_per_sm=0 if request.param == "small_chunks" else math.inf),
+                         backward_max_heads_per_program=2, backward_warps=2, backward_partials_mib=0),
         )
     return request.param
 

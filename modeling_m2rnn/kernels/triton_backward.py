@@ -25,6 +25,7 @@ from .triton_step import (
     checkpoint_offsets,
     checkpoint_slot_shift,
     head_rows_offsets,
+    load_masked,
     load_step,
     load_weights,
     padded_block_offsets,
@@ -36,11 +37,14 @@ from .triton_step import (
 
 
 @triton.jit
-def load_output_grad(dy_ptr, batch, t, seq_len, valid, heads, rv, N: tl.constexpr, V: tl.constexpr):
-    """dy_t (HP, BV) in float32 from dy (B, S, N, V)."""
+def load_output_grad(dy_ptr, batch, t, seq_len, heads, rv, N: tl.constexpr, V: tl.constexpr, UNPAIRED: tl.constexpr):
+    """dy_t (HP, BV) in float32 from dy (B, S, N, V); t a step of the sequence, UNPAIRED as in load_step."""
     row = (batch * seq_len + t).to(tl.int64)
-    mask = tl.where(valid, rv[None, :] < V, False)
-    return tl.load(dy_ptr + (row * N + heads[:, None]) * V + rv[None, :], mask=mask, other=0.0).to(tl.float32)
+    if UNPAIRED:
+        offsets = tl.max_contiguous((row * N + heads[:, None]) * V + rv[None, :], [1, 1])
+    else:
+        offsets = (row * N + heads[:, None]) * V + rv[None, :]
+    return load_masked(dy_ptr + offsets, rv[None, :] < V, tl.constexpr(V) != rv.shape[0]).to(tl.float32)
 
 
 @triton.jit
@@ -101,33 +105,36 @@ def scan_backward_kernel(
         # and writing dq_t = H_t dy_t while H_t is at hand.
         # Masked: rows past K in a part-filled block were never written when the forward split rows differently.
         H = tl.load(checkpoint_ptr + checkpoint_offs + chunk * BK * BV, mask=state_mask, other=0.0).to(tl.float32)
-        _q, k_t, v_t, f_t = load_step(q_ptr, k_ptr, v_ptr, f_ptr, batch, chunk_start, seq_len, True,
-                                     heads, rk, rv, N, NQ, NK, NV, NF, K, V)
+        # v and dy one element at a time: the replay's step is short enough to wait for them otherwise
+        # (see load_step). The walk's step is long, so there pairs cost nothing and save instructions.
+        _q, k_t, v_t, f_t = load_step(q_ptr, k_ptr, v_ptr, f_ptr, batch, chunk_start, seq_len, heads, rk, rv,
+                                      N, NQ, NK, NV, NF, K, V, True)
+        dy_t = load_output_grad(dy_ptr, batch, chunk_start, seq_len, heads, rv, N, V, True)
         for t in range(chunk_start, chunk_end):
-            next_valid = t + 1 < chunk_end
-            _q_next, k_next, v_next, f_next = load_step(q_ptr, k_ptr, v_ptr, f_ptr, batch, t + 1, seq_len, next_valid,
-                                                  heads, rk, rv, N, NQ, NK, NV, NF, K, V)
-            dy_t = load_output_grad(dy_ptr, batch, t, seq_len, True, heads, rv, N, V)
+            t_next = tl.minimum(t + 1, chunk_end - 1)
+            _q_next, k_next, v_next, f_next = load_step(q_ptr, k_ptr, v_ptr, f_ptr, batch, t_next, seq_len,
+                                                        heads, rk, rv, N, NQ, NK, NV, NF, K, V, True)
+            dy_next = load_output_grad(dy_ptr, batch, t_next, seq_len, heads, rv, N, V, True)
             H_dot = H.to(DOT_DTYPE)
             tl.store(scratch_base + (t - chunk_start) * HP * BR * BV + block_offsets, H_dot)
             H = blend(H, candidate(H_dot, W_dot, k_t, v_t, DOT_PRECISION, FAST_TANH), f_t)
             dq_row = dq_ptr + _partial_row(batch, t, segment_start, segment_steps, N, HP, K)
             store_row_sums(dq_row, H * dy_t[:, None, :], head_block, HP, BR, BV, K, LANE_SUMS)
-            k_t, v_t, f_t = k_next, v_next, f_next
+            k_t, v_t, f_t, dy_t = k_next, v_next, f_next, dy_next
         # Global writes of one thread become visible to the others at a barrier.
         tl.debug_barrier()
 
         # Walk the chunk backwards.
         t = chunk_end - 1
-        q_t, k_t, v_t, f_t = load_step(q_ptr, k_ptr, v_ptr, f_ptr, batch, t, seq_len, True,
-                                       heads, rk, rv, N, NQ, NK, NV, NF, K, V)
-        dy_t = load_output_grad(dy_ptr, batch, t, seq_len, True, heads, rv, N, V)
+        q_t, k_t, v_t, f_t = load_step(q_ptr, k_ptr, v_ptr, f_ptr, batch, t, seq_len, heads, rk, rv,
+                                       N, NQ, NK, NV, NF, K, V, False)
+        dy_t = load_output_grad(dy_ptr, batch, t, seq_len, heads, rv, N, V, False)
         H_prev = tl.load(scratch_base + (t - chunk_start) * HP * BR * BV + block_offsets)
         for _step in range(chunk_end - chunk_start):
-            prev_valid = t > chunk_start
-            q_prev, k_prev, v_prev, f_prev = load_step(q_ptr, k_ptr, v_ptr, f_ptr, batch, t - 1, seq_len, prev_valid,
-                                                       heads, rk, rv, N, NQ, NK, NV, NF, K, V)
-            dy_prev = load_output_grad(dy_ptr, batch, t - 1, seq_len, prev_valid, heads, rv, N, V)
+            t_prev = tl.maximum(t - 1, chunk_start)
+            q_prev, k_prev, v_prev, f_prev = load_step(q_ptr, k_ptr, v_ptr, f_ptr, batch, t_prev, seq_len,
+                                                       heads, rk, rv, N, NQ, NK, NV, NF, K, V, False)
+            dy_prev = load_output_grad(dy_ptr, batch, t_prev, seq_len, heads, rv, N, V, False)
             # At the chunk's first step this reloads its own slot: in bounds, and never used.
             prev_slot = tl.maximum(t - 1 - chunk_start, 0)
             H_prev_prev = tl.load(scratch_base + prev_slot * HP * BR * BV + block_offsets)

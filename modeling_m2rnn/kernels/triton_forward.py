@@ -32,7 +32,6 @@ def scan_forward_kernel(
     N: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr, NV: tl.constexpr, NF: tl.constexpr, NW: tl.constexpr,
     K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HP: tl.constexpr, BR: tl.constexpr,
     CHUNK: tl.constexpr, HAS_H0: tl.constexpr, VARLEN: tl.constexpr, STORE_CHECKPOINTS: tl.constexpr,
-    PREFETCH: tl.constexpr,  # 1 or 2: how many steps ahead the inputs are loaded
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr, LANE_SUMS: tl.constexpr,
 ):
     state_row = tl.program_id(0)
@@ -53,7 +52,6 @@ def scan_forward_kernel(
                                          N, BK, BV)  # (HP, BR, BV), chunk 0's slot
     y_partial_ptr = y_ptr + tl.program_id(2).to(tl.int64) * y_partial_stride
 
-    q_prev = tl.zeros((HP, BR), dtype=tl.float32)  # PREFETCH == 2: q of the step whose y is still to store
     # The time axis in checkpoint chunks (see checkpoint_slot_shift), so that the checkpoint store sits outside
     # the step loop rather than behind a branch in every step.
     for chunk in range(start // CHUNK, tl.cdiv(end, CHUNK)):
@@ -61,41 +59,24 @@ def scan_forward_kernel(
         chunk_end = tl.minimum(end, chunk * CHUNK + CHUNK)
         if STORE_CHECKPOINTS:
             tl.store(checkpoint_ptr + checkpoint_offs + chunk * BK * BV, H.to(checkpoint_ptr.dtype.element_ty))
-        # Step t + PREFETCH's inputs are loaded while step t computes, so their latency is off the step chain.
-        q_t, k_t, v_t, f_t = load_step(q_ptr, k_ptr, v_ptr, f_ptr, batch, chunk_start, seq_len, True,
-                                       heads, rk, rv, N, NQ, NK, NV, NF, K, V)
-        if PREFETCH == 2:
-            q_1, k_1, v_1, f_1 = load_step(q_ptr, k_ptr, v_ptr, f_ptr, batch, chunk_start + 1, seq_len,
-                                           chunk_start + 1 < chunk_end, heads, rk, rv, N, NQ, NK, NV, NF, K, V)
+        # Step t + 1's inputs are loaded while step t computes, so their latency is off the step chain, v one
+        # element at a time (see load_step).
+        q_t, k_t, v_t, f_t = load_step(q_ptr, k_ptr, v_ptr, f_ptr, batch, chunk_start, seq_len, heads, rk, rv,
+                                       N, NQ, NK, NV, NF, K, V, True)
         for t in range(chunk_start, chunk_end):
-            q_next, k_next, v_next, f_next = load_step(q_ptr, k_ptr, v_ptr, f_ptr, batch, t + PREFETCH, seq_len,
-                                                       t + PREFETCH < chunk_end, heads, rk, rv,
-                                                       N, NQ, NK, NV, NF, K, V)
-            if PREFETCH == 2:
-                # Few programs per SM, so a step's latency is exposed: y_{t-1}, from H_{t-1}, is summed beside
-                # step t's chain instead of after it (H200, 400M shape, B=1: 1.75 -> 1.65 ms; with many programs
-                # per SM the late sum costs more than it hides, B=8: 2.21 -> 2.39 ms).
-                store_y_partial(y_partial_ptr, batch, seq_len, t - 1, q_prev, H, t > start, heads,
-                                N, HP, BR, BV, V, LANE_SUMS)
-                q_prev = q_t
+            q_next, k_next, v_next, f_next = load_step(q_ptr, k_ptr, v_ptr, f_ptr, batch, tl.minimum(t + 1, chunk_end - 1),
+                                                       seq_len, heads, rk, rv, N, NQ, NK, NV, NF, K, V, True)
             H = blend(H, candidate(H.to(DOT_DTYPE), W_dot, k_t, v_t, DOT_PRECISION, FAST_TANH), f_t)
-            if PREFETCH == 1:
-                store_y_partial(y_partial_ptr, batch, seq_len, t, q_t, H, True, heads, N, HP, BR, BV, V, LANE_SUMS)
-                q_t, k_t, v_t, f_t = q_next, k_next, v_next, f_next
-            else:
-                q_t, k_t, v_t, f_t = q_1, k_1, v_1, f_1
-                q_1, k_1, v_1, f_1 = q_next, k_next, v_next, f_next
+            store_y_partial(y_partial_ptr, batch, seq_len, t, q_t, H, heads, N, HP, BR, BV, V, LANE_SUMS)
+            q_t, k_t, v_t, f_t = q_next, k_next, v_next, f_next
 
-    if PREFETCH == 2:
-        store_y_partial(y_partial_ptr, batch, seq_len, end - 1, q_prev, H, end > start, heads,
-                        N, HP, BR, BV, V, LANE_SUMS)
     tl.store(h_final_ptr + state_base + state_offsets, H, mask=state_mask)
 
 
 @triton.jit
-def store_y_partial(y_partial_ptr, batch, seq_len, t, q_t, H, valid, heads,
+def store_y_partial(y_partial_ptr, batch, seq_len, t, q_t, H, heads,
                     N: tl.constexpr, HP: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr, V: tl.constexpr,
                     LANE_SUMS: tl.constexpr):
-    """This row block's part of y_t = Σ_i q_t[i] H_t[i,:], where `valid`."""
+    """This row block's part of y_t = Σ_i q_t[i] H_t[i,:]."""
     y_row = y_partial_ptr + (batch * seq_len + t).to(tl.int64) * N * V
-    store_column_sums(y_row, q_t[:, :, None] * H, heads, valid, HP, BR, BV, V, LANE_SUMS)
+    store_column_sums(y_row, q_t[:, :, None] * H, heads, True, HP, BR, BV, V, LANE_SUMS)

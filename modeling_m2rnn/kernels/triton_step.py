@@ -60,22 +60,42 @@ def checkpoint_slot_shift(state_row, VARLEN: tl.constexpr):
 
 @triton.jit
 def load_step(
-    q_ptr, k_ptr, v_ptr, f_ptr, batch, t, seq_len, valid, heads, rk, rv,
+    q_ptr, k_ptr, v_ptr, f_ptr, batch, t, seq_len, heads, rk, rv,
     N: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr, NV: tl.constexpr, NF: tl.constexpr,
-    K: tl.constexpr, V: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr, UNPAIRED: tl.constexpr,
 ):
-    """Step t's inputs for the program's heads and rows rk, in float32, zero where padded or not
-    `valid`: q_t, k_t (HP, BR); v_t (HP, BV); f_t (HP,). Head n reads group n // (N / Nx) of an input."""
+    """Step t's inputs for the program's heads and rows rk, in float32, zero where padded: q_t, k_t (HP, BR);
+    v_t (HP, BV); f_t (HP,). Head n reads group n // (N / Nx) of an input; HP divides N.
+
+    t must be a step of the sequence: a kernel loading ahead clamps t to its chunk (and never uses what it loaded
+    at the clamp), so the loads need no per-step mask, and none at all where K and V fill their blocks.
+    UNPAIRED: v is loaded one element at a time instead of two per 32-bit load. The next step's v, loaded in
+    pairs, is unpacked into its loop-carried registers at the end of this step, so the step waits there for the
+    load; loaded one by one, the wait moves to the use in the next step. It costs two more load instructions."""
     row = (batch * seq_len + t).to(tl.int64)
-    # tl.where rather than `&`: the interpreter rejects a tensor & scalar-bool mask.
-    k_mask = tl.where(valid, rk[None, :] < K, False)
-    v_mask = tl.where(valid, rv[None, :] < V, False)
-    q_t = tl.load(q_ptr + ((row * NQ + heads[:, None] // (N // NQ)) * K + rk[None, :]), mask=k_mask, other=0.0)
-    k_t = tl.load(k_ptr + ((row * NK + heads[:, None] // (N // NK)) * K + rk[None, :]), mask=k_mask, other=0.0)
-    v_t = tl.load(v_ptr + ((row * NV + heads[:, None] // (N // NV)) * V + rv[None, :]), mask=v_mask, other=0.0)
-    f_mask = tl.where(valid, heads < N, False)
-    f_t = tl.load(f_ptr + (row * NF + heads // (N // NF)), mask=f_mask, other=1.0)
+    rows_masked: tl.constexpr = tl.constexpr(K) % rk.shape[0] != 0
+    columns_masked: tl.constexpr = tl.constexpr(V) != rv.shape[0]
+    q_t = load_masked(q_ptr + ((row * NQ + heads[:, None] // (N // NQ)) * K + rk[None, :]), rk[None, :] < K,
+                       rows_masked)
+    k_t = load_masked(k_ptr + ((row * NK + heads[:, None] // (N // NK)) * K + rk[None, :]), rk[None, :] < K,
+                       rows_masked)
+    if UNPAIRED:
+        # The hint goes on the expression itself: on a jit function's argument it would be lost.
+        v_offsets = tl.max_contiguous((row * NV + heads[:, None] // (N // NV)) * V + rv[None, :], [1, 1])
+    else:
+        v_offsets = (row * NV + heads[:, None] // (N // NV)) * V + rv[None, :]
+    v_t = load_masked(v_ptr + v_offsets, rv[None, :] < V, columns_masked)
+    f_t = tl.load(f_ptr + (row * NF + heads // (N // NF)))
     return q_t.to(tl.float32), k_t.to(tl.float32), v_t.to(tl.float32), f_t.to(tl.float32)
+
+
+@triton.jit
+def load_masked(pointers, mask, MASKED: tl.constexpr):
+    """tl.load, zero where not `mask` if MASKED (blocks of a shape that fills them take no mask)."""
+    if MASKED:
+        return tl.load(pointers, mask=mask, other=0.0)
+    else:
+        return tl.load(pointers)
 
 
 @triton.jit
