@@ -76,9 +76,9 @@ def load_step(
     rows_masked: tl.constexpr = tl.constexpr(K) % rk.shape[0] != 0
     columns_masked: tl.constexpr = tl.constexpr(V) != rv.shape[0]
     q_t = load_masked(q_ptr + ((row * NQ + heads[:, None] // (N // NQ)) * K + rk[None, :]), rk[None, :] < K,
-                       rows_masked)
+                      rows_masked)
     k_t = load_masked(k_ptr + ((row * NK + heads[:, None] // (N // NK)) * K + rk[None, :]), rk[None, :] < K,
-                       rows_masked)
+                      rows_masked)
     if UNPAIRED:
         # The hint goes on the expression itself: on a jit function's argument it would be lost.
         v_offsets = tl.max_contiguous((row * NV + heads[:, None] // (N // NV)) * V + rv[None, :], [1, 1])
