@@ -64,8 +64,9 @@ def scan_forward_kernel(
         q_t, k_t, v_t, f_t = load_step(q_ptr, k_ptr, v_ptr, f_ptr, batch, chunk_start, seq_len, heads, rk, rv,
                                        N, NQ, NK, NV, NF, K, V, True)
         for t in range(chunk_start, chunk_end):
-            q_next, k_next, v_next, f_next = load_step(q_ptr, k_ptr, v_ptr, f_ptr, batch, tl.minimum(t + 1, chunk_end - 1),
-                                                       seq_len, heads, rk, rv, N, NQ, NK, NV, NF, K, V, True)
+            t_next = tl.minimum(t + 1, chunk_end - 1)
+            q_next, k_next, v_next, f_next = load_step(q_ptr, k_ptr, v_ptr, f_ptr, batch, t_next, seq_len, heads, rk, rv,
+                                                       N, NQ, NK, NV, NF, K, V, True)
             H = blend(H, candidate(H.to(DOT_DTYPE), W_dot, k_t, v_t, DOT_PRECISION, FAST_TANH), f_t)
             store_y_partial(y_partial_ptr, batch, seq_len, t, q_t, H, heads, N, HP, BR, BV, V, LANE_SUMS)
             q_t, k_t, v_t, f_t = q_next, k_next, v_next, f_next
