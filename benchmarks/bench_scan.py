@@ -68,6 +68,8 @@ def check_correctness(log) -> dict:
     cases = {
         "bf16_400m_like": (dict(B=2, S=300, N=8), torch.bfloat16, 1.0, None, BF16_BOUND),
         "bf16_odd_dims": (dict(B=2, S=129, N=6, K=48, V=12, nqk=2), torch.bfloat16, None, None, BF16_BOUND),
+        # fp16 keeps its dq, dk partials in float32, summed into fp16 (see scan_backward_op).
+        "fp16_400m_like": (dict(B=2, S=300, N=8), torch.float16, 1.0, None, BF16_BOUND),
         # The model's mix: W a float32 parameter beside bf16 activations (a separately compiled kernel).
         "bf16_float32_W": (dict(B=2, S=257, N=8, W_dtype=torch.float32), torch.bfloat16, 1.0, None, BF16_BOUND),
         # A decode step: one token from a carried state, 84 heads as in the 400M model (one-head programs).

@@ -51,7 +51,7 @@ def load_output_grad(dy_ptr, batch, t, seq_len, heads, rv, N: tl.constexpr, V: t
 def scan_backward_kernel(
     q_ptr, k_ptr, v_ptr, W_ptr, f_ptr, cu_seqlens_ptr, checkpoint_ptr, dy_ptr,  # inputs
     # dstate (states, N, K, V) f32: in, the gradient reaching the state at segment_end; out, at segment_start.
-    # Outputs for the steps from segment_start: dq, dk partials (B, segment_steps, N / HP, K) f32, dv
+    # Outputs for the steps from segment_start: dq, dk partials (B, segment_steps, N / HP, K), dv
     # (R, B, segment_steps, N, V), df (R, B, segment_steps, N) f32; dW (states, R, N, V, V) f32, accumulated.
     # scratch (programs, CHUNK, HP, BR, BV)
     dstate_ptr, dq_ptr, dk_ptr, dv_ptr, df_ptr, dW_ptr, scratch_ptr,

@@ -9,8 +9,9 @@ Ops (all functional):
 Precision: the state and the blend run in float32. For bf16 / fp16 inputs the H·W product takes
 fp16 operands (|H| <= 1, so fp16 keeps 3 more mantissa bits than bf16) with float32 accumulation,
 tanh is the GPU's tanh.approx (rel. error 2^-11), the backward's gradient products take bf16 operands
-(float32 range: gradients may be tiny) with float32 accumulation (KernelConfig.backward_products), and
-checkpoints and replayed states are stored in fp16.
+(float32 range: gradients may be tiny) with float32 accumulation (KernelConfig.backward_products),
+checkpoints and replayed states are stored in fp16, and the per-program dq, dk partials in bf16 for bf16
+inputs (float32 otherwise).
 float32 inputs use full-float32 products, exact tanh and float32 storage. float64 inputs go to the
 PyTorch reference loop.
 
@@ -165,10 +166,10 @@ def _backward_heads_per_program(shape: ScanShape) -> int:
     return heads
 
 
-def _backward_segment_steps(shape: ScanShape, programs: int) -> int:
-    """Steps per backward launch: whole chunks, as many as keep the float32 dq and dk partials
-    (B, steps, programs, K) within CONFIG.backward_partials_mib; all of S when that fits."""
-    bytes_per_step = 2 * shape.batch * programs * shape.key_dim * 4
+def _backward_segment_steps(shape: ScanShape, programs: int, partial_bytes: int) -> int:
+    """Steps per backward launch: whole chunks, as many as keep the dq and dk partials (B, steps, programs, K), of
+    `partial_bytes` per element, within CONFIG.backward_partials_mib; all of S when that fits."""
+    bytes_per_step = 2 * shape.batch * programs * shape.key_dim * partial_bytes
     chunks = max(1, CONFIG.backward_partials_mib * 2**20 // (bytes_per_step * CONFIG.chunk))
     return min(chunks * CONFIG.chunk, shape.seq_len)
 
@@ -191,6 +192,13 @@ def _sum_groups(partial: torch.Tensor, dim: int, groups: int, dtype: torch.dtype
     if members == 1:
         return partial.to(dtype)
     return partial.unflatten(dim, (groups, members)).sum(dim + 1).to(dtype)
+
+
+def _sum_groups_into(out: torch.Tensor, partial: torch.Tensor, dim: int):
+    """out = the consecutive per-program partials along `dim` summed into out.shape[dim] groups: accumulated in
+    float32 and rounded once to out's dtype, written in place (out may be a slice of a larger tensor)."""
+    groups = out.shape[dim]
+    torch.sum(partial.unflatten(dim, (groups, partial.shape[dim] // groups)), dim + 1, out=out)
 
 
 def _sum_row_blocks(partials: torch.Tensor) -> torch.Tensor:
@@ -282,10 +290,14 @@ def scan_backward_op(
     row_blocks = shape.num_row_blocks(rows)
     B, S, N, K, V = shape.batch, shape.seq_len, shape.num_heads, shape.key_dim, shape.value_dim
     device = v.device
-    segment = _backward_segment_steps(shape, programs)
+    # One dq, dk partial per program: 84 to a row of q at the 400M shape, so writing and summing them in float32
+    # took 5% of forward+backward (H200, benchmarks/RESULTS.md). For bf16 inputs they are bf16, which keeps float32's
+    # range; a fp16 partial could overflow where the sum of the group does not.
+    partial_dtype = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
+    segment = _backward_segment_steps(shape, programs, partial_dtype.itemsize)
     dq = torch.empty(B, S, shape.nq, K, device=device, dtype=q.dtype)
     dk = torch.empty(B, S, shape.nk, K, device=device, dtype=k.dtype)
-    dq_partial = torch.empty(B, segment, programs, K, device=device, dtype=torch.float32)
+    dq_partial = torch.empty(B, segment, programs, K, device=device, dtype=partial_dtype)
     dk_partial = torch.empty_like(dq_partial)
     dv = torch.empty_like(v)
     df = torch.empty_like(f)
@@ -311,9 +323,8 @@ def scan_backward_op(
             num_warps=CONFIG.backward_warps, **_register_cap(device, CONFIG.backward_max_registers),
         )
         steps = segment_end - segment_start
-        # Summed in float32; the copy into dq, dk rounds once to their dtype.
-        dq[:, segment_start:segment_end] = _sum_groups(dq_partial[:, :steps], 2, shape.nq, torch.float32)
-        dk[:, segment_start:segment_end] = _sum_groups(dk_partial[:, :steps], 2, shape.nk, torch.float32)
+        _sum_groups_into(dq[:, segment_start:segment_end], dq_partial[:, :steps], 2)
+        _sum_groups_into(dk[:, segment_start:segment_end], dk_partial[:, :steps], 2)
         dv[:, segment_start:segment_end] = _sum_groups(_sum_row_blocks(dv_partial[:, :, :steps]), 2, shape.nv, v.dtype)
         df[:, segment_start:segment_end] = _sum_groups(df_partial[:, :, :steps].sum(0), 2, shape.nf, f.dtype)
     store_dh0 = initial_state_dtype is not None
