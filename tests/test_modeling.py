@@ -304,6 +304,23 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         assert (grad - gradients[1][name]).abs().max() < 1e-5, name
 
 
+@pytest.mark.parametrize("conv_kernel_size", [3, None], ids=["conv", "no_conv"])
+def test_the_scan_gets_contiguous_inputs(monkeypatch, conv_kernel_size):
+    """The layer hands the scan contiguous q, k, v (the Triton op would copy them, in the forward and the backward)."""
+    import modeling_m2rnn.layers.m2rnn as layer_module
+
+    seen = []
+
+    def recording_scan(q, k, v, **kwargs):
+        seen.append([x.is_contiguous() for x in (q, k, v)])
+        return scan(q, k, v, **kwargs)
+
+    scan = layer_module.m2rnn_scan
+    monkeypatch.setattr(layer_module, "m2rnn_scan", recording_scan)
+    tiny_model("pure", m2rnn_conv_kernel_size=conv_kernel_size)(random_ids(3, 7))
+    assert seen == [[True, True, True]] * 3
+
+
 def test_sequence_classification_reads_the_last_real_token():
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_config(tiny_config("hybrid", num_labels=3)).eval()

@@ -112,7 +112,10 @@ class M2RNNMixer(nn.Module):
 
         if self.conv_kernel_size is not None:
             qkv = self.short_conv(qkv, padding_mask, packed, cache)
-        q, k, v = qkv.split(self.qkv_sizes, dim=-1)
+        # Contiguous copies, in the layout the scan reads. Made here, torch.compile fuses them into the conv's
+        # activation; the scan op would otherwise copy its inputs itself, in the forward and again in the backward
+        # (the conv's output is channel-major).
+        q, k, v = (x.contiguous() for x in qkv.split(self.qkv_sizes, dim=-1))
         q = q.view(batch, seq_len, self.num_q_heads, self.key_head_dim)
         k = k.view(batch, seq_len, self.num_k_heads, self.key_head_dim)
         v = v.view(batch, seq_len, self.num_v_heads, self.value_head_dim)
