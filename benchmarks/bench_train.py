@@ -7,7 +7,7 @@ zero_grad, exactly as the Llama anchor below was measured. Warm-up steps first (
 compilation happen there), then timed steps between CUDA events. Peak memory is
 torch.cuda.max_memory_allocated over the timed steps. A table is printed beside the anchor; JSON goes to
 benchmarks/results/ (and $OUT when set). --profile prints a torch.profiler table of one Hybrid step at
-B=8, S=4096 (where the time goes). --compile wraps every model in torch.compile (the M2RNN scan stays one
+B=8, S=4096 (where the time goes; compiled too under --compile). --compile wraps every model in torch.compile (the M2RNN scan stays one
 custom op; the elementwise work around it fuses), --models and --shapes pick cases. --quick runs tiny configs
 on the CPU as a smoke check of this script.
 """
@@ -134,11 +134,11 @@ def print_table(results: list[dict], quick: bool):
         print(f"target: {TARGET}; anchor: Llama 400M on the H200, 2026-11-28 (same step, torch 2.11)")
 
 
-def profile_one_step(config, batch, seq_len, device):
+def profile_one_step(config, batch, seq_len, device, compile: bool = False):
     """A torch.profiler table of one training step, after warm-up: which kernels take the time."""
     from torch.profiler import ProfilerActivity, profile
 
-    model, optimizer = build(config, device)
+    model, optimizer = build(config, device, compile)
     ids = torch.randint(0, config.vocab_size, (batch, seq_len), device=device)
     time_steps(model, optimizer, ids, warmup=2, steps=1)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -148,7 +148,8 @@ def profile_one_step(config, batch, seq_len, device):
             torch.cuda.synchronize()
     sort_by = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     table = prof.key_averages().table(sort_by=sort_by, row_limit=30)
-    print(f"\nprofile of one hybrid_m2rnn step at B={batch}, S={seq_len}:\n{table}")
+    mode = "compiled" if compile else "eager"
+    print(f"\nprofile of one {mode} hybrid_m2rnn step at B={batch}, S={seq_len}:\n{table}")
     return table
 
 
@@ -200,7 +201,7 @@ def main():
         llama_anchor={f"B{b}_S{s}": v for (b, s), v in LLAMA_ANCHOR.items()},
     )
     if args.profile and "hybrid_m2rnn" in configs:
-        report["profile"] = profile_one_step(configs["hybrid_m2rnn"], *shapes[0], device)
+        report["profile"] = profile_one_step(configs["hybrid_m2rnn"], *shapes[0], device, args.compile)
     write_json(report)
 
 
