@@ -220,6 +220,19 @@ def test_gpu_only_paths_are_chosen_as_documented():
     assert triton_scan._register_cap(torch.device("cuda"), None) == {}
 
 
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_partials_are_summed_in_float32_into_their_slice(out_dtype):
+    """fp16 inputs keep float32 dq, dk partials: one beyond fp16's range must still sum into a finite value.
+    16-bit partials are summed with float32 accumulation, rounding once."""
+    partial_dtype = torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32
+    partial = torch.tensor([70000.0, -69000.0, 1.0, 2.0, 3.0, 4.0]).view(1, 1, 6, 1).to(partial_dtype)
+    out = torch.zeros(1, 3, 2, 1, dtype=out_dtype)
+    triton_scan._sum_groups_into(out[:, 1:2], partial, 2)
+    expected = partial.double().view(2, 3).sum(1)
+    assert torch.equal(out[:, 1:2].flatten(), expected.to(out_dtype))
+    assert not out[:, 0].any() and not out[:, 2].any()
+
+
 def test_bad_input_raises_value_error():
     q, k, v, W, f, _ = make_inputs(1, 3, 16, 4, (1, 1, 2, 2, 2), torch.float32, False)
     with pytest.raises(ValueError, match="W"):

@@ -198,7 +198,12 @@ def _sum_groups_into(out: torch.Tensor, partial: torch.Tensor, dim: int):
     """out = the consecutive per-program partials along `dim` summed into out.shape[dim] groups: accumulated in
     float32 and rounded once to out's dtype, written in place (out may be a slice of a larger tensor)."""
     groups = out.shape[dim]
-    torch.sum(partial.unflatten(dim, (groups, partial.shape[dim] // groups)), dim + 1, out=out)
+    grouped = partial.unflatten(dim, (groups, partial.shape[dim] // groups))
+    if partial.dtype == out.dtype:
+        torch.sum(grouped, dim + 1, out=out)
+    else:
+        # torch.sum(..., out=) would first cast the partials to out's dtype: float32 ones could overflow in fp16.
+        out.copy_(grouped.sum(dim + 1))
 
 
 def _sum_row_blocks(partials: torch.Tensor) -> torch.Tensor:
