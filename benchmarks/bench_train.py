@@ -7,9 +7,9 @@ zero_grad, exactly as the Llama anchor below was measured. Warm-up steps first (
 compilation happen there), then timed steps between CUDA events. Peak memory is
 torch.cuda.max_memory_allocated over the timed steps. A table is printed beside the anchor; JSON goes to
 benchmarks/results/ (and $OUT when set). --profile prints a torch.profiler table of one Hybrid step at
-B=8, S=4096 (where the time goes; compiled too under --compile). --compile wraps every model in torch.compile (the M2RNN scan stays one
-custom op; the elementwise work around it fuses), --models and --shapes pick cases. --quick runs tiny configs
-on the CPU as a smoke check of this script.
+B=8, S=4096 (where the time goes), compiled under --compile. --compile wraps every model in torch.compile (the
+M2RNN scan stays one custom op; the elementwise work around it fuses), --models and --shapes pick cases. --quick
+runs tiny configs on the CPU as a smoke check of this script.
 """
 
 import argparse

@@ -112,9 +112,9 @@ class M2RNNMixer(nn.Module):
 
         if self.conv_kernel_size is not None:
             qkv = self.short_conv(qkv, padding_mask, packed, cache)
-        # Contiguous copies, in the layout the scan reads. Made here, torch.compile fuses them into the conv's
-        # activation; the scan op would otherwise copy its inputs itself, in the forward and again in the backward
-        # (the conv's output is channel-major).
+        # q, k, v are slices of one projection (and channel-major after the conv): copied here into the layout the
+        # scan reads, where torch.compile fuses the copies into the conv's activation. The scan op would otherwise
+        # copy them itself, in the forward and again in the backward.
         q, k, v = (x.contiguous() for x in qkv.split(self.qkv_sizes, dim=-1))
         q = q.view(batch, seq_len, self.num_q_heads, self.key_head_dim)
         k = k.view(batch, seq_len, self.num_k_heads, self.key_head_dim)
