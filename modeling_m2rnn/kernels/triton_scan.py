@@ -185,20 +185,24 @@ def _checkpoint_buffer(shape: ScanShape, v: torch.Tensor, store: bool) -> torch.
     return torch.empty(rows, shape.num_heads, slots, shape.block_k, shape.block_v, device=v.device, dtype=dtype)
 
 
+def _grouped(partial: torch.Tensor, dim: int, groups: int) -> torch.Tensor:
+    """`partial` with `dim` split into (groups, members): the consecutive per-head (or per-program) partials of each
+    group side by side along dim + 1."""
+    return partial.unflatten(dim, (groups, partial.shape[dim] // groups))
+
+
 def _sum_groups(partial: torch.Tensor, dim: int, groups: int, dtype: torch.dtype) -> torch.Tensor:
     """Sum the consecutive per-head (or per-program) partials along `dim` into `groups` groups
     (PyTorch accumulates 16-bit sums in float32 and writes the input dtype: no float32 copy)."""
-    members = partial.shape[dim] // groups
-    if members == 1:
+    if partial.shape[dim] == groups:
         return partial.to(dtype)
-    return partial.unflatten(dim, (groups, members)).sum(dim + 1).to(dtype)
+    return _grouped(partial, dim, groups).sum(dim + 1).to(dtype)
 
 
 def _sum_groups_into(out: torch.Tensor, partial: torch.Tensor, dim: int):
     """out = the consecutive per-program partials along `dim` summed into out.shape[dim] groups: accumulated in
     float32 and rounded once to out's dtype, written in place (out may be a slice of a larger tensor)."""
-    groups = out.shape[dim]
-    grouped = partial.unflatten(dim, (groups, partial.shape[dim] // groups))
+    grouped = _grouped(partial, dim, out.shape[dim])
     if partial.dtype == out.dtype:
         torch.sum(grouped, dim + 1, out=out)
     else:
