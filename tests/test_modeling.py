@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -318,6 +319,34 @@ def test_the_scan_gets_contiguous_inputs(monkeypatch, conv_kernel_size):
     monkeypatch.setattr(layer_module, "m2rnn_scan", recording_scan)
     tiny_model("pure", m2rnn_conv_kernel_size=conv_kernel_size)(random_ids(3, 7))
     assert seen == [[True, True, True]] * 3
+
+
+@pytest.mark.parametrize("seq_len, context_len", [(11, None), (1, None), (1, 5), (6, 9)],
+                         ids=["fresh", "one_token", "decode_step", "continuation"])
+def test_short_conv_is_a_causal_depthwise_conv1d(seq_len, context_len):
+    """The shifted-product conv equals F.conv1d on the zero-padded window: float64 to rounding, bf16 within 2^-7
+    of the float64 output's scale (each product and partial sum rounds to bf16)."""
+    from modeling_m2rnn.layers import causal_conv1d
+
+    g = torch.Generator().manual_seed(seq_len * 10 + (context_len or 0))
+    batch, channels, kernel_size = 3, 7, 4
+    x = torch.randn(batch, seq_len, channels, generator=g, dtype=torch.float64)
+    weight = torch.randn(channels, kernel_size, generator=g, dtype=torch.float64)
+    context = None
+    if context_len is not None:   # a cache's window: earlier inputs, then x
+        context = torch.cat([torch.randn(batch, channels, context_len - seq_len, generator=g, dtype=torch.float64),
+                             x.transpose(1, 2)], dim=-1)
+    window = x.transpose(1, 2) if context is None else context
+    padded = F.pad(window, (kernel_size - 1, 0))[..., -(kernel_size - 1 + seq_len):]
+    expected = F.conv1d(padded, weight.unsqueeze(1), groups=channels).transpose(1, 2)
+
+    out, last_inputs = causal_conv1d(x, weight, context)
+    assert out.shape == (batch, seq_len, channels)
+    assert (out - expected).abs().max() <= 1e-12 * expected.abs().max()
+    assert torch.equal(last_inputs, padded[..., -kernel_size:])
+    out_bf16, _ = causal_conv1d(x.bfloat16(), weight, None if context is None else context.bfloat16())
+    assert out_bf16.dtype == torch.bfloat16
+    assert (out_bf16.double() - expected).abs().max() <= 2**-7 * expected.abs().max()
 
 
 def test_sequence_classification_reads_the_last_real_token():

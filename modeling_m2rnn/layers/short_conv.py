@@ -5,8 +5,8 @@ import torch.nn.functional as F
 
 
 def _gather_time(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x (B, C, T) reordered along time by index (B, T)."""
-    return x.gather(-1, index.unsqueeze(1).expand_as(x))
+    """x (B, T, C) reordered along time by index (B, T)."""
+    return x.gather(1, index.unsqueeze(-1).expand_as(x))
 
 
 def causal_conv1d(
@@ -25,12 +25,17 @@ def causal_conv1d(
     sequence_ids: (B, S) packed sequences of a row; a tap never reads across a sequence boundary.
 
     Returns the output (B, S, C) and the last k real inputs (B, C, k), the window to cache for the next call.
+
+    The convolution is k shifted products summed in the (B, S, C) layout of the projection, not a conv kernel:
+    torch.compile fuses them with their neighbours (the SiLU, the split into q, k, v) forward and backward, where
+    a depthwise conv kernel needs channel-major copies both ways (H200, 400M hybrid training step: 26 ms of conv
+    and copies, benchmarks/RESULTS.md).
     """
     batch, seq_len, _ = x.shape
     kernel_size = weight.shape[1]
     width = kernel_size - 1 + seq_len
-    window = x.transpose(1, 2) if context is None else context
-    window = F.pad(window, (max(0, width - window.shape[-1]), 0))[..., -width:]   # (B, C, k − 1 + S)
+    window = x if context is None else context.transpose(1, 2)
+    window = F.pad(window, (0, 0, max(0, width - window.shape[1]), 0))[:, -width:]   # (B, k − 1 + S, C)
 
     order = None
     if padding_mask is not None:
@@ -48,17 +53,15 @@ def causal_conv1d(
 
     # in the activations' dtype, as nn.Conv1d under autocast: a float32 weight must not promote bf16 inputs
     weight = weight.to(window.dtype)
-    if same_sequence is None and seq_len == 1:
-        out = (window * weight).sum(-1, keepdim=True)   # a decode step: one dot product per channel, no conv setup
-    elif same_sequence is None:
-        out = F.conv1d(window, weight.unsqueeze(1), groups=weight.shape[0])             # (B, C, S)
-    else:
-        out = torch.zeros_like(window[..., -seq_len:])
-        for tap in range(kernel_size):   # each tap dropped where it would reach into another sequence
-            out = out + weight[:, tap, None] * window[..., tap : tap + seq_len] * same_sequence[tap].unsqueeze(1)
+    out = None
+    for tap in range(kernel_size):
+        term = weight[:, tap] * window[:, tap : tap + seq_len]                           # (B, S, C)
+        if same_sequence is not None:   # a tap is dropped where it would reach into another sequence
+            term = term * same_sequence[tap].unsqueeze(-1)
+        out = term if out is None else out + term
 
     if order is not None:
         # back to the original token order: output j of the sorted window belongs to position order[j]
-        full = torch.zeros_like(window).scatter(-1, order[:, -seq_len:].unsqueeze(1).expand_as(out), out)
-        out = full[..., -seq_len:]
-    return out.transpose(1, 2), window[..., -kernel_size:]
+        full = torch.zeros_like(window).scatter(1, order[:, -seq_len:].unsqueeze(-1).expand_as(out), out)
+        out = full[:, -seq_len:]
+    return out, window[:, -kernel_size:].transpose(1, 2)
