@@ -38,7 +38,10 @@ from .triton_forward import scan_forward_kernel
 class KernelConfig:
     """Launch parameters; `benchmarks/bench_scan.py` compares settings on the GPU."""
 
-    chunk: int = 64  # steps between forward checkpoints; the backward replays one chunk at a time
+    # Steps between forward checkpoints; the backward replays one chunk at a time. H200, 400M shape, B=8: 32 steps
+    # forward+backward 9.95-9.96 ms and 0.567 GiB, 64 steps 10.09 ms and 0.526 GiB (the chunk's replayed states then
+    # take 88 MB of scratch, more than the 50 MB L2); B=1 6.02 against 5.95-5.97 ms (benchmarks/RESULTS.md).
+    chunk: int = 32
     # State rows per program (a power of two >= 16; capped at K rounded up). Rows evolve independently,
     # so fewer rows per program mean more, shorter programs in flight; y, dv, df and dW then take one
     # partial per row block (y's and dv's in the input dtype, summed by PyTorch in float32).

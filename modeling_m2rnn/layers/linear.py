@@ -33,6 +33,18 @@ class Linear(nn.Linear):
             return _in_buffer(y) if inference else y
         return F.linear(x, self.weight, self.bias)
 
+    def forward_blocks(self, x: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, ...]:
+        """forward(x).split(sizes, dim=-1), each block computed by a product of its own into a buffer of its own.
+
+        A block whose width is not a multiple of 8 (16 bytes of bf16) leaves the rows of one shared buffer
+        unaligned, and cuBLAS and inductor then fall back to slower kernels for every block (H200, 400M hybrid
+        training step, benchmarks/RESULTS.md). The single-row compiled product stays one product.
+        """
+        if self._single_row_compiled(x):
+            return self(x).split(sizes, dim=-1)
+        biases = self.bias.split(sizes) if self.bias is not None else [None] * len(sizes)
+        return tuple(F.linear(x, weight, bias) for weight, bias in zip(self.weight.split(sizes), biases))
+
     def _single_row_compiled(self, x: torch.Tensor) -> bool:
         """Traced by torch.compile, one row known without a guard, and no autocast to change the dtypes."""
         return (

@@ -106,7 +106,7 @@ class M2RNNMixer(nn.Module):
         """hidden_states (B, S, hidden); padding_mask (B, S), 1 for tokens, 0 for padding; `cache` a transformers
         Cache whose layer `layer_idx` is a LinearAttentionLayer (conv window and state), or None."""
         batch, seq_len, _ = hidden_states.shape
-        qkv, a, g = self.in_proj(hidden_states).split(self.projection_sizes, dim=-1)
+        qkv, a, g = self.project(hidden_states)
         if padding_mask is not None:
             qkv = qkv * padding_mask[..., None].to(qkv.dtype)   # padding must not enter the conv window
 
@@ -136,15 +136,23 @@ class M2RNNMixer(nn.Module):
         y = per_group(y, self.num_g_heads) * per_group(F.silu(g), self.num_g_heads, shared=True)
         return self.out_proj(self.norm(y.flatten(2)))                             # (B, S, N·V) → (B, S, hidden)
 
+    def project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The q·k·v, a and g blocks of the input projection, each in a buffer of its own (see Linear.forward_blocks).
+        A wrapped projection (PEFT's LoRA layers, quantised linears) is called as a module, so that what wraps it
+        applies."""
+        if isinstance(self.in_proj, Linear):
+            return self.in_proj.forward_blocks(hidden_states, self.projection_sizes)
+        return self.in_proj(hidden_states).split(self.projection_sizes, dim=-1)
+
     def short_conv(self, qkv, padding_mask, packed: PackedSequences | None, cache) -> torch.Tensor:
         """silu(causal conv of qkv (B, S, C)), reading and updating the cached window when there is a cache."""
         if self._is_conv_decode_step(qkv, padding_mask, cache):
             conv_state = cache.layers[self.layer_idx].conv_states[0]
             return causal_conv1d_step(qkv[:, 0], conv_state, self.conv_weight).unsqueeze(1)
+        sequence_ids = packed.sequence_ids if packed is not None else None
         context = None
         if cache is not None:
             context = cache.update_conv_state(qkv.transpose(1, 2), self.layer_idx, conv_kernel_size=self.conv_kernel_size)
-        sequence_ids = packed.sequence_ids if packed is not None else None
         out, last_inputs = causal_conv1d(qkv, self.conv_weight, context, padding_mask, sequence_ids)
         if cache is not None and padding_mask is not None:
             # the cache kept the last k positions; with padding among them, the window is the last k real inputs
