@@ -61,6 +61,31 @@ def test_a_flattened_batch_gives_the_loss_and_gradients_of_its_sequences_one_by_
     assert_gradients_close(packed_gradients, gradients(model))
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["batch", "packed"])
+def test_the_triton_backend_trains_like_the_reference(monkeypatch, packed):
+    """One training step on the Triton kernels (the short conv's and the scan's, through the interpreter) gives the
+    loss and gradients of the PyTorch reference layers."""
+    import modeling_m2rnn.layers.m2rnn as layer_module
+
+    conv_calls = []
+    kernel = layer_module.causal_conv1d_silu
+    monkeypatch.setattr(layer_module, "causal_conv1d_silu", lambda *args: conv_calls.append(1) or kernel(*args))
+    if packed:
+        batch = DataCollatorWithFlattening()([{"input_ids": random_ids(n, seed=n).tolist()} for n in (5, 1, 9)])
+    else:
+        ids = torch.stack([random_ids(7, seed=1), random_ids(7, seed=2)])
+        batch = dict(input_ids=ids, labels=ids)
+    results = {}
+    for backend in ("torch", "triton"):
+        model = tiny_model("hybrid", m2rnn_scan_backend=backend, use_cache=False).train()
+        loss = model(**batch).loss
+        loss.backward()
+        results[backend] = loss.item(), gradients(model)
+    assert len(conv_calls) == 2   # the hybrid's two M2RNN layers, on the Triton backend only
+    assert abs(results["triton"][0] - results["torch"][0]) < 1e-5
+    assert_gradients_close(results["triton"][1], results["torch"][1])
+
+
 LORA_TARGETS = ["in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

@@ -16,9 +16,11 @@ if not torch.cuda.is_available():
 
 import pytest
 
-from modeling_m2rnn.kernels import causal_conv1d_step, m2rnn_scan, m2rnn_scan_reference
+from modeling_m2rnn.kernels import causal_conv1d_silu, causal_conv1d_step, m2rnn_scan, m2rnn_scan_reference
 from modeling_m2rnn.kernels import triton_scan
 from modeling_m2rnn.kernels.triton_conv_step import conv_step_op
+from modeling_m2rnn.kernels.triton_short_conv import short_conv_op
+from modeling_m2rnn.layers import causal_conv1d
 from modeling_m2rnn.kernels.triton_scan import KernelConfig
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -270,3 +272,49 @@ def test_conv_step_op_passes_opcheck_and_rejects_bad_shapes():
         causal_conv1d_step(x, conv_state[..., :3], weight)
     with pytest.raises(ValueError, match="x"):
         causal_conv1d_step(x[None], conv_state, weight)
+
+
+@pytest.mark.parametrize("dtype, kernel_size, packed", [(torch.float32, 4, False), (torch.float32, 3, True),
+                                                        (torch.bfloat16, 4, True)], ids=["fp32", "fp32_packed", "bf16_packed"])
+def test_short_conv_forward_and_backward_match_float64(dtype, kernel_size, packed):
+    """silu(causal depthwise conv) of whole rows against the layer's PyTorch conv in float64: out, dx, dweight.
+    Odd sizes: 67 steps (two time blocks, the last partial), 71 channels (two channel blocks); packed rows hold
+    sequences of length 1 and a sequence crossing the time blocks. Bounds as the scan's (float32 products and sums;
+    bf16 rounds out and dx)."""
+    g = torch.Generator().manual_seed(kernel_size)
+    batch, seq_len, channels = 2, 67, 71
+    x = torch.randn(batch, seq_len, channels, generator=g).to(dtype)
+    weight = torch.randn(channels, kernel_size, generator=g)
+    dout = torch.randn(batch, seq_len, channels, generator=g).to(dtype)
+    sequence_ids = None
+    if packed:
+        starts = torch.zeros(batch, seq_len, dtype=torch.long)
+        starts[0, [5, 6, 7, 50]] = 1   # sequences of length 1 at 5 and 6
+        starts[1, [1, 66]] = 1         # and at the very end of the row
+        sequence_ids = starts.cumsum(1)
+
+    x64, weight64 = x.double().requires_grad_(), weight.double().requires_grad_()
+    reference = torch.nn.functional.silu(causal_conv1d(x64, weight64, sequence_ids=sequence_ids)[0])
+    reference_dx, reference_dweight = torch.autograd.grad(reference, (x64, weight64), dout.double())
+
+    x_dev, weight_dev = x.to(DEVICE).requires_grad_(), weight.to(DEVICE).requires_grad_()
+    ids_dev = sequence_ids.to(DEVICE) if packed else None
+    out = causal_conv1d_silu(x_dev, weight_dev, ids_dev)
+    dx, dweight = torch.autograd.grad(out, (x_dev, weight_dev), dout.to(DEVICE))
+    assert out.dtype == dtype and dx.dtype == dtype and dweight.dtype == torch.float32
+    assert relative_error(out, reference) < BOUND[dtype]
+    assert relative_error(dx, reference_dx) < BOUND[dtype]
+    assert relative_error(dweight, reference_dweight) < BOUND[dtype]
+
+
+def test_short_conv_op_passes_opcheck_and_rejects_bad_shapes():
+    g = torch.Generator().manual_seed(3)
+    x, weight = torch.randn(2, 9, 5, generator=g), torch.randn(5, 4, generator=g)
+    ids = torch.tensor([[0] * 4 + [1] * 5, [0] * 9])
+    for sequence_ids in (None, ids.to(DEVICE)):
+        torch.library.opcheck(short_conv_op, (x.to(DEVICE).requires_grad_(), weight.to(DEVICE).requires_grad_(), sequence_ids),
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    with pytest.raises(ValueError, match="weight"):
+        causal_conv1d_silu(x, weight[:4])
+    with pytest.raises(ValueError, match="sequence_ids"):
+        causal_conv1d_silu(x, weight, ids[:, :8])

@@ -1,6 +1,6 @@
-"""The M2RNN recurrence op (DESIGN.md §6): one contract, a PyTorch reference and Triton kernels; and the decode
-step of the short convolution in front of it (`causal_conv1d_step`, Triton only: its reference is the layer's
-PyTorch convolution, layers/short_conv.py).
+"""The M2RNN recurrence op (DESIGN.md §6): one contract, a PyTorch reference and Triton kernels; and the short
+convolution in front of it with its SiLU, for whole sequences (`causal_conv1d_silu`) and for one decode step
+(`causal_conv1d_step`), Triton only: their reference is the layer's PyTorch convolution, layers/short_conv.py.
 
 This package knows nothing of transformers: it takes tensors and returns tensors.
 """
@@ -9,7 +9,7 @@ import torch
 
 from .reference import m2rnn_scan_reference
 
-__all__ = ["BACKENDS", "causal_conv1d_step", "m2rnn_scan", "m2rnn_scan_reference", "triton_is_available", "uses_triton"]
+__all__ = ["BACKENDS", "causal_conv1d_silu", "causal_conv1d_step", "m2rnn_scan", "m2rnn_scan_reference", "triton_is_available", "uses_triton"]
 
 BACKENDS = ("auto", "torch", "triton")
 _INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
@@ -159,3 +159,18 @@ def causal_conv1d_step(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.
     from .triton_conv_step import causal_conv1d_step_triton
 
     return causal_conv1d_step_triton(x, conv_state, weight)
+
+
+def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, sequence_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(depthwise causal convolution) of whole sequences on the Triton kernels, with gradients for x and weight:
+    x (B, S, C), weight (C, k), sequence_ids (B, S) integer ids of the packed sequences of each row (a tap never
+    reads across a change of id). Taps before the start read zero. Returns (B, S, C) in the dtype of x."""
+    if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[2]:
+        raise ValueError(f"causal_conv1d_silu: expected x (B, S, C) and weight (C, k), got shapes {tuple(x.shape)} "
+                         f"and {tuple(weight.shape)}")
+    if sequence_ids is not None and (tuple(sequence_ids.shape) != tuple(x.shape[:2]) or sequence_ids.is_floating_point()):
+        raise ValueError(f"causal_conv1d_silu: sequence_ids must be integer ids of shape (B, S) = {tuple(x.shape[:2])}, "
+                         f"got {sequence_ids.dtype} {tuple(sequence_ids.shape)}")
+    from .triton_short_conv import short_conv_op
+
+    return short_conv_op(x, weight, sequence_ids)

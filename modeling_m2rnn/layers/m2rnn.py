@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import causal_conv1d_step, m2rnn_scan, uses_triton
+from ..kernels import causal_conv1d_silu, causal_conv1d_step, m2rnn_scan, uses_triton
 from .linear import Linear
 from .norm import RMSNorm
 from .short_conv import causal_conv1d
@@ -150,6 +150,8 @@ class M2RNNMixer(nn.Module):
             conv_state = cache.layers[self.layer_idx].conv_states[0]
             return causal_conv1d_step(qkv[:, 0], conv_state, self.conv_weight).unsqueeze(1)
         sequence_ids = packed.sequence_ids if packed is not None else None
+        if cache is None and padding_mask is None and uses_triton(self.scan_backend, qkv):
+            return causal_conv1d_silu(qkv, self.conv_weight, sequence_ids)   # training: one kernel each way
         context = None
         if cache is not None:
             context = cache.update_conv_state(qkv.transpose(1, 2), self.layer_idx, conv_kernel_size=self.conv_kernel_size)
