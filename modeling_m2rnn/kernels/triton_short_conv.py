@@ -8,10 +8,10 @@ each output position u = t + i whose tap j = k − 1 − i reads x[t]:
     dpre[u] = dout[u] · silu'(pre[u]);   dx[t] = Σ_i weight[:, k − 1 − i] · dpre[t + i];
     dweight[:, k − 1 − i] = Σ_t dpre[t + i] · x[t]
 
-A backward program recomputes pre at its k shifted positions from x (reads that hit the cache) instead of a round
-trip of dpre through memory, and writes one float32 partial of dweight per tile; PyTorch sums the partials.
-Products and sums run in float32. The reference is layers/short_conv.causal_conv1d followed by F.silu: compiled
-by inductor, that took ~0.9 ms per layer of the 400M hybrid's training step on an H200 (benchmarks/RESULTS.md).
+The backward is two kernels: dpre (float32) through memory, then dx and one float32 partial of dweight per tile,
+which PyTorch sums. One kernel recomputing pre at the k shifted positions instead took 0.45-1.0 ms against 0.31 ms
+(H200, 400M layer, B=8, S=4096, C=1472). Products and sums run in float32. The reference is
+layers/short_conv.causal_conv1d followed by F.silu (benchmarks/RESULTS.md compares the two).
 """
 
 from typing import Optional
@@ -20,8 +20,10 @@ import torch
 import triton
 import triton.language as tl
 
-_BLOCK_STEPS = 64
+# H200, 400M layer: 32 x 64 tiles on 2 warps, forward 0.079 ms and backward 0.306 ms; 64 x 64 on 4 warps 0.121 / 0.464.
+_BLOCK_STEPS = 32
 _BLOCK_CHANNELS = 64
+_WARPS = 2
 
 
 @triton.jit
@@ -51,46 +53,48 @@ def _preactivation(x_row, weight_ptr, ids_row, u, c, seq_len, channels,
 
 
 @triton.jit
-def short_conv_forward_kernel(x_ptr, weight_ptr, ids_ptr, out_ptr, seq_len, channels,
+def short_conv_forward_kernel(x_ptr, weight_ptr, ids_ptr, dout_ptr, out_ptr, seq_len, channels,
                               KERNEL_SIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-                              HAS_IDS: tl.constexpr):
+                              HAS_IDS: tl.constexpr, GRADIENT: tl.constexpr):
+    """out = silu(pre) on a tile; with GRADIENT, the backward's first kernel: out = dpre = dout · silu'(pre)."""
     row = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     rows = row * seq_len * channels
     pre = _preactivation(x_ptr + rows, weight_ptr, ids_ptr + row * seq_len, t, c, seq_len, channels,
                          KERNEL_SIZE, HAS_IDS)
-    out = pre * tl.sigmoid(pre)
     offsets = rows + t.to(tl.int64)[:, None] * channels + c[None, :]
-    tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=(t < seq_len)[:, None] & (c < channels)[None, :])
+    tile = (t < seq_len)[:, None] & (c < channels)[None, :]
+    sigmoid = tl.sigmoid(pre)
+    if GRADIENT:
+        dout = tl.load(dout_ptr + offsets, mask=tile, other=0.0).to(tl.float32)
+        out = dout * sigmoid * (1.0 + pre * (1.0 - sigmoid))
+    else:
+        out = pre * sigmoid
+    tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=tile)
 
 
 @triton.jit
-def short_conv_backward_kernel(x_ptr, weight_ptr, ids_ptr, dout_ptr, dx_ptr, dweight_ptr, seq_len, channels,
+def short_conv_backward_kernel(x_ptr, weight_ptr, ids_ptr, dpre_ptr, dx_ptr, dweight_ptr, seq_len, channels,
                                KERNEL_SIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
                                HAS_IDS: tl.constexpr):
-    # dweight_ptr: (B, time blocks, C, k) float32 partials
+    """The backward's second kernel: dx and the tile's dweight partials (B, time blocks, C, k) from dpre."""
     row = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     in_channels = c < channels
     rows = row * seq_len * channels
-    x_row = x_ptr + rows
     ids_row = ids_ptr + row * seq_len
     offsets = t.to(tl.int64)[:, None] * channels + c[None, :]
     tile = (t < seq_len)[:, None] & in_channels[None, :]
-    x = tl.load(x_row + offsets, mask=tile, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + rows + offsets, mask=tile, other=0.0).to(tl.float32)
     partial = dweight_ptr + ((row * tl.num_programs(1) + tl.program_id(1)) * channels + c) * KERNEL_SIZE
-
     dx = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
     for i in tl.static_range(KERNEL_SIZE):
         u = t + i
-        pre = _preactivation(x_row, weight_ptr, ids_row, u, c, seq_len, channels, KERNEL_SIZE, HAS_IDS)
-        sigmoid = tl.sigmoid(pre)
         reaches = _same_sequence(ids_row, t, u, u < seq_len, HAS_IDS)
-        dout = tl.load(dout_ptr + rows + u.to(tl.int64)[:, None] * channels + c[None, :],
+        dpre = tl.load(dpre_ptr + rows + u.to(tl.int64)[:, None] * channels + c[None, :],
                        mask=reaches[:, None] & in_channels[None, :], other=0.0)
-        dpre = dout.to(tl.float32) * sigmoid * (1.0 + pre * (1.0 - sigmoid))
         weight = tl.load(weight_ptr + c * KERNEL_SIZE + (KERNEL_SIZE - 1 - i), mask=in_channels, other=0.0)
         dx += dpre * weight.to(tl.float32)[None, :]
         tl.store(partial + (KERNEL_SIZE - 1 - i), tl.sum(dpre * x, axis=0), mask=in_channels)
@@ -104,7 +108,7 @@ def _grid(x: torch.Tensor) -> tuple[int, int, int]:
 
 def _launch_constants(weight: torch.Tensor, sequence_ids: Optional[torch.Tensor]) -> dict:
     return dict(KERNEL_SIZE=weight.shape[1], BLOCK_T=_BLOCK_STEPS, BLOCK_C=_BLOCK_CHANNELS,
-                HAS_IDS=sequence_ids is not None, num_warps=4)
+                HAS_IDS=sequence_ids is not None, num_warps=_WARPS)
 
 
 @torch.library.custom_op("m2rnn::short_conv", mutates_args=())
@@ -112,8 +116,8 @@ def short_conv_op(x: torch.Tensor, weight: torch.Tensor, sequence_ids: Optional[
     x, weight = x.contiguous(), weight.contiguous()
     out = torch.empty_like(x)
     ids = sequence_ids.contiguous() if sequence_ids is not None else x
-    short_conv_forward_kernel[_grid(x)](x, weight, ids, out, x.shape[1], x.shape[2],
-                                        **_launch_constants(weight, sequence_ids))
+    short_conv_forward_kernel[_grid(x)](x, weight, ids, x, out, x.shape[1], x.shape[2],
+                                        **_launch_constants(weight, sequence_ids), GRADIENT=False)
     return out
 
 
@@ -131,7 +135,10 @@ def short_conv_backward_op(
     dx = torch.empty_like(x)
     partials = torch.empty(*grid[:2], *weight.shape, device=x.device, dtype=torch.float32)
     ids = sequence_ids.contiguous() if sequence_ids is not None else x
-    short_conv_backward_kernel[grid](x, weight, ids, dout, dx, partials, x.shape[1], x.shape[2],
+    dpre = torch.empty(x.shape, device=x.device, dtype=torch.float32)
+    short_conv_forward_kernel[grid](x, weight, ids, dout, dpre, x.shape[1], x.shape[2],
+                                    **_launch_constants(weight, sequence_ids), GRADIENT=True)
+    short_conv_backward_kernel[grid](x, weight, ids, dpre, dx, partials, x.shape[1], x.shape[2],
                                      **_launch_constants(weight, sequence_ids))
     return dx, partials.sum((0, 1)).to(weight.dtype)
 
