@@ -314,6 +314,13 @@ def test_short_conv_op_passes_opcheck_and_rejects_bad_shapes():
     for sequence_ids in (None, ids.to(DEVICE)):
         torch.library.opcheck(short_conv_op, (x.to(DEVICE).requires_grad_(), weight.to(DEVICE).requires_grad_(), sequence_ids),
                               test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    compiled = torch.compile(causal_conv1d_silu, backend="aot_eager", fullgraph=True)   # no graph break
+    for fn in (causal_conv1d_silu, compiled):
+        x_grad, weight_grad = x.to(DEVICE).requires_grad_(), weight.to(DEVICE).requires_grad_()
+        fn(x_grad, weight_grad, ids.to(DEVICE)).sum().backward()
+        if fn is causal_conv1d_silu:
+            expected = x_grad.grad, weight_grad.grad
+    assert torch.equal(x_grad.grad, expected[0]) and torch.equal(weight_grad.grad, expected[1])
     with pytest.raises(ValueError, match="weight"):
         causal_conv1d_silu(x, weight[:4])
     with pytest.raises(ValueError, match="sequence_ids"):
