@@ -84,6 +84,8 @@ def test_the_triton_backend_trains_like_the_reference(monkeypatch, packed):
     assert len(conv_calls) == 2   # the hybrid's two M2RNN layers, on the Triton backend only
     assert abs(results["triton"][0] - results["torch"][0]) < 1e-5
     assert_gradients_close(results["triton"][1], results["torch"][1])
+    model.double()(**batch)   # float64 keeps the exact PyTorch conv (the kernel computes in float32)
+    assert len(conv_calls) == 2
 
 
 LORA_TARGETS = ["in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -150,8 +150,8 @@ class M2RNNMixer(nn.Module):
             conv_state = cache.layers[self.layer_idx].conv_states[0]
             return causal_conv1d_step(qkv[:, 0], conv_state, self.conv_weight).unsqueeze(1)
         sequence_ids = packed.sequence_ids if packed is not None else None
-        if cache is None and padding_mask is None and uses_triton(self.scan_backend, qkv):
-            return causal_conv1d_silu(qkv, self.conv_weight, sequence_ids)   # training: one kernel each way
+        if self._is_conv_kernel_case(qkv, padding_mask, cache):
+            return causal_conv1d_silu(qkv, self.conv_weight, sequence_ids)
         context = None
         if cache is not None:
             context = cache.update_conv_state(qkv.transpose(1, 2), self.layer_idx, conv_kernel_size=self.conv_kernel_size)
@@ -160,6 +160,12 @@ class M2RNNMixer(nn.Module):
             # the cache kept the last k positions; with padding among them, the window is the last k real inputs
             cache.layers[self.layer_idx].conv_states[0].copy_(last_inputs)
         return F.silu(out)
+
+    def _is_conv_kernel_case(self, qkv, padding_mask, cache) -> bool:
+        """Whole rows without padding or cache (training) on the Triton backend. The kernel computes in float32, so
+        float64 keeps the PyTorch conv, as the scan keeps its reference."""
+        no_window = cache is None and padding_mask is None
+        return no_window and qkv.dtype != torch.float64 and uses_triton(self.scan_backend, qkv)
 
     def _is_conv_decode_step(self, qkv, padding_mask, cache) -> bool:
         """One new token after a cached window, on the Triton backend, without gradients (the kernel has no
