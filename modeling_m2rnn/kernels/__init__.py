@@ -9,7 +9,10 @@ import torch
 
 from .reference import m2rnn_scan_reference
 
-__all__ = ["BACKENDS", "causal_conv1d_silu", "causal_conv1d_step", "m2rnn_scan", "m2rnn_scan_reference", "triton_is_available", "uses_triton"]
+__all__ = [
+    "BACKENDS", "causal_conv1d_silu", "causal_conv1d_step", "m2rnn_scan", "m2rnn_scan_reference", "triton_is_available",
+    "uses_triton",
+]
 
 BACKENDS = ("auto", "torch", "triton")
 _INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
@@ -168,8 +171,9 @@ def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, sequence_ids: torc
     if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[2]:
         raise ValueError(f"causal_conv1d_silu: expected x (B, S, C) and weight (C, k), got shapes {tuple(x.shape)} "
                          f"and {tuple(weight.shape)}")
-    if sequence_ids is not None and (tuple(sequence_ids.shape) != tuple(x.shape[:2]) or sequence_ids.is_floating_point()):
-        raise ValueError(f"causal_conv1d_silu: sequence_ids must be integer ids of shape (B, S) = {tuple(x.shape[:2])}, "
+    batch_and_steps = tuple(x.shape[:2])
+    if sequence_ids is not None and (tuple(sequence_ids.shape) != batch_and_steps or sequence_ids.is_floating_point()):
+        raise ValueError(f"causal_conv1d_silu: sequence_ids must be integer ids of shape (B, S) = {batch_and_steps}, "
                          f"got {sequence_ids.dtype} {tuple(sequence_ids.shape)}")
     from .triton_short_conv import short_conv_op
 

@@ -112,9 +112,9 @@ class M2RNNMixer(nn.Module):
 
         if self.conv_kernel_size is not None:
             qkv = self.short_conv(qkv, padding_mask, packed, cache)
-        # q, k, v are slices of one projection (and channel-major after the conv): copied here into the layout the
-        # scan reads, where torch.compile fuses the copies into the conv's activation. The scan op would otherwise
-        # copy them itself, in the forward and again in the backward.
+        # q, k, v are slices of the conv's (B, S, C) output: copied here into the layout the scan reads (under
+        # torch.compile fused into the PyTorch conv's activation; after the Triton conv op, copies of their own).
+        # The scan op would otherwise copy them itself, in the forward and again in the backward.
         q, k, v = (x.contiguous() for x in qkv.split(self.qkv_sizes, dim=-1))
         q = q.view(batch, seq_len, self.num_q_heads, self.key_head_dim)
         k = k.view(batch, seq_len, self.num_k_heads, self.key_head_dim)
@@ -145,7 +145,8 @@ class M2RNNMixer(nn.Module):
         return self.in_proj(hidden_states).split(self.projection_sizes, dim=-1)
 
     def short_conv(self, qkv, padding_mask, packed: PackedSequences | None, cache) -> torch.Tensor:
-        """silu(causal conv of qkv (B, S, C)), reading and updating the cached window when there is a cache."""
+        """silu(causal conv of qkv (B, S, C)), reading and updating the cached window when there is a cache; on the
+        Triton backend a decode step and whole rows without padding or cache run on their kernels."""
         if self._is_conv_decode_step(qkv, padding_mask, cache):
             conv_state = cache.layers[self.layer_idx].conv_states[0]
             return causal_conv1d_step(qkv[:, 0], conv_state, self.conv_weight).unsqueeze(1)
