@@ -9,6 +9,9 @@ loss and every parameter gradient of the Triton run are compared with the refere
 small sum of large cancelling terms can differ by more between two bf16 runs; it also passes when the Triton
 run is no farther from a float32 run of the reference backend (no autocast, the truth here) than twice the
 reference backend's own bf16 run. Prints the worst gradients and exits non-zero if any check fails.
+
+First, the short-conv kernels alone at the 400M layer's shape (B=8, S=4096, C=1472, bf16, with and without packed
+sequences) against the layer's PyTorch conv in float64: out, dx and dweight within CONV_BOUND.
 """
 
 import sys
@@ -16,8 +19,11 @@ import sys
 import torch
 
 from modeling_m2rnn import M2RNNConfig, M2RNNForCausalLM
+from modeling_m2rnn.kernels import causal_conv1d_silu
+from modeling_m2rnn.layers import causal_conv1d
 
 BOUND = 3e-2
+CONV_BOUND = 1e-2   # bf16 inputs, float32 products and sums, bf16 out and dx
 
 
 def small_hybrid(backend: str) -> M2RNNForCausalLM:
@@ -57,8 +63,32 @@ def batches() -> dict:
     return {"padded": padded, "packed": packed}
 
 
-def main() -> int:
+def check_short_conv() -> int:
+    """The conv kernels against float64 at the 400M layer's shape; returns the number of failed cases."""
+    generator = torch.Generator().manual_seed(2)
+    batch, seq_len, channels, kernel_size = 8, 4096, 1472, 4
+    x = torch.randn(batch, seq_len, channels, generator=generator).bfloat16()
+    weight = torch.randn(channels, kernel_size, generator=generator) / kernel_size
+    dout = torch.randn(batch, seq_len, channels, generator=generator).bfloat16()
+    starts = torch.rand(batch, seq_len, generator=generator) < 1e-3   # sequences of ~1000 tokens, some of length 1
+    starts[0, 100:103] = True
     failures = 0
+    for name, sequence_ids in (("rows", None), ("packed", starts.long().cumsum(1).cuda())):
+        x64, weight64 = x.cuda().double().requires_grad_(), weight.cuda().double().requires_grad_()
+        reference = torch.nn.functional.silu(causal_conv1d(x64, weight64, sequence_ids=sequence_ids)[0])
+        expected = (reference, *torch.autograd.grad(reference, (x64, weight64), dout.cuda().double()))
+        x_dev, weight_dev = x.cuda().requires_grad_(), weight.cuda().requires_grad_()
+        out = causal_conv1d_silu(x_dev, weight_dev, sequence_ids)
+        measured = (out, *torch.autograd.grad(out, (x_dev, weight_dev), dout.cuda()))
+        errors = [relative_error(a.double(), b) for a, b in zip(measured, expected)]
+        failures += max(errors) >= CONV_BOUND
+        print(f"short conv [{name}] vs float64: out {errors[0]:.1e}, dx {errors[1]:.1e}, dweight {errors[2]:.1e}; "
+              f"{'ok' if max(errors) < CONV_BOUND else 'FAIL'}", flush=True)
+    return failures
+
+
+def main() -> int:
+    failures = check_short_conv()
     for name, batch in batches().items():
         ref_loss, ref_grads = training_step("torch", batch)
         loss, grads = training_step("triton", batch)

@@ -274,13 +274,15 @@ def test_conv_step_op_passes_opcheck_and_rejects_bad_shapes():
         causal_conv1d_step(x[None], conv_state, weight)
 
 
-@pytest.mark.parametrize("dtype, kernel_size, packed", [(torch.float32, 4, False), (torch.float32, 3, True),
-                                                        (torch.bfloat16, 4, True)], ids=["fp32", "fp32_packed", "bf16_packed"])
-def test_short_conv_forward_and_backward_match_float64(dtype, kernel_size, packed):
+@pytest.mark.parametrize("dtype, kernel_size, packed, split_sizes", [
+    (torch.float32, 4, False, None), (torch.float32, 3, True, [70, 1]), (torch.bfloat16, 4, True, [13, 5, 53]),
+], ids=["fp32", "fp32_packed_split2", "bf16_packed_split3"])
+def test_short_conv_forward_and_backward_match_float64(dtype, kernel_size, packed, split_sizes):
     """silu(causal depthwise conv) of whole rows against the layer's PyTorch conv in float64: out, dx, dweight.
     Odd sizes: 67 steps (two time blocks, the last partial), 71 channels (two channel blocks); packed rows hold
-    sequences of length 1 and a sequence crossing the time blocks. Bounds as the scan's (float32 products and sums;
-    bf16 rounds out and dx)."""
+    sequences of length 1 and a sequence crossing the time blocks; the output split into blocks of odd widths, one
+    of them 1 wide, their edges inside a channel block. Bounds as the scan's (float32 products and sums; bf16
+    rounds out and dx)."""
     g = torch.Generator().manual_seed(kernel_size)
     batch, seq_len, channels = 2, 67, 71
     x = torch.randn(batch, seq_len, channels, generator=g).to(dtype)
@@ -299,8 +301,14 @@ def test_short_conv_forward_and_backward_match_float64(dtype, kernel_size, packe
 
     x_dev, weight_dev = x.to(DEVICE).requires_grad_(), weight.to(DEVICE).requires_grad_()
     ids_dev = sequence_ids.to(DEVICE) if packed else None
-    out = causal_conv1d_silu(x_dev, weight_dev, ids_dev)
-    dx, dweight = torch.autograd.grad(out, (x_dev, weight_dev), dout.to(DEVICE))
+    out = causal_conv1d_silu(x_dev, weight_dev, ids_dev, split_sizes)
+    if split_sizes is not None:
+        assert [block.shape for block in out] == [(batch, seq_len, size) for size in split_sizes]
+        assert all(block.is_contiguous() for block in out)
+        dx, dweight = torch.autograd.grad(out, (x_dev, weight_dev), dout.to(DEVICE).split(split_sizes, dim=-1))
+        out = torch.cat(out, dim=-1)
+    else:
+        dx, dweight = torch.autograd.grad(out, (x_dev, weight_dev), dout.to(DEVICE))
     assert out.dtype == dtype and dx.dtype == dtype and dweight.dtype == torch.float32
     assert relative_error(out, reference) < BOUND[dtype]
     assert relative_error(dx, reference_dx) < BOUND[dtype]
@@ -311,8 +319,9 @@ def test_short_conv_op_passes_opcheck_and_rejects_bad_shapes():
     g = torch.Generator().manual_seed(3)
     x, weight = torch.randn(2, 9, 5, generator=g), torch.randn(5, 4, generator=g)
     ids = torch.tensor([[0] * 4 + [1] * 5, [0] * 9])
-    for sequence_ids in (None, ids.to(DEVICE)):
-        torch.library.opcheck(short_conv_op, (x.to(DEVICE).requires_grad_(), weight.to(DEVICE).requires_grad_(), sequence_ids),
+    for sequence_ids, split_sizes in ((None, [5]), (ids.to(DEVICE), [2, 1, 2])):
+        torch.library.opcheck(short_conv_op, (x.to(DEVICE).requires_grad_(), weight.to(DEVICE).requires_grad_(),
+                                              sequence_ids, split_sizes),
                               test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     compiled = torch.compile(causal_conv1d_silu, backend="aot_eager", fullgraph=True)   # no graph break
     for fn in (causal_conv1d_silu, compiled):
@@ -325,3 +334,6 @@ def test_short_conv_op_passes_opcheck_and_rejects_bad_shapes():
         causal_conv1d_silu(x, weight[:4])
     with pytest.raises(ValueError, match="sequence_ids"):
         causal_conv1d_silu(x, weight, ids[:, :8])
+    for split_sizes in ([2, 2], [1, 1, 1, 2], [5, 0]):
+        with pytest.raises(ValueError, match="split_sizes"):
+            causal_conv1d_silu(x, weight, None, split_sizes)

@@ -164,10 +164,17 @@ def causal_conv1d_step(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.
     return causal_conv1d_step_triton(x, conv_state, weight)
 
 
-def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, sequence_ids: torch.Tensor | None = None) -> torch.Tensor:
+def causal_conv1d_silu(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    sequence_ids: torch.Tensor | None = None,
+    split_sizes: list[int] | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """silu(depthwise causal convolution) of whole sequences on the Triton kernels, with gradients for x and weight:
     x (B, S, C), weight (C, k), sequence_ids (B, S) integer ids of the packed sequences of each row (a tap never
-    reads across a change of id). Taps before the start read zero. Returns (B, S, C) in the dtype of x."""
+    reads across a change of id). Taps before the start read zero. Returns (B, S, C) in the dtype of x; with
+    `split_sizes` (at most three widths summing to C), the blocks `out.split(split_sizes, -1)` would give, each
+    written to a contiguous tensor of its own."""
     if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[2]:
         raise ValueError(f"causal_conv1d_silu: expected x (B, S, C) and weight (C, k), got shapes {tuple(x.shape)} "
                          f"and {tuple(weight.shape)}")
@@ -175,6 +182,11 @@ def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, sequence_ids: torc
     if sequence_ids is not None and (tuple(sequence_ids.shape) != batch_and_steps or sequence_ids.is_floating_point()):
         raise ValueError(f"causal_conv1d_silu: sequence_ids must be integer ids of shape (B, S) = {batch_and_steps}, "
                          f"got {sequence_ids.dtype} {tuple(sequence_ids.shape)}")
+    sizes = [x.shape[2]] if split_sizes is None else list(split_sizes)
+    if not 1 <= len(sizes) <= 3 or sum(sizes) != x.shape[2] or min(sizes) < 1:
+        raise ValueError(f"causal_conv1d_silu: split_sizes must be one to three positive widths summing to C = "
+                         f"{x.shape[2]}, got {split_sizes}")
     from .triton_short_conv import short_conv_op
 
-    return short_conv_op(x, weight, sequence_ids)
+    blocks = short_conv_op(x, weight, sequence_ids, sizes)
+    return blocks[0] if split_sizes is None else tuple(blocks)

@@ -110,12 +110,11 @@ class M2RNNMixer(nn.Module):
         if padding_mask is not None:
             qkv = qkv * padding_mask[..., None].to(qkv.dtype)   # padding must not enter the conv window
 
-        if self.conv_kernel_size is not None:
-            qkv = self.short_conv(qkv, padding_mask, packed, cache)
-        # q, k, v are slices of the conv's (B, S, C) output: copied here into the layout the scan reads (under
-        # torch.compile fused into the PyTorch conv's activation; after the Triton conv op, copies of their own).
-        # The scan op would otherwise copy them itself, in the forward and again in the backward.
-        q, k, v = (x.contiguous() for x in qkv.split(self.qkv_sizes, dim=-1))
+        q, k, v = self.short_conv(qkv, padding_mask, packed, cache)
+        # Copied into the layout the scan reads, which the scan op would otherwise copy itself, in the forward and
+        # again in the backward. Under torch.compile the copies fuse into the PyTorch conv's activation; the Triton
+        # conv op writes contiguous blocks itself.
+        q, k, v = (x.contiguous() for x in (q, k, v))
         q = q.view(batch, seq_len, self.num_q_heads, self.key_head_dim)
         k = k.view(batch, seq_len, self.num_k_heads, self.key_head_dim)
         v = v.view(batch, seq_len, self.num_v_heads, self.value_head_dim)
@@ -144,15 +143,19 @@ class M2RNNMixer(nn.Module):
             return self.in_proj.forward_blocks(hidden_states, self.projection_sizes)
         return self.in_proj(hidden_states).split(self.projection_sizes, dim=-1)
 
-    def short_conv(self, qkv, padding_mask, packed: PackedSequences | None, cache) -> torch.Tensor:
-        """silu(causal conv of qkv (B, S, C)), reading and updating the cached window when there is a cache; on the
-        Triton backend a decode step and whole rows without padding or cache run on their kernels."""
+    def short_conv(self, qkv, padding_mask, packed: PackedSequences | None, cache) -> tuple[torch.Tensor, ...]:
+        """q, k, v: the blocks of silu(causal conv of qkv (B, S, C)), reading and updating the cached window when
+        there is a cache; on the Triton backend a decode step and whole rows without padding or cache run on their
+        kernels. Without a conv, the blocks of qkv."""
+        if self.conv_kernel_size is None:
+            return qkv.split(self.qkv_sizes, dim=-1)
         if self._is_conv_decode_step(qkv, padding_mask, cache):
             conv_state = cache.layers[self.layer_idx].conv_states[0]
-            return causal_conv1d_step(qkv[:, 0], conv_state, self.conv_weight).unsqueeze(1)
+            out = causal_conv1d_step(qkv[:, 0], conv_state, self.conv_weight).unsqueeze(1)
+            return out.split(self.qkv_sizes, dim=-1)
         sequence_ids = packed.sequence_ids if packed is not None else None
         if self._is_conv_kernel_case(qkv, padding_mask, cache):
-            return causal_conv1d_silu(qkv, self.conv_weight, sequence_ids)
+            return causal_conv1d_silu(qkv, self.conv_weight, sequence_ids, self.qkv_sizes)
         context = None
         if cache is not None:
             context = cache.update_conv_state(qkv.transpose(1, 2), self.layer_idx, conv_kernel_size=self.conv_kernel_size)
@@ -160,7 +163,7 @@ class M2RNNMixer(nn.Module):
         if cache is not None and padding_mask is not None:
             # the cache kept the last k positions; with padding among them, the window is the last k real inputs
             cache.layers[self.layer_idx].conv_states[0].copy_(last_inputs)
-        return F.silu(out)
+        return F.silu(out).split(self.qkv_sizes, dim=-1)
 
     def _is_conv_kernel_case(self, qkv, padding_mask, cache) -> bool:
         """Whole rows without padding or cache (training) on the Triton backend. The kernel computes in float32, so
