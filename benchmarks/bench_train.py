@@ -147,7 +147,7 @@ def profile_one_step(config, batch, seq_len, device, compile: bool = False):
         if device.type == "cuda":
             torch.cuda.synchronize()
     sort_by = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-    table = prof.key_averages().table(sort_by=sort_by, row_limit=30)
+    table = prof.key_averages().table(sort_by=sort_by, row_limit=70)
     mode = "compiled" if compile else "eager"
     print(f"\nprofile of one {mode} hybrid_m2rnn step at B={batch}, S={seq_len}:\n{table}")
     return table

@@ -223,16 +223,32 @@ def test_gpu_only_paths_are_chosen_as_documented():
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_partials_are_summed_in_float32_into_their_slice(out_dtype):
-    """fp16 inputs keep float32 dq, dk partials: one beyond fp16's range must still sum into a finite value.
-    16-bit partials are summed with float32 accumulation, rounding once."""
+@pytest.mark.parametrize("layout", ["programs", "row_blocks"])
+def test_partials_are_summed_in_float32_into_their_slice(out_dtype, layout):
+    """Partials summed into a slice (B, steps, groups, K) of a (B, S, groups, K) gradient: the dq, dk partials
+    (B, steps, programs, K), consecutive programs per group, and the dv partials (R, B, steps, N, V) of the row
+    blocks. fp16 inputs keep float32 dq, dk partials, and one beyond fp16's range must still sum into a finite value;
+    16-bit partials are summed with float32 accumulation, rounding once. Odd sizes: 3 groups of 7 partials, K = 12."""
+    g = torch.Generator().manual_seed(5)
     partial_dtype = torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32
-    partial = torch.tensor([70000.0, -69000.0, 1.0, 2.0, 3.0, 4.0]).view(1, 1, 6, 1).to(partial_dtype)
-    out = torch.zeros(1, 3, 2, 1, dtype=out_dtype)
-    triton_scan._sum_groups_into(out[:, 1:2], partial, 2)
-    expected = partial.double().view(2, 3).sum(1)
-    assert torch.equal(out[:, 1:2].flatten(), expected.to(out_dtype))
-    assert not out[:, 0].any() and not out[:, 2].any()
+    if layout == "programs":
+        partial = torch.randn(2, 5, 21, 12, generator=g).to(partial_dtype)
+        partial[0, 0, :2, 0] = torch.tensor([70000.0, -69000.0])
+        terms = partial.double().view(2, 5, 3, 7, 12)
+        members = triton_scan._grouped(partial.to(DEVICE), 2, 3)
+    else:
+        partial = torch.randn(7, 2, 5, 3, 12, generator=g).to(partial_dtype)
+        terms = partial.double().permute(1, 2, 3, 0, 4)
+        members = partial.to(DEVICE).permute(1, 2, 3, 0, 4)
+    out = torch.zeros(2, 9, 3, 12, dtype=out_dtype, device=DEVICE)
+    triton_scan._sum_partials_into(out[:, 2:7], members)
+    expected = terms.sum(3)
+    # within one rounding to out's dtype (a 16-bit accumulation would be several), plus float32's own on the terms
+    bound = expected.abs() * torch.finfo(out_dtype).eps + terms.abs().sum(3) * 2**-22
+    assert ((out[:, 2:7].cpu().double() - expected).abs() <= bound).all()
+    assert not out[:, :2].any() and not out[:, 7:].any()
+    with pytest.raises(ValueError, match="partials"):
+        triton_scan._sum_partials_into(out[:, 2:7], members[:, :4])
 
 
 def test_bad_input_raises_value_error():

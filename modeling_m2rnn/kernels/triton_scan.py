@@ -202,15 +202,45 @@ def _sum_groups(partial: torch.Tensor, dim: int, groups: int, dtype: torch.dtype
     return _grouped(partial, dim, groups).sum(dim + 1).to(dtype)
 
 
-def _sum_groups_into(out: torch.Tensor, partial: torch.Tensor, dim: int):
-    """out = the consecutive per-program partials along `dim` summed into out.shape[dim] groups: accumulated in
-    float32 and rounded once to out's dtype, written in place (out may be a slice of a larger tensor)."""
-    grouped = _grouped(partial, dim, out.shape[dim])
-    if partial.dtype == out.dtype:
-        torch.sum(grouped, dim + 1, out=out)
-    else:
-        # torch.sum(..., out=) would first cast the partials to out's dtype: float32 ones could overflow in fp16.
-        out.copy_(grouped.sum(dim + 1))
+@triton.jit
+def sum_partials_kernel(partial_ptr, out_ptr, num_rows, groups, steps,
+                        partial_stride_batch, partial_stride_step, partial_stride_group, partial_stride_member,
+                        out_stride_batch, out_stride_step, out_stride_group,
+                        MEMBERS: tl.constexpr, K: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[b, t, g, :] = Σ_m partial[b, t, g, m, :] in float32, rounded once to out's dtype, for partials and out
+    of any strides with unit stride along K. A program sums BLOCK_ROWS rows (b, t, g) one member at a time, each
+    thread its own elements: no cross-thread reduction, and the unrolled loop keeps many loads in flight."""
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    columns = tl.arange(0, BLOCK_K)
+    mask = (rows < num_rows)[:, None] & (columns < K)[None, :]
+    step_rows = rows // groups
+    batch, step, group = (step_rows // steps).to(tl.int64), step_rows % steps, rows % groups
+    first_member = (partial_ptr + batch * partial_stride_batch + step * partial_stride_step
+                    + group * partial_stride_group)[:, None] + columns[None, :]
+    total = tl.zeros((BLOCK_ROWS, BLOCK_K), dtype=tl.float32)
+    for member in tl.static_range(MEMBERS):
+        total += tl.load(first_member + member * partial_stride_member, mask=mask, other=0.0).to(tl.float32)
+    out_rows = batch * out_stride_batch + step * out_stride_step + group * out_stride_group
+    tl.store(out_ptr + out_rows[:, None] + columns[None, :], total.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _sum_partials_into(out: torch.Tensor, partial: torch.Tensor):
+    """out (B, steps, groups, K) = partial (B, steps, groups, members, K) summed over the members, accumulated in
+    float32 and rounded once to out's dtype, in place. Both may be strided views (unit stride along K): slices of
+    the whole sequence's gradients, views of the per-program or per-row-block partials. On the kernel above, where
+    torch.sum over the 84 dq partials of a row read ~2.6 TB/s and the add of dv's two row blocks into a slice took
+    a kernel without vector loads (H200, 400M shape, benchmarks/RESULTS.md)."""
+    batch, steps, groups, key_dim = out.shape
+    unit_stride = partial.stride(-1) == out.stride(-1) == 1
+    if partial.shape[:3] != out.shape[:3] or partial.shape[-1] != key_dim or not unit_stride:
+        raise ValueError(f"cannot sum partials {tuple(partial.shape)} into {tuple(out.shape)}")
+    num_rows = batch * steps * groups
+    block_k = triton.next_power_of_2(key_dim)
+    block_rows = max(1, 512 // block_k)   # 512 elements: 16 per thread of one warp
+    sum_partials_kernel[(triton.cdiv(num_rows, block_rows),)](
+        partial, out, num_rows, groups, steps, *partial.stride()[:4], *out.stride()[:3],
+        MEMBERS=partial.shape[3], K=key_dim, BLOCK_ROWS=block_rows, BLOCK_K=block_k, num_warps=1,
+    )
 
 
 def _sum_row_blocks(partials: torch.Tensor) -> torch.Tensor:
@@ -335,10 +365,17 @@ def scan_backward_op(
             num_warps=CONFIG.backward_warps, **_register_cap(device, CONFIG.backward_max_registers),
         )
         steps = segment_end - segment_start
-        _sum_groups_into(dq[:, segment_start:segment_end], dq_partial[:, :steps], 2)
-        _sum_groups_into(dk[:, segment_start:segment_end], dk_partial[:, :steps], 2)
-        dv[:, segment_start:segment_end] = _sum_groups(_sum_row_blocks(dv_partial[:, :, :steps]), 2, shape.nv, v.dtype)
-        df[:, segment_start:segment_end] = _sum_groups(df_partial[:, :, :steps].sum(0), 2, shape.nf, f.dtype)
+        _sum_partials_into(dq[:, segment_start:segment_end], _grouped(dq_partial[:, :steps], 2, shape.nq))
+        _sum_partials_into(dk[:, segment_start:segment_end], _grouped(dk_partial[:, :steps], 2, shape.nk))
+        if shape.nv == N:   # the row blocks' partials (R, B, steps, N, V) as members
+            _sum_partials_into(dv[:, segment_start:segment_end], dv_partial[:, :, :steps].permute(1, 2, 3, 0, 4))
+        else:
+            dv[:, segment_start:segment_end] = _sum_groups(_sum_row_blocks(dv_partial[:, :, :steps]), 2, shape.nv,
+                                                           v.dtype)
+        if shape.nf == N:
+            torch.sum(df_partial[:, :, :steps], 0, out=df[:, segment_start:segment_end])
+        else:
+            df[:, segment_start:segment_end] = _sum_groups(df_partial[:, :, :steps].sum(0), 2, shape.nf, f.dtype)
     store_dh0 = initial_state_dtype is not None
     return (
         dq,
