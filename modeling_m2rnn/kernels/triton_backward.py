@@ -33,6 +33,7 @@ from .triton_step import (
     sequence_bounds,
     store_column_sums,
     store_row_sums,
+    value_row_offsets,
 )
 
 
@@ -40,10 +41,7 @@ from .triton_step import (
 def load_output_grad(dy_ptr, batch, t, seq_len, heads, rv, N: tl.constexpr, V: tl.constexpr, UNPAIRED: tl.constexpr):
     """dy_t (HP, BV) in float32 from dy (B, S, N, V); t a step of the sequence, UNPAIRED as in load_step."""
     row = (batch * seq_len + t).to(tl.int64)
-    if UNPAIRED:
-        offsets = tl.max_contiguous((row * N + heads[:, None]) * V + rv[None, :], [1, 1])
-    else:
-        offsets = (row * N + heads[:, None]) * V + rv[None, :]
+    offsets = value_row_offsets(row * N + heads[:, None], rv, V, UNPAIRED)
     return load_masked(dy_ptr + offsets, rv[None, :] < V, tl.constexpr(V) != rv.shape[0]).to(tl.float32)
 
 

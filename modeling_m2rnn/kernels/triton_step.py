@@ -79,14 +79,21 @@ def load_step(
                       rows_masked)
     k_t = load_masked(k_ptr + ((row * NK + heads[:, None] // (N // NK)) * K + rk[None, :]), rk[None, :] < K,
                       rows_masked)
-    if UNPAIRED:
-        # The hint goes on the expression itself: on a jit function's argument it would be lost.
-        v_offsets = tl.max_contiguous((row * NV + heads[:, None] // (N // NV)) * V + rv[None, :], [1, 1])
-    else:
-        v_offsets = (row * NV + heads[:, None] // (N // NV)) * V + rv[None, :]
+    v_offsets = value_row_offsets(row * NV + heads[:, None] // (N // NV), rv, V, UNPAIRED)
     v_t = load_masked(v_ptr + v_offsets, rv[None, :] < V, columns_masked)
     f_t = tl.load(f_ptr + (row * NF + heads // (N // NF)))
     return q_t.to(tl.float32), k_t.to(tl.float32), v_t.to(tl.float32), f_t.to(tl.float32)
+
+
+@triton.jit
+def value_row_offsets(rows, rv, V: tl.constexpr, UNPAIRED: tl.constexpr):
+    """Offsets (HP, BV) of columns rv in rows `rows` (HP, 1) of a tensor with rows of V values (v, dy). UNPAIRED
+    (see load_step): hinted as one element per load. The hint goes on the expression itself: on a jit function's
+    argument it would be lost."""
+    offsets = rows * V + rv[None, :]
+    if UNPAIRED:
+        offsets = tl.max_contiguous(offsets, [1, 1])
+    return offsets
 
 
 @triton.jit
