@@ -70,7 +70,7 @@ def test_cached_decoding_matches_one_full_forward(kind, overrides):
         pieces = [model(ids[:, :4], past_key_values=cache, use_cache=True).logits]          # prefill
         pieces += [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(4, 9)]   # decode steps
         pieces.append(model(ids[:, 9:], past_key_values=cache).logits)                       # multi-token continuation
-    assert cache.get_seq_length() == 13
+    assert [cache.get_seq_length(i) for i in range(len(cache.layers))] == [13] * len(cache.layers)
     assert (torch.cat(pieces, dim=1) - full).abs().max() < 1e-4
 
 

@@ -12,14 +12,20 @@ CACHE_ARGUMENT_NAMES = ("past_key_values", "cache")
 
 
 class _TokenCount:
-    """Attention layers know the cache length from their keys; a model made only of M2RNN layers has no such
-    layer, and transformers' `get_seq_length` would raise. The model calls `advance` once per forward."""
+    """The number of tokens the cache has seen; the model calls `advance` once per forward. Attention layers know
+    it from their keys. An M2RNN layer answers with this count: transformers before 5.25 had no count for its
+    LinearAttentionLayer (a model made only of M2RNN layers would raise), and 5.25 counts the inputs of
+    `update_conv_state`, which the conv step kernel, conv-free layers and a loaded prompt state do not pass."""
 
     def _init_token_count(self, config) -> None:
         self.has_attention_layers = "full_attention" in config.layer_types
+        self.recurrent_layers = [layer_type != "full_attention" for layer_type in config.layer_types]
 
     def get_seq_length(self, layer_idx: int = 0):
-        return super().get_seq_length(layer_idx) if self.has_attention_layers else self.seen_tokens
+        recurrent = layer_idx < len(self.recurrent_layers) and self.recurrent_layers[layer_idx]
+        if self.has_attention_layers and not recurrent:
+            return super().get_seq_length(layer_idx)
+        return self.seen_tokens
 
     @property
     def is_linear(self) -> list[bool]:
