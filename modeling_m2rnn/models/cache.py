@@ -13,9 +13,9 @@ CACHE_ARGUMENT_NAMES = ("past_key_values", "cache")
 
 class _TokenCount:
     """The number of tokens the cache has seen; the model calls `advance` once per forward. Attention layers know
-    it from their keys. An M2RNN layer answers with this count: transformers before 5.25 had no count for its
-    LinearAttentionLayer (a model made only of M2RNN layers would raise), and 5.25 counts the inputs of
-    `update_conv_state`, which the conv step kernel, conv-free layers and a loaded prompt state do not pass."""
+    it from their keys. An M2RNN layer answers with this count: a model made only of M2RNN layers has no attention
+    layer to ask (older transformers raised), and transformers 5.25 counts in a LinearAttentionLayer only what passes
+    through `update_conv_state`, which the conv step kernel, conv-free layers and a loaded prompt state bypass."""
 
     def _init_token_count(self, config) -> None:
         self.has_attention_layers = "full_attention" in config.layer_types
