@@ -227,9 +227,9 @@ def sum_partials_kernel(partial_ptr, out_ptr, num_rows, groups, steps,
 def _sum_partials_into(out: torch.Tensor, partial: torch.Tensor):
     """out (B, steps, groups, K) = partial (B, steps, groups, members, K) summed over the members, accumulated in
     float32 and rounded once to out's dtype, in place. Both may be strided views (unit stride along K): slices of
-    the whole sequence's gradients, views of the per-program or per-row-block partials. On the kernel above, where
-    torch.sum over the 84 dq partials of a row read ~2.6 TB/s and the add of dv's two row blocks into a slice took
-    a kernel without vector loads (H200, 400M shape, benchmarks/RESULTS.md)."""
+    the whole sequence's gradients, views of the per-program or per-row-block partials. A kernel of its own: at the
+    400M shape on an H200, torch.sum over the 84 dq partials of a row took 25.4 µs against 22.0, and PyTorch's add of
+    dv's two row-block partials into a strided slice ran without vector loads (benchmarks/RESULTS.md)."""
     batch, steps, groups, key_dim = out.shape
     unit_stride = partial.stride(-1) == out.stride(-1) == 1
     if partial.shape[:3] != out.shape[:3] or partial.shape[-1] != key_dim or not unit_stride:
