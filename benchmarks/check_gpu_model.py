@@ -11,7 +11,8 @@ run is no farther from a float32 run of the reference backend (no autocast, the 
 reference backend's own bf16 run. Prints the worst gradients and exits non-zero if any check fails.
 
 First, the short-conv kernels alone at the 400M layer's shape (B=8, S=4096, C=1472, bf16, with and without packed
-sequences) against the layer's PyTorch conv in float64: out, dx and dweight within CONV_BOUND.
+sequences) against the layer's PyTorch conv in float64: out, dx and dweight within CONV_BOUND; and the gated-norm
+kernels (B=8, S=4096, N=84, V=16, bf16 y, v, g) against the layer's PyTorch code in float64, within CONV_BOUND.
 """
 
 import sys
@@ -19,11 +20,11 @@ import sys
 import torch
 
 from modeling_m2rnn import M2RNNConfig, M2RNNForCausalLM
-from modeling_m2rnn.kernels import causal_conv1d_silu
-from modeling_m2rnn.layers import causal_conv1d
+from modeling_m2rnn.kernels import causal_conv1d_silu, gated_rms_norm
+from modeling_m2rnn.layers import RMSNorm, causal_conv1d
 
 BOUND = 3e-2
-CONV_BOUND = 1e-2   # bf16 inputs, float32 products and sums, bf16 out and dx
+CONV_BOUND = 1e-2   # bf16 inputs, float32 products and sums, bf16 out and dx (also the gated norm's bound)
 
 
 def small_hybrid(backend: str) -> M2RNNForCausalLM:
@@ -87,8 +88,38 @@ def check_short_conv() -> int:
     return failures
 
 
+def gated_norm_reference(y, g, weight, v, D, eps=1e-6):
+    """The layer's PyTorch code (layers/m2rnn.py, gate_and_norm) for per-head v and g."""
+    gated = ((y + D * v) * torch.nn.functional.silu(g)).flatten(2)
+    return torch.func.functional_call(RMSNorm(weight.numel(), eps=eps), {"weight": weight}, (gated,))
+
+
+def check_gated_norm() -> int:
+    """The gated-norm kernels against float64 at the 400M layer's shape under bf16 autocast's dtypes (bf16 out);
+    returns 1 on failure."""
+    generator = torch.Generator().manual_seed(3)
+    shape = (8, 4096, 84, 16)
+    tensors = dict(y=torch.randn(*shape, generator=generator).bfloat16(), g=torch.randn(*shape, generator=generator).bfloat16(),
+                   weight=1 + 0.3 * torch.randn(84 * 16, generator=generator),
+                   v=torch.randn(*shape, generator=generator).bfloat16(), D=torch.randn(84, 16, generator=generator))
+    dout = torch.randn(8, 4096, 84 * 16, generator=generator).bfloat16().cuda()
+    leaves64 = {name: x.cuda().double().requires_grad_() for name, x in tensors.items()}
+    reference = gated_norm_reference(**leaves64)
+    expected = (reference, *torch.autograd.grad(reference, list(leaves64.values()), dout.double()))
+    del leaves64, reference
+    leaves = {name: x.cuda().requires_grad_() for name, x in tensors.items()}
+    out = gated_rms_norm(eps=1e-6, out_dtype=torch.bfloat16, **leaves)
+    measured = (out, *torch.autograd.grad(out, list(leaves.values()), dout))
+    errors = dict(zip(["out", *(f"d{name}" for name in leaves)],
+                      (relative_error(a.double(), b) for a, b in zip(measured, expected))))
+    failed = max(errors.values()) >= CONV_BOUND
+    print("gated norm vs float64: " + ", ".join(f"{name} {e:.1e}" for name, e in errors.items())
+          + f"; {'FAIL' if failed else 'ok'}", flush=True)
+    return int(failed)
+
+
 def main() -> int:
-    failures = check_short_conv()
+    failures = check_short_conv() + check_gated_norm()
     for name, batch in batches().items():
         ref_loss, ref_grads = training_step("torch", batch)
         loss, grads = training_step("triton", batch)

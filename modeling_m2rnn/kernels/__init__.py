@@ -1,16 +1,19 @@
 """The M2RNN recurrence op (DESIGN.md §6): one contract, a PyTorch reference and Triton kernels; and the short
 convolution in front of it with its SiLU, for whole sequences (`causal_conv1d_silu`) and for one decode step
-(`causal_conv1d_step`), Triton only: their reference is the layer's PyTorch convolution, layers/short_conv.py.
+(`causal_conv1d_step`), and the output gate and norm behind it (`gated_rms_norm`), Triton only: their reference is
+the layer's PyTorch code (layers/short_conv.py, layers/m2rnn.py).
 
 This package knows nothing of transformers: it takes tensors and returns tensors.
 """
+
+import functools
 
 import torch
 
 from .reference import m2rnn_scan_reference
 
 __all__ = [
-    "BACKENDS", "causal_conv1d_silu", "causal_conv1d_step", "m2rnn_scan", "m2rnn_scan_reference", "triton_is_available",
+    "BACKENDS", "causal_conv1d_silu", "causal_conv1d_step", "gated_rms_norm", "m2rnn_scan", "m2rnn_scan_reference", "triton_is_available",
     "uses_triton",
 ]
 
@@ -190,3 +193,31 @@ def causal_conv1d_silu(
 
     blocks = short_conv_op(x, weight, sequence_ids, sizes)
     return blocks[0] if split_sizes is None else tuple(blocks)
+
+
+def gated_rms_norm(
+    y: torch.Tensor,
+    g: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    v: torch.Tensor | None = None,
+    D: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """weight ⊙ RMSNorm((y + D ⊙ v) ⊙ silu(g)) over the N·V values of each token, on the Triton kernels, with
+    gradients for every tensor: y, g, v (B, S, N, V), D (N, V), both None without the residual, weight (N·V,).
+    Computes in float32 and returns (B, S, N·V) in `out_dtype`, by default the promoted dtype of the inputs."""
+    tensors = [x for x in (y, g, weight, v, D) if x is not None]
+    fits = y.dim() == 4 and g.shape == y.shape and weight.shape == (y.shape[2] * y.shape[3],)
+    if v is not None or D is not None:
+        fits = fits and v is not None and D is not None and v.shape == y.shape and D.shape == y.shape[2:]
+    if not fits:
+        raise ValueError("gated_rms_norm: expected y, g and v of one shape (B, S, N, V), D (N, V) with v or neither, "
+                         f"weight (N·V,); got shapes {[tuple(x.shape) for x in tensors]}")
+    from .triton_gated_norm import gated_rms_norm_forward, gated_rms_norm_op
+
+    out_dtype = out_dtype or functools.reduce(torch.promote_types, [x.dtype for x in tensors])
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
+    # Eager inference and decoding: the op dispatcher would only add host time to a short kernel.
+    norm = gated_rms_norm_op if needs_grad or torch.compiler.is_compiling() else gated_rms_norm_forward
+    return norm(y, v, D, g, weight, eps, out_dtype)[0]

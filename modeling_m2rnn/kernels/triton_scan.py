@@ -372,8 +372,9 @@ def scan_backward_op(
         else:
             dv[:, segment_start:segment_end] = _sum_groups(_sum_row_blocks(dv_partial[:, :, :steps]), 2, shape.nv,
                                                            v.dtype)
-        if shape.nf == N:
-            torch.sum(df_partial[:, :, :steps], 0, out=df[:, segment_start:segment_end])
+        if shape.nf == N:   # as rows of one value each
+            _sum_partials_into(df[:, segment_start:segment_end, :, None],
+                               df_partial[:, :, :steps, :, None].permute(1, 2, 3, 0, 4))
         else:
             df[:, segment_start:segment_end] = _sum_groups(df_partial[:, :, :steps].sum(0), 2, shape.nf, f.dtype)
     store_dh0 = initial_state_dtype is not None

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import causal_conv1d_silu, causal_conv1d_step, m2rnn_scan, uses_triton
+from ..kernels import causal_conv1d_silu, causal_conv1d_step, gated_rms_norm, m2rnn_scan, uses_triton
 from .linear import Linear
 from .norm import RMSNorm
 from .short_conv import causal_conv1d
@@ -128,12 +128,28 @@ class M2RNNMixer(nn.Module):
             cache.update_recurrent_state(final_state, self.layer_idx)
             cache.layers[self.layer_idx].has_previous_state[0] = True   # without a conv nothing else sets it
 
+        g = g.view(batch, seq_len, self.num_g_heads, self.value_head_dim)
+        return self.out_proj(self.gate_and_norm(y, v, g))                         # (B, S, N·V) → (B, S, hidden)
+
+    def gate_and_norm(self, y: torch.Tensor, v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """RMSNorm((y + D ⊙ v) ⊙ silu(g)) over all heads: y (B, S, N, V), v (B, S, Nv, V), g (B, S, Ng, V) →
+        (B, S, N·V). On the Triton backend, with a v and a g per head, one kernel each way (kernels.gated_rms_norm):
+        it writes the autocast dtype, which the output projection would cast to."""
+        if self._is_gated_norm_kernel_case(y, v, g):
+            device = y.device.type
+            out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+            v = v if self.D is not None else None
+            return gated_rms_norm(y, g, self.norm.weight, self.norm.eps, v, self.D, out_dtype)
         if self.D is not None:
             residual = per_group(self.D, self.num_v_heads) * per_group(v, self.num_v_heads, shared=True)
             y = (per_group(y, self.num_v_heads) + residual).flatten(2, 3)        # (B, S, N, V)
-        g = g.view(batch, seq_len, self.num_g_heads, self.value_head_dim)
         y = per_group(y, self.num_g_heads) * per_group(F.silu(g), self.num_g_heads, shared=True)
-        return self.out_proj(self.norm(y.flatten(2)))                             # (B, S, N·V) → (B, S, hidden)
+        return self.norm(y.flatten(2))
+
+    def _is_gated_norm_kernel_case(self, y, v, g) -> bool:
+        """Per-head v and g on the Triton backend; float64 keeps the PyTorch code, as the scan keeps its reference."""
+        per_head = self.num_v_heads == self.num_g_heads == self.num_heads
+        return per_head and y.dtype != torch.float64 and uses_triton(self.scan_backend, y)
 
     def project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The q·k·v, a and g blocks of the input projection, each in a buffer of its own (see Linear.forward_blocks).
