@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -100,13 +101,22 @@ def eval_split(num_blocks: int, global_batch: int, seed: int) -> tuple[float, in
     return fraction, eval_blocks
 
 
-def run(name: str, command: list[str], env: dict, output_dir: Path) -> dict:
+def run(name: str, command: list[str], env: dict, output_dir: Path, timeout: float) -> dict:
+    """One launch, its output to <name>.log. A launch still running after `timeout` seconds is killed with every
+    process it started (torchrun's workers are in its session), so a launch that hangs fails instead."""
     log = output_dir / f"{name}.log"
     print(f"[{name}] {' '.join(command)}   (output in {log})", flush=True)
-    with log.open("w") as f:
-        result = subprocess.run(command, env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
-    if result.returncode != 0:
-        print(f"[{name}] failed with exit status {result.returncode}; the end of {log}:")
+    with log.open("w") as f, subprocess.Popen(command, env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
+                                              start_new_session=True) as launch:
+        try:
+            status = launch.wait(timeout)
+            problem = f"failed with exit status {status}" if status else None
+        except subprocess.TimeoutExpired:
+            os.killpg(launch.pid, signal.SIGKILL)
+            launch.wait()
+            problem = f"was still running after {timeout:.0f} s and was killed"
+    if problem:
+        print(f"[{name}] {problem}; the end of {log}:")
         print("".join(log.read_text().splitlines(keepends=True)[-30:]))
         sys.exit(2)
     return json.loads((output_dir / name / "trainer_state.json").read_text())
@@ -135,6 +145,7 @@ def main():
     parser.add_argument("--cpu", action="store_true", help="run on the CPU, 2 processes on gloo; no FSDP2")
     parser.add_argument("--rtol", type=float, help=f"default {RTOL_BF16} with --bf16, else {RTOL_FP32}")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds one launch may take (default 3600)")
     parser.add_argument("--output-dir", type=Path, default=REPO / "outputs" / "check_multi_gpu")
     args = parser.parse_args()
     rtol = args.rtol if args.rtol is not None else (RTOL_BF16 if args.bf16 else RTOL_FP32)
@@ -144,6 +155,10 @@ def main():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     if args.cpu:
         env.update(CUDA_VISIBLE_DEVICES="", ACCELERATE_USE_CPU="true")
+        if sys.platform == "linux":
+            # gloo otherwise binds to the address the host name resolves to, which in a container can be an
+            # interface the two processes cannot reach each other through; both run here, so loopback serves
+            env.setdefault("GLOO_SOCKET_IFNAME", "lo")
         single_env = env
     else:
         import torch
@@ -185,7 +200,8 @@ def main():
     results = {}
     for name, command in runs.items():
         command = [*command, *common, "--output-dir", str(args.output_dir / name)]
-        results[name] = losses(run(name, command, single_env if name == "single" else env, args.output_dir))
+        results[name] = losses(run(name, command, single_env if name == "single" else env, args.output_dir,
+                                    args.timeout))
 
     others = [name for name in runs if name != "single"]
     report = {"settings": {**vars(args), "output_dir": str(args.output_dir), "rtol": rtol,
