@@ -15,12 +15,11 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from modeling_m2rnn.kernels import gated_rms_norm, triton_gated_norm
-from modeling_m2rnn.layers import RMSNorm
+from modeling_m2rnn.layers import gated_rms_norm_torch
 
 SHAPE = (8, 4096, 84, 16)
-SETTINGS = [dict(FORWARD_TILE=forward_tile, BACKWARD_TILE=tile, BACKWARD_ROWS=rows, WARPS=warps)
-            for forward_tile, tile, rows, warps in ((2, 1, 32, 8), (1, 1, 32, 8), (2, 1, 64, 8), (2, 1, 16, 8),
-                                                    (1, 1, 32, 4), (2, 2, 32, 8), (1, 4, 32, 8))]
+SETTINGS = [dict(FORWARD_TILE=forward_tile, BACKWARD_ROWS=rows, WARPS=warps)
+            for forward_tile, rows, warps in ((2, 32, 8), (1, 32, 8), (2, 64, 8), (2, 16, 8), (1, 32, 4))]
 
 
 def inputs() -> dict:
@@ -32,11 +31,9 @@ def inputs() -> dict:
 
 def compiled_pytorch():
     """The layer's PyTorch code under autocast, as the compiled training step runs it (out cast for out_proj)."""
-    norm = RMSNorm(SHAPE[2] * SHAPE[3]).cuda()
 
     def gate_and_norm(y, g, weight, v, D):
-        gated = ((y + D * v) * torch.nn.functional.silu(g)).flatten(2)
-        return torch.func.functional_call(norm, {"weight": weight}, (gated,)).bfloat16()
+        return gated_rms_norm_torch(y, g, weight, 1e-6, v, D).bfloat16()
 
     return torch.compile(gate_and_norm)
 

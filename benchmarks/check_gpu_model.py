@@ -21,7 +21,7 @@ import torch
 
 from modeling_m2rnn import M2RNNConfig, M2RNNForCausalLM
 from modeling_m2rnn.kernels import causal_conv1d_silu, gated_rms_norm
-from modeling_m2rnn.layers import RMSNorm, causal_conv1d
+from modeling_m2rnn.layers import causal_conv1d, gated_rms_norm_torch
 
 BOUND = 3e-2
 CONV_BOUND = 1e-2   # bf16 inputs, float32 products and sums, bf16 out and dx (also the gated norm's bound)
@@ -88,12 +88,6 @@ def check_short_conv() -> int:
     return failures
 
 
-def gated_norm_reference(y, g, weight, v, D, eps=1e-6):
-    """The layer's PyTorch code (layers/m2rnn.py, gate_and_norm) for per-head v and g."""
-    gated = ((y + D * v) * torch.nn.functional.silu(g)).flatten(2)
-    return torch.func.functional_call(RMSNorm(weight.numel(), eps=eps), {"weight": weight}, (gated,))
-
-
 def check_gated_norm() -> int:
     """The gated-norm kernels against float64 at the 400M layer's shape under bf16 autocast's dtypes (bf16 out);
     returns 1 on failure."""
@@ -104,7 +98,7 @@ def check_gated_norm() -> int:
                    v=torch.randn(*shape, generator=generator).bfloat16(), D=torch.randn(84, 16, generator=generator))
     dout = torch.randn(8, 4096, 84 * 16, generator=generator).bfloat16().cuda()
     leaves64 = {name: x.cuda().double().requires_grad_() for name, x in tensors.items()}
-    reference = gated_norm_reference(**leaves64)
+    reference = gated_rms_norm_torch(eps=1e-6, **leaves64)
     expected = (reference, *torch.autograd.grad(reference, list(leaves64.values()), dout.double()))
     del leaves64, reference
     leaves = {name: x.cuda().requires_grad_() for name, x in tensors.items()}

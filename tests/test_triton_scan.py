@@ -22,7 +22,7 @@ from modeling_m2rnn.kernels import (
 from modeling_m2rnn.kernels import triton_gated_norm, triton_scan
 from modeling_m2rnn.kernels.triton_conv_step import conv_step_op
 from modeling_m2rnn.kernels.triton_short_conv import short_conv_op
-from modeling_m2rnn.layers import RMSNorm, causal_conv1d
+from modeling_m2rnn.layers import causal_conv1d, gated_rms_norm_torch
 from modeling_m2rnn.kernels.triton_scan import KernelConfig
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -368,26 +368,18 @@ def gated_norm_inputs(dtype, residual: bool, generator) -> dict:
     return tensors
 
 
-def gated_norm_reference(y, g, weight, v=None, D=None, eps=1e-6):
-    """The layer's PyTorch code (layers/m2rnn.py, gate_and_norm) for per-head v and g."""
-    if D is not None:
-        y = y + D * v
-    gated = (y * torch.nn.functional.silu(g)).flatten(2)
-    return torch.func.functional_call(RMSNorm(weight.numel(), eps=eps), {"weight": weight}, (gated,))
-
-
 @pytest.mark.parametrize("dtype, residual", [(torch.float32, True), (torch.bfloat16, True), (torch.float32, False)])
 def test_gated_rms_norm_matches_float64(dtype, residual, monkeypatch):
     """out and the gradients of y, g, v, D and the norm weight against the layer's PyTorch code in float64. The 18
     tokens make partial tiles: four per forward program, and five per backward program (four programs, the last
-    one partial, whose dD and weight partials are summed) taken two at a time. Bounds as the scan's: float32 sums,
-    bf16 rounds out and the input gradients once."""
-    for name, value in (("FORWARD_TILE", 4), ("BACKWARD_ROWS", 5), ("BACKWARD_TILE", 2)):
+    one partial, whose dD and weight partials are summed). Bounds as the scan's: float32 sums, bf16 rounds out and
+    the input gradients once."""
+    for name, value in (("FORWARD_TILE", 4), ("BACKWARD_ROWS", 5)):
         monkeypatch.setattr(triton_gated_norm, name, value)
     tensors = gated_norm_inputs(dtype, residual, torch.Generator().manual_seed(11))
     dout = torch.randn(2, 9, 21, dtype=torch.float64)
     leaves64 = {name: x.double().requires_grad_() for name, x in tensors.items()}
-    reference = gated_norm_reference(**leaves64)
+    reference = gated_rms_norm_torch(eps=1e-6, **leaves64)
     reference_grads = torch.autograd.grad(reference, list(leaves64.values()), dout)
 
     leaves = {name: x.to(DEVICE).requires_grad_() for name, x in tensors.items()}

@@ -1,7 +1,7 @@
 """The M2RNN recurrence op (DESIGN.md §6): one contract, a PyTorch reference and Triton kernels; and the short
 convolution in front of it with its SiLU, for whole sequences (`causal_conv1d_silu`) and for one decode step
 (`causal_conv1d_step`), and the output gate and norm behind it (`gated_rms_norm`), Triton only: their reference is
-the layer's PyTorch code (layers/short_conv.py, layers/m2rnn.py).
+the layers' PyTorch code (`causal_conv1d` in layers/short_conv.py, `gated_rms_norm_torch` in layers/m2rnn.py).
 
 This package knows nothing of transformers: it takes tensors and returns tensors.
 """

@@ -22,23 +22,27 @@ import triton.language as tl
 
 # Launch settings. H200, 400M layer (B=8, S=4096, C=1344), GPU time: forward 0.093 ms with two tokens per program,
 # 0.104 with one; backward ~0.25 ms one token at a time, 0.33-0.41 with two or four at once (more registers, fewer
-# programs in flight), on 8 warps (benchmarks/bench_gated_norm.py, benchmarks/RESULTS.md).
+# programs in flight, so the backward takes one), on 8 warps (benchmarks/bench_gated_norm.py, benchmarks/RESULTS.md).
 FORWARD_TILE = 2       # tokens of one forward program
-BACKWARD_TILE = 1      # tokens a backward program holds at once
-BACKWARD_ROWS = 32     # tokens of one backward program: one dD and one dweight partial each
+BACKWARD_ROWS = 32     # tokens of one backward program, one at a time: one dD and one dweight partial each
 WARPS = 8
 
 
 @triton.jit
-def _gate_inputs(y_ptr, v_ptr, D_ptr, g_ptr, offsets, mask, c, in_columns, HAS_RESIDUAL: tl.constexpr):
-    """u = y + D ⊙ v, g and v (zero without the residual) in float32 at `offsets` (TILE, BLOCK_C), columns c."""
-    u = tl.load(y_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+def _load_row(ptr, c, in_columns):
+    """A (1, BLOCK_C) row of C values in float32, zero past C: the norm weight or D, loaded once per program."""
+    return tl.load(ptr + c, mask=in_columns, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
+def _token_inputs(y_ptr, v_ptr, g_ptr, offsets, mask, HAS_RESIDUAL: tl.constexpr):
+    """y, g and v (zero without the residual) in float32 at `offsets` (TILE, BLOCK_C)."""
+    y = tl.load(y_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    v = tl.zeros_like(u)
+    v = tl.zeros_like(y)
     if HAS_RESIDUAL:
         v = tl.load(v_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        u += tl.load(D_ptr + c, mask=in_columns, other=0.0).to(tl.float32)[None, :] * v
-    return u, g, v
+    return y, g, v
 
 
 @triton.jit
@@ -56,10 +60,12 @@ def gated_norm_forward_kernel(y_ptr, v_ptr, D_ptr, g_ptr, weight_ptr, out_ptr, r
     """out and rstd of TILE tokens."""
     first = tl.program_id(0).to(tl.int64) * TILE
     rows, offsets, mask, c, in_columns = _tile(first, num_rows, C, BLOCK_C, TILE)
-    u, g, _v = _gate_inputs(y_ptr, v_ptr, D_ptr, g_ptr, offsets, mask, c, in_columns, HAS_RESIDUAL)
+    u, g, v = _token_inputs(y_ptr, v_ptr, g_ptr, offsets, mask, HAS_RESIDUAL)
+    if HAS_RESIDUAL:   # D after the tokens: loaded before them, the forward took 0.115 ms, not 0.093 (H200)
+        u += _load_row(D_ptr, c, in_columns) * v
     z = u * g * tl.sigmoid(g)
     rstd = 1.0 / tl.sqrt(tl.sum(z * z, axis=1) / C + eps)   # (TILE,)
-    weight = tl.load(weight_ptr + c, mask=in_columns, other=0.0).to(tl.float32)[None, :]
+    weight = _load_row(weight_ptr, c, in_columns)
     tl.store(out_ptr + offsets, (weight * z * rstd[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(rstd_ptr + rows, rstd, mask=rows < num_rows)
 
@@ -67,19 +73,24 @@ def gated_norm_forward_kernel(y_ptr, v_ptr, D_ptr, g_ptr, weight_ptr, out_ptr, r
 @triton.jit
 def gated_norm_backward_kernel(y_ptr, v_ptr, D_ptr, g_ptr, weight_ptr, rstd_ptr, dout_ptr,
                                dy_ptr, dv_ptr, dg_ptr, dD_partial_ptr, dweight_partial_ptr, num_rows,
-                               C: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr, TILE: tl.constexpr,
+                               C: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr,
                                HAS_RESIDUAL: tl.constexpr):
-    """dy, dv, dg of ROWS tokens, TILE at a time, and their float32 partials of dD and dweight (a row of C each)."""
+    """dy, dv, dg of ROWS tokens, one at a time, and their float32 partials of dD and dweight (a row of C each)."""
     program = tl.program_id(0)
     first = program.to(tl.int64) * ROWS
     last = tl.minimum(first + ROWS, num_rows)
     c = tl.arange(0, BLOCK_C)
-    weight = tl.load(weight_ptr + c, mask=c < C, other=0.0).to(tl.float32)[None, :]
-    dD = tl.zeros((TILE, BLOCK_C), dtype=tl.float32)
-    dweight = tl.zeros((TILE, BLOCK_C), dtype=tl.float32)
-    for tile in range(first, last, TILE):
-        rows, offsets, mask, c, in_columns = _tile(tile, last, C, BLOCK_C, TILE)
-        u, g, v = _gate_inputs(y_ptr, v_ptr, D_ptr, g_ptr, offsets, mask, c, in_columns, HAS_RESIDUAL)
+    weight = _load_row(weight_ptr, c, c < C)
+    D = tl.zeros((1, BLOCK_C), dtype=tl.float32)
+    if HAS_RESIDUAL:   # once per program, not once per token
+        D = _load_row(D_ptr, c, c < C)
+    dD = tl.zeros((1, BLOCK_C), dtype=tl.float32)
+    dweight = tl.zeros((1, BLOCK_C), dtype=tl.float32)
+    for token in range(first, last):
+        rows, offsets, mask, c, in_columns = _tile(token, last, C, BLOCK_C, 1)
+        u, g, v = _token_inputs(y_ptr, v_ptr, g_ptr, offsets, mask, HAS_RESIDUAL)
+        if HAS_RESIDUAL:
+            u += D * v
         dout = tl.load(dout_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(rstd_ptr + rows, mask=rows < last, other=0.0)[:, None]
         sigmoid = tl.sigmoid(g)
@@ -93,10 +104,8 @@ def gated_norm_backward_kernel(y_ptr, v_ptr, D_ptr, g_ptr, weight_ptr, rstd_ptr,
         tl.store(dg_ptr + offsets, (dz * u * sigmoid * (1.0 + g * (1.0 - sigmoid))).to(dg_ptr.dtype.element_ty),
                  mask=mask)
         if HAS_RESIDUAL:
-            D = tl.load(D_ptr + c, mask=in_columns, other=0.0).to(tl.float32)[None, :]
             tl.store(dv_ptr + offsets, (D * du).to(dv_ptr.dtype.element_ty), mask=mask)
             dD += du * v
-    c = tl.arange(0, BLOCK_C)
     tl.store(dweight_partial_ptr + program * C + c, tl.sum(dweight, axis=0), mask=c < C)
     tl.store(dD_partial_ptr + program * C + c, tl.sum(dD, axis=0), mask=c < C)
 
@@ -154,7 +163,7 @@ def gated_rms_norm_backward_op(
                                    for _ in range(2))
     gated_norm_backward_kernel[(programs,)](
         y, *_residual_arguments(y, v, D), g, weight.contiguous(), rstd, dout, dy, dv, dg, dD_partial, dweight_partial,
-        num_rows, ROWS=BACKWARD_ROWS, TILE=BACKWARD_TILE, **_constants(y, D),
+        num_rows, ROWS=BACKWARD_ROWS, **_constants(y, D),
     )
     dD = dD_partial.sum(0).view_as(D).to(D.dtype) if D is not None else y.new_empty(0)
     return dy, dv, dD, dg, dweight_partial.sum(0).to(weight.dtype)

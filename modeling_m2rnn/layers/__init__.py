@@ -2,9 +2,10 @@
 
 from .attention import Attention
 from .linear import Linear
-from .m2rnn import M2RNNMixer, PackedSequences
+from .m2rnn import M2RNNMixer, PackedSequences, gated_rms_norm_torch
 from .short_conv import causal_conv1d
 from .mlp import GatedMLP
 from .norm import RMSNorm
 
-__all__ = ["Attention", "GatedMLP", "Linear", "M2RNNMixer", "PackedSequences", "RMSNorm", "causal_conv1d"]
+__all__ = ["Attention", "GatedMLP", "Linear", "M2RNNMixer", "PackedSequences", "RMSNorm", "causal_conv1d",
+           "gated_rms_norm_torch"]

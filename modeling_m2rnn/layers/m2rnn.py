@@ -8,7 +8,7 @@ from torch import nn
 
 from ..kernels import causal_conv1d_silu, causal_conv1d_step, gated_rms_norm, m2rnn_scan, uses_triton
 from .linear import Linear
-from .norm import RMSNorm
+from .norm import RMSNorm, rms_norm
 from .short_conv import causal_conv1d
 
 
@@ -45,6 +45,17 @@ def per_group(x: torch.Tensor, groups: int, shared: bool = False) -> torch.Tenso
     `shared`, x has one head per group, broadcast over the group's heads as `repeat_interleave` would copy it."""
     *lead, heads, dim = x.shape
     return x.unsqueeze(-2) if shared else x.view(*lead, groups, heads // groups, dim)
+
+
+def gated_rms_norm_torch(y, g, weight, eps: float, v=None, D=None) -> torch.Tensor:
+    """rms_norm((y + D ⊙ v) ⊙ silu(g), weight, eps) over all heads, in PyTorch: y (B, S, N, V), v (B, S, Nv, V),
+    D (N, V), g (B, S, Ng, V), each v and g head shared by its group of heads; v and D are None without the
+    residual. `kernels.gated_rms_norm` computes the same for per-head v and g, and is tested against this."""
+    if D is not None:
+        residual = per_group(D, v.shape[2]) * per_group(v, v.shape[2], shared=True)
+        y = (per_group(y, v.shape[2]) + residual).flatten(2, 3)                  # (B, S, N, V)
+    y = per_group(y, g.shape[2]) * per_group(F.silu(g), g.shape[2], shared=True)
+    return rms_norm(y.flatten(2), weight, eps)                                     # (B, S, N·V)
 
 
 class M2RNNMixer(nn.Module):
@@ -135,18 +146,14 @@ class M2RNNMixer(nn.Module):
         """RMSNorm((y + D ⊙ v) ⊙ silu(g)) over all heads: y (B, S, N, V), v (B, S, Nv, V), g (B, S, Ng, V) →
         (B, S, N·V). On the Triton backend, with a v and a g per head, one kernel each way (kernels.gated_rms_norm):
         it writes the autocast dtype, which the output projection would cast to."""
-        if self._is_gated_norm_kernel_case(y, v, g):
+        v = v if self.D is not None else None
+        if self._is_gated_norm_kernel_case(y):
             device = y.device.type
             out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-            v = v if self.D is not None else None
             return gated_rms_norm(y, g, self.norm.weight, self.norm.eps, v, self.D, out_dtype)
-        if self.D is not None:
-            residual = per_group(self.D, self.num_v_heads) * per_group(v, self.num_v_heads, shared=True)
-            y = (per_group(y, self.num_v_heads) + residual).flatten(2, 3)        # (B, S, N, V)
-        y = per_group(y, self.num_g_heads) * per_group(F.silu(g), self.num_g_heads, shared=True)
-        return self.norm(y.flatten(2))
+        return gated_rms_norm_torch(y, g, self.norm.weight, self.norm.eps, v, self.D)
 
-    def _is_gated_norm_kernel_case(self, y, v, g) -> bool:
+    def _is_gated_norm_kernel_case(self, y: torch.Tensor) -> bool:
         """Per-head v and g on the Triton backend; float64 keeps the PyTorch code, as the scan keeps its reference."""
         per_head = self.num_v_heads == self.num_g_heads == self.num_heads
         return per_head and y.dtype != torch.float64 and uses_triton(self.scan_backend, y)
