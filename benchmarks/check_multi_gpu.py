@@ -156,8 +156,8 @@ def main():
     if args.cpu:
         env.update(CUDA_VISIBLE_DEVICES="", ACCELERATE_USE_CPU="true")
         if sys.platform == "linux":
-            # gloo otherwise binds to the address the host name resolves to, which in a container can be an
-            # interface the two processes cannot reach each other through; both run here, so loopback serves
+            # gloo otherwise binds to the address the host name resolves to; both processes run on this
+            # machine, and loopback is the one address sure to join them
             env.setdefault("GLOO_SOCKET_IFNAME", "lo")
         single_env = env
     else:
