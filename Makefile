@@ -19,5 +19,7 @@ install-test: install
 demo: install
 	$(PYTHON) examples/quickstart.py
 
+# A test that runs past 25 minutes fails with the stacks of its threads, instead of hanging CI (the slowest,
+# the DDP test, takes ~1 minute; its launches have limits of their own).
 test: install-test
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q --timeout 1500 tests

@@ -16,7 +16,7 @@ setup(
         "huggingface_hub",
     ],
     extras_require={
-        "test": ["pytest", "accelerate", "peft", "datasets"],
+        "test": ["pytest", "pytest-timeout", "accelerate", "peft", "datasets"],
         "examples": ["tqdm", "matplotlib", "datasets", "accelerate", "peft"],
     },
 )
