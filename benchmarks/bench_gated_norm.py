@@ -14,8 +14,8 @@ import os
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from modeling_m2rnn.kernels import gated_rms_norm, triton_gated_norm
-from modeling_m2rnn.layers import gated_rms_norm_torch
+from modeling_m2rnn.kernels import gated_rms_norm, gated_rms_norm_reference
+from modeling_m2rnn.kernels.gated_norm import triton as triton_gated_norm
 
 SHAPE = (8, 4096, 84, 16)
 SETTINGS = [dict(FORWARD_TILE=forward_tile, BACKWARD_ROWS=rows, WARPS=warps)
@@ -33,13 +33,13 @@ def compiled_pytorch():
     """The layer's PyTorch code under autocast, as the compiled training step runs it (out cast for out_proj)."""
 
     def gate_and_norm(y, g, weight, v, D):
-        return gated_rms_norm_torch(y, g, weight, 1e-6, v, D).bfloat16()
+        return gated_rms_norm_reference(y, g, weight, 1e-6, v, D).bfloat16()
 
     return torch.compile(gate_and_norm)
 
 
 def fused(y, g, weight, v, D):
-    return gated_rms_norm(y, g, weight, 1e-6, v, D, out_dtype=torch.bfloat16)
+    return gated_rms_norm(y, g, weight, 1e-6, v, D, out_dtype=torch.bfloat16, backend="triton")
 
 
 def gpu_ms(call, repeats: int = 20) -> float:

@@ -71,7 +71,7 @@ class TokenClock(StoppingCriteria):
 
 def decode_compile_config(mode: str) -> CompileConfig:
     """How generate compiles the decode step: torch.compile `mode`, whose CUDA graphs the model captures itself
-    (models/decode_graphs.py)."""
+    (generation/decode_graphs.py)."""
     return CompileConfig(fullgraph=True, mode=mode)
 
 

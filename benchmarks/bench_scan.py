@@ -22,8 +22,8 @@ import torch
 import triton
 
 from modeling_m2rnn.kernels import m2rnn_scan, m2rnn_scan_reference
-from modeling_m2rnn.kernels import triton_scan
-from modeling_m2rnn.kernels.triton_scan import KernelConfig
+from modeling_m2rnn.kernels.m2rnn_scan import triton_scan
+from modeling_m2rnn.kernels.m2rnn_scan.triton_scan import KernelConfig
 
 GiB = 2**30
 ANCHORS = {  # public reference kernel, H200 (anchors/reference_kernel_h200_2026-11-28.json): ms, ms, ms, GiB

@@ -20,8 +20,7 @@ import sys
 import torch
 
 from modeling_m2rnn import M2RNNConfig, M2RNNForCausalLM
-from modeling_m2rnn.kernels import causal_conv1d_silu, gated_rms_norm
-from modeling_m2rnn.layers import causal_conv1d, gated_rms_norm_torch
+from modeling_m2rnn.kernels import causal_conv1d, causal_conv1d_silu, gated_rms_norm, gated_rms_norm_reference
 
 BOUND = 3e-2
 CONV_BOUND = 1e-2   # bf16 inputs, float32 products and sums, bf16 out and dx (also the gated norm's bound)
@@ -34,7 +33,7 @@ def small_hybrid(backend: str) -> M2RNNForCausalLM:
         layer_types=["m2rnn", "m2rnn", "full_attention", "m2rnn"], num_attention_heads=4,
         m2rnn_k_head_dim=64, m2rnn_v_head_dim=16, m2rnn_num_q_heads=1, m2rnn_num_k_heads=1,
         m2rnn_num_v_heads=16, m2rnn_num_f_heads=16, m2rnn_num_g_heads=16, m2rnn_num_weight_heads=16,
-        m2rnn_scan_backend=backend, pad_token_id=0,
+        m2rnn_kernel_backend=backend, pad_token_id=0,
     )
     return M2RNNForCausalLM(config).cuda().train()
 
@@ -79,7 +78,7 @@ def check_short_conv() -> int:
         reference = torch.nn.functional.silu(causal_conv1d(x64, weight64, sequence_ids=sequence_ids)[0])
         expected = (reference, *torch.autograd.grad(reference, (x64, weight64), dout.cuda().double()))
         x_dev, weight_dev = x.cuda().requires_grad_(), weight.cuda().requires_grad_()
-        out = causal_conv1d_silu(x_dev, weight_dev, sequence_ids)
+        (out,), _ = causal_conv1d_silu(x_dev, weight_dev, sequence_ids=sequence_ids, backend="triton")
         measured = (out, *torch.autograd.grad(out, (x_dev, weight_dev), dout.cuda()))
         errors = [relative_error(a.double(), b) for a, b in zip(measured, expected)]
         failures += max(errors) >= CONV_BOUND
@@ -98,11 +97,11 @@ def check_gated_norm() -> int:
                    v=torch.randn(*shape, generator=generator).bfloat16(), D=torch.randn(84, 16, generator=generator))
     dout = torch.randn(8, 4096, 84 * 16, generator=generator).bfloat16().cuda()
     leaves64 = {name: x.cuda().double().requires_grad_() for name, x in tensors.items()}
-    reference = gated_rms_norm_torch(eps=1e-6, **leaves64)
+    reference = gated_rms_norm_reference(eps=1e-6, **leaves64)
     expected = (reference, *torch.autograd.grad(reference, list(leaves64.values()), dout.double()))
     del leaves64, reference
     leaves = {name: x.cuda().requires_grad_() for name, x in tensors.items()}
-    out = gated_rms_norm(eps=1e-6, out_dtype=torch.bfloat16, **leaves)
+    out = gated_rms_norm(eps=1e-6, out_dtype=torch.bfloat16, backend="triton", **leaves)
     measured = (out, *torch.autograd.grad(out, list(leaves.values()), dout))
     errors = dict(zip(["out", *(f"d{name}" for name in leaves)],
                       (relative_error(a.double(), b) for a, b in zip(measured, expected))))

@@ -29,7 +29,7 @@ from transformers import PreTrainedModel, StoppingCriteriaList
 
 from bench_generate import TokenClock, compiled_logit_error, decode_compile_config, static_compiled
 from modeling_m2rnn import M2RNNConfig, M2RNNForCausalLM
-from modeling_m2rnn.models.decode_graphs import CapturedStep
+from modeling_m2rnn.generation.decode_graphs import CapturedStep
 
 
 def current_cpu() -> int:

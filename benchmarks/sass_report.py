@@ -30,9 +30,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from modeling_m2rnn.kernels.triton_backward import scan_backward_kernel
-from modeling_m2rnn.kernels.triton_forward import scan_forward_kernel
-from modeling_m2rnn.kernels.triton_scan import KernelConfig, ScanShape, dot_constants, gradient_constants
+from modeling_m2rnn.kernels.m2rnn_scan.triton_backward import scan_backward_kernel
+from modeling_m2rnn.kernels.m2rnn_scan.triton_forward import scan_forward_kernel
+from modeling_m2rnn.kernels.m2rnn_scan.triton_scan import KernelConfig, ScanShape, dot_constants, gradient_constants
 
 TARGET = GPUTarget("cuda", 90, 32)
 SHAPE = ScanShape(batch=8, seq_len=4096, num_heads=84, nq=1, nk=1, nv=84, nf=84, nw=84, key_dim=64, value_dim=16,

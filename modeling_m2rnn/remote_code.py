@@ -2,7 +2,7 @@
 
 transformers' dynamic modules resolve `from .name import ...` to a file `name.py` next to the entry file, so
 sub-packages cannot travel as they are. Each module is written as one flat file named after its path
-(`kernels/reference.py` → `kernels_reference.py`, `kernels/__init__.py` → `kernels.py`), and its relative
+(`kernels/m2rnn_scan/naive.py` → `kernels_m2rnn_scan_naive.py`, `kernels/__init__.py` → `kernels.py`), and its relative
 imports are rewritten to those names.
 """
 
@@ -14,10 +14,10 @@ PACKAGE_ROOT = Path(__file__).parent
 _RELATIVE_IMPORT = re.compile(r"^(\s*)from\s+(\.+)([\w.]*)\s+import\s", flags=re.MULTILINE)
 
 AUTO_MAP = {
-    "AutoConfig": "configuration_m2rnn.M2RNNConfig",
-    "AutoModel": "models_m2rnn.M2RNNModel",
-    "AutoModelForCausalLM": "models_m2rnn.M2RNNForCausalLM",
-    "AutoModelForSequenceClassification": "models_m2rnn.M2RNNForSequenceClassification",
+    "AutoConfig": "configuration_configuration_m2rnn.M2RNNConfig",
+    "AutoModel": "models_modeling_m2rnn.M2RNNModel",
+    "AutoModelForCausalLM": "models_modeling_m2rnn.M2RNNForCausalLM",
+    "AutoModelForSequenceClassification": "models_modeling_m2rnn.M2RNNForSequenceClassification",
 }
 
 

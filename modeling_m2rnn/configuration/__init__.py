@@ -1,4 +1,4 @@
-from .m2rnn import M2RNNConfig
+from .configuration_m2rnn import M2RNNConfig
 from .presets import PRESETS
 
 __all__ = ["M2RNNConfig", "PRESETS"]

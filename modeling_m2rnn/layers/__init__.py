@@ -1,11 +1,11 @@
-"""nn.Modules of the model. They know nothing of generation beyond the cache object they are handed."""
+"""nn.Modules of the model. They call the ops of `kernels` and reach a generation cache only through the accessors
+of `generation.cache`."""
 
 from .attention import Attention
 from .linear import Linear
-from .m2rnn import M2RNNMixer, PackedSequences, gated_rms_norm_torch
-from .short_conv import causal_conv1d
+from .m2rnn_mixer import M2RNNMixer
 from .mlp import GatedMLP
 from .norm import RMSNorm
+from .packing import PackedSequences
 
-__all__ = ["Attention", "GatedMLP", "Linear", "M2RNNMixer", "PackedSequences", "RMSNorm", "causal_conv1d",
-           "gated_rms_norm_torch"]
+__all__ = ["Attention", "GatedMLP", "Linear", "M2RNNMixer", "PackedSequences", "RMSNorm"]

@@ -1,18 +1,11 @@
 import torch
 from torch import nn
 
-
-def rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """weight ⊙ x / sqrt(mean(x²) + eps) over the last dimension, normalised in float32 and cast back before the
-    weight, as Llama's norm does."""
-    input_dtype = hidden_states.dtype
-    hidden_states = hidden_states.float()
-    hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * hidden_states.to(input_dtype)
+from ..kernels import rms_norm
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm over the last dimension, computed in float32."""
+    """Root-mean-square norm over the last dimension, computed in float32 (kernels.rms_norm)."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-6):
         super().__init__()

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import AutoConfig
@@ -43,7 +45,7 @@ def test_auto_config_and_layer_type_aliases(tmp_path):
         (dict(hidden_size=0), "hidden_size"),
         (dict(m2rnn_conv_kernel_size=1), "m2rnn_conv_kernel_size"),
         (dict(m2rnn_gradient_clipping=0.0), "m2rnn_gradient_clipping"),
-        (dict(m2rnn_scan_backend="cuda"), "m2rnn_scan_backend"),
+        (dict(m2rnn_kernel_backend="cuda"), "m2rnn_kernel_backend"),
         (dict(num_hidden_layers=1, layer_types=["full_attention"], num_key_value_heads=3), "num_key_value_heads"),
     ],
 )
@@ -57,3 +59,13 @@ def test_a_config_that_cannot_work_names_the_field(fields, field_named):
 
 def test_no_convolution_is_allowed():
     assert M2RNNConfig(m2rnn_conv_kernel_size=None).m2rnn_conv_kernel_size is None
+
+
+def test_a_config_json_with_the_old_backend_field_name_loads_it_as_the_kernel_backend(tmp_path):
+    """`m2rnn_scan_backend` was the field's name before it chose the short conv's and the gated norm's kernels too."""
+    M2RNNConfig(num_hidden_layers=2).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved["m2rnn_scan_backend"] = saved.pop("m2rnn_kernel_backend") and "torch"
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert config.m2rnn_kernel_backend == "torch" and "m2rnn_scan_backend" not in config.to_dict()

@@ -19,7 +19,7 @@ one partial per head and row block. The initial state's gradient is row-local.
 import triton
 import triton.language as tl
 
-from .triton_step import (
+from .triton_building_blocks import (
     blend,
     candidate,
     checkpoint_offsets,

@@ -65,3 +65,12 @@ def causal_conv1d(
         full = torch.zeros_like(window).scatter(1, order[:, -seq_len:].unsqueeze(-1).expand_as(out), out)
         out = full[:, -seq_len:]
     return out, window[:, -kernel_size:].transpose(1, 2)
+
+
+def causal_conv1d_step_reference(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """One decode step of `causal_conv1d` and its SiLU: x (B, C) the new input, conv_state (B, C, k) the last k inputs,
+    updated in place to (conv_state[..., 1:], x), weight (C, k). Returns (B, C)."""
+    window = torch.cat([conv_state[..., 1:], x[..., None].to(conv_state.dtype)], dim=-1)   # (B, C, k)
+    conv_state.copy_(window)
+    out, _ = causal_conv1d(x[:, None], weight, context=window)
+    return F.silu(out[:, 0])

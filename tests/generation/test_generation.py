@@ -10,11 +10,11 @@ from transformers import CompileConfig, PreTrainedTokenizerFast, TextIteratorStr
 from transformers.masking_utils import create_masks_for_generate
 from torch._dynamo.utils import counters
 
+from helpers import left_pad, random_ids, tiny_model
+
 from modeling_m2rnn import M2RNNCache, M2RNNStaticCache, load_prompt_state, save_prompt_state
-from modeling_m2rnn.kernels import causal_conv1d_step
-from modeling_m2rnn.models.decode_graphs import DecodeGraphs, graph_free_compile_kwargs
-from modeling_m2rnn.models.m2rnn import _static_decode_masks
-from test_modeling import left_pad, random_ids, tiny_model
+from modeling_m2rnn.generation.decode_graphs import DecodeGraphs, graph_free_compile_kwargs
+from modeling_m2rnn.generation.mixin import _static_decode_masks
 
 KINDS = ["pure", "hybrid"]
 ALPHABET = "_?abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRSTUVW"   # as many as the tiny model's vocabulary
@@ -257,14 +257,15 @@ def test_text_generation_pipeline():
 def test_triton_decode_steps_match_the_torch_backend(cache_class, monkeypatch):
     """Decode steps on the Triton backend (the conv step kernel and the scan; the interpreter on a CPU) give the
     torch backend's logits."""
-    from modeling_m2rnn.layers import m2rnn as mixer_module
+    from modeling_m2rnn.kernels.short_conv import triton_decode_step
 
-    conv_steps = []
-    monkeypatch.setattr(mixer_module, "causal_conv1d_step", lambda *args: conv_steps.append(1) or causal_conv1d_step(*args))
+    conv_steps, kernel = [], triton_decode_step.causal_conv1d_step_triton
+    monkeypatch.setattr(triton_decode_step, "causal_conv1d_step_triton",
+                        lambda *args: conv_steps.append(1) or kernel(*args))
     prompt, new_tokens = random_ids(2, 5), random_ids(2, 3, seed=1)
     logits = {}
     for backend in ("torch", "triton"):
-        model = tiny_model("hybrid", m2rnn_scan_backend=backend)
+        model = tiny_model("hybrid", m2rnn_kernel_backend=backend)
         cache = cache_class(model.config) if cache_class is M2RNNCache else cache_class(model.config, max_cache_len=9)
         with torch.no_grad():   # as in generate
             steps = [model(prompt, past_key_values=cache).logits[:, -1]]

@@ -2,12 +2,9 @@
 
 import pytest
 import torch
+from helpers import relative_error
 
 from modeling_m2rnn.kernels import m2rnn_scan
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def random_inputs(batch, seq_len, heads, key_dim, value_dim, dtype=torch.float64, generator=None):

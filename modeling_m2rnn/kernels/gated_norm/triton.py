@@ -1,4 +1,4 @@
-"""The M2RNN layer's output gate and norm on Triton, forward and backward (DESIGN.md §3, steps 5 and 6), per token:
+"""The M2RNN layer's output gate and norm on Triton, forward and backward (docs/design.md, "The layer"), per token:
 
     u = y + D ⊙ v;   z = u ⊙ silu(g);   out = weight ⊙ z · rstd,   rstd = 1 / sqrt(mean(z²) + eps)
 
@@ -19,6 +19,8 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+
+from ..backend import launches_directly
 
 # Launch settings. H200, 400M layer (B=8, S=4096, C=1344), GPU time: forward 0.093 ms with two tokens per program,
 # 0.104 with one; backward ~0.25 ms one token at a time, 0.33-0.41 with two or four at once (more registers, fewer
@@ -191,3 +193,10 @@ def _backward(ctx, dout, _drstd):
 
 
 gated_rms_norm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def gated_rms_norm_triton(y, g, weight, eps: float, v, D, out_dtype: torch.dtype) -> torch.Tensor:
+    """The op on the kernels (inputs validated, one v and g per head). See the module doc."""
+    if launches_directly(y, g, weight, v, D):
+        return gated_rms_norm_forward(y, v, D, g, weight, eps, out_dtype)[0]
+    return gated_rms_norm_op(y, v, D, g, weight, eps, out_dtype)[0]

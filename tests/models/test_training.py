@@ -1,25 +1,20 @@
 """Training the way transformers users do it, on the CPU: packed batches, PEFT LoRA, gradient checkpointing
-with torch.compile, and the fine-tuning example.
+with torch.compile.
 
 Tolerances (float32 everywhere): losses within 1e-5; a gradient tensor within 1e-6 + 1e-4 · max|reference|
 elementwise (seen: ≤ 5e-7 relative); logits within 1e-5 (merging LoRA into the weights rounds differently:
 seen ~4e-6).
 """
 
-import json
 import sys
-import warnings
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO_ROOT, random_ids, tiny_model
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, DataCollatorWithFlattening
 
-from modeling_m2rnn import M2RNNForCausalLM
-from test_modeling import random_ids, tiny_model
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+sys.path.insert(0, str(REPO_ROOT / "examples"))
 import finetune  # noqa: E402  (examples/ is not a package)
 
 
@@ -39,7 +34,7 @@ def assert_gradients_close(actual: dict, expected: dict, atol=1e-6, rtol=1e-4):
 def test_a_flattened_batch_gives_the_loss_and_gradients_of_its_sequences_one_by_one(kind, backend):
     # use_cache=False as for training (examples/finetune.py): transformers builds the packed attention mask
     # only when no cache is passed.
-    model = tiny_model(kind, m2rnn_scan_backend=backend, use_cache=False).train()
+    model = tiny_model(kind, m2rnn_kernel_backend=backend, use_cache=False).train()
     sequences = [random_ids(n, seed=n).tolist() for n in (5, 1, 9, 3)]   # a 1-token sequence has no target
     batch = DataCollatorWithFlattening()([{"input_ids": s} for s in sequences])
     assert batch["input_ids"].shape == (1, 18)
@@ -66,11 +61,10 @@ def test_a_flattened_batch_gives_the_loss_and_gradients_of_its_sequences_one_by_
 def test_the_triton_backend_trains_like_the_reference(monkeypatch, packed):
     """One training step on the Triton kernels (the short conv's and the scan's, through the interpreter) gives the
     loss and gradients of the PyTorch reference layers."""
-    import modeling_m2rnn.layers.m2rnn as layer_module
+    from modeling_m2rnn.kernels.short_conv import triton_whole_sequence
 
-    conv_calls = []
-    kernel = layer_module.causal_conv1d_silu
-    monkeypatch.setattr(layer_module, "causal_conv1d_silu", lambda *args: conv_calls.append(1) or kernel(*args))
+    conv_calls, kernel = [], triton_whole_sequence.short_conv_op
+    monkeypatch.setattr(triton_whole_sequence, "short_conv_op", lambda *args: conv_calls.append(1) or kernel(*args))
     if packed:
         batch = DataCollatorWithFlattening()([{"input_ids": random_ids(n, seed=n).tolist()} for n in (5, 1, 9)])
     else:
@@ -78,7 +72,7 @@ def test_the_triton_backend_trains_like_the_reference(monkeypatch, packed):
         batch = dict(input_ids=ids, labels=ids)
     results = {}
     for backend in ("torch", "triton"):
-        model = tiny_model("hybrid", m2rnn_scan_backend=backend, use_cache=False).train()
+        model = tiny_model("hybrid", m2rnn_kernel_backend=backend, use_cache=False).train()
         loss = model(**batch).loss
         loss.backward()
         results[backend] = loss.item(), gradients(model)
@@ -146,51 +140,3 @@ def test_compiled_training_step_with_gradient_checkpointing_matches_eager():
     (eager_loss, eager_gradients), (compiled_loss, compiled_gradients) = results
     assert abs(compiled_loss.item() - eager_loss.item()) < 1e-5
     assert_gradients_close(compiled_gradients, eager_gradients)
-
-
-def run_finetune(*args):
-    trainer = finetune.main(["--max-steps", "10", "--eval-fraction", "0.25", *args])
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    assert trainer.state.global_step == 10 and len(losses) == 10
-    assert any("eval_loss" in entry for entry in trainer.state.log_history)
-    return trainer
-
-
-def test_finetune_example_runs_10_steps_and_saves_a_loadable_checkpoint(tmp_path):
-    trainer = run_finetune("--output-dir", str(tmp_path))
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
-    assert type(reloaded) is M2RNNForCausalLM
-    trained = trainer.model.state_dict()
-    for name, tensor in reloaded.state_dict().items():
-        assert torch.equal(tensor, trained[name]), name
-
-
-def test_finetune_example_with_json_lines_packing_and_lora(tmp_path):
-    data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps({"body": doc}) + "\n" for doc in finetune.EMBEDDED_DOCUMENTS))
-    # short documents: the reference scan walks a packed row one token at a time
-    run_finetune("--data", str(data), "--text-field", "body", "--packing", "--seq-len", "16", "--lora",
-                 "--lora-rank", "4", "--output-dir", str(tmp_path / "out"))
-    assert (tmp_path / "out" / "adapter_model.safetensors").exists()
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "merged")
-    assert type(merged) is M2RNNForCausalLM
-
-
-def test_two_ddp_processes_on_gloo_log_the_losses_of_one_process(tmp_path):
-    """benchmarks/check_multi_gpu.py --cpu: the example under torchrun with 2 processes of batch 2 against one
-    process of batch 4 on the same data; it exits non-zero when a logged loss differs by more than 1e-3 (float32:
-    seen ~2e-7). This is the check the 2-GPU DDP/FSDP2 runs use, minus FSDP2 (GPU-only in accelerate)."""
-    import subprocess
-
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "check_multi_gpu.py"
-    command = [sys.executable, str(script), "--cpu", "--max-steps", "3", "--batch-size", "2", "--seq-len", "32",
-               "--timeout", "300", "--output-dir", str(tmp_path)]   # each launch takes ~25 s on 2 cores
-    result = subprocess.run(command, capture_output=True, text=True)
-    if "was still running after" in result.stdout:
-        # one CI run hung here for over an hour without a trace; a hang is retried once, a wrong loss never
-        warnings.warn("a launch hung and was killed; retrying once:\n" + result.stdout[-3000:])
-        result = subprocess.run(command, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    report = json.loads((tmp_path / "check_multi_gpu.json").read_text())
-    assert report["passed"] and set(report["runs"]) == {"single", "ddp"}
-    assert len(report["runs"]["ddp"]["loss"]) == 3

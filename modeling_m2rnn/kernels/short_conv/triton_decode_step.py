@@ -4,14 +4,16 @@
     conv_state ← window
 
 x (B, C) is the new input, conv_state (B, C, k) the last k inputs (oldest first) and weight (C, k). This is
-what the short convolution in front of the recurrence computes for one token (layers/short_conv.py): done
-by PyTorch it is a copy of the window, a product, a sum and the SiLU, several kernels per layer and token,
+what the short convolution in front of the recurrence computes for one token (naive.causal_conv1d): done
+by PyTorch (naive.causal_conv1d_step_reference) it is a copy of the window, a product, a sum and the SiLU, several kernels per layer and token,
 here one. The op mutates `conv_state` and so captures in a CUDA graph with a static cache.
 """
 
 import torch
 import triton
 import triton.language as tl
+
+from ..backend import launches_directly
 
 _CHANNELS_PER_PROGRAM = 128
 
@@ -69,7 +71,8 @@ def _(x, conv_state, weight):
 
 
 def causal_conv1d_step_triton(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """See the module doc. x (B, C); conv_state (B, C, k), updated in place; weight (C, k). Returns (B, C)."""
-    if torch.compiler.is_compiling():
-        return conv_step_op(x, conv_state, weight)
-    return _conv_step(x, conv_state, weight)   # eager decoding: the op dispatcher would only add host time
+    """See the module doc. x (B, C); conv_state (B, C, k), updated in place; weight (C, k). Returns (B, C).
+    The kernel has no backward: callers take it only where no gradient is needed."""
+    if launches_directly(x, conv_state, weight):
+        return _conv_step(x, conv_state, weight)
+    return conv_step_op(x, conv_state, weight)

@@ -1,19 +1,12 @@
 """The transformers classes: M2RNNModel, M2RNNForCausalLM, M2RNNForSequenceClassification."""
 
-import dataclasses
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache, GenerationMixin, PreTrainedModel, StaticCache
+from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.masking_utils import (
-    create_causal_mask,
-    create_masks_for_generate,
-    create_recurrent_attention_mask,
-    find_packed_sequence_indices,
-)
+from transformers.masking_utils import create_causal_mask, create_recurrent_attention_mask, find_packed_sequence_indices
 from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
@@ -22,15 +15,10 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from ..configuration import M2RNNConfig
-from ..configuration.m2rnn import ATTENTION_LAYER, M2RNN_LAYER
+from ..configuration.configuration_m2rnn import ATTENTION_LAYER, M2RNN_LAYER
+from ..generation import CACHE_OUTPUT_FIELD, M2RNNCache, M2RNNGenerationMixin, M2RNNStaticCache
 from ..layers import Attention, GatedMLP, M2RNNMixer, PackedSequences, RMSNorm
 from ..remote_code import AUTO_MAP, export_remote_code
-from .cache import CACHE_ARGUMENT_NAMES, M2RNNCache, M2RNNStaticCache
-from .decode_graphs import DecodeGraphs, graph_free_compile_kwargs
-
-
-# The outputs' cache field has the installed version's name: later versions warn when given or asked for the old one.
-CACHE_OUTPUT_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(BaseModelOutputWithPast)} else "past_key_values"
 
 
 class M2RNNDecoderLayer(GradientCheckpointingLayer):
@@ -210,7 +198,7 @@ class M2RNNModel(M2RNNPreTrainedModel):
         return None if sequence_ids is None else PackedSequences.from_sequence_ids(sequence_ids)
 
 
-class M2RNNForCausalLM(M2RNNPreTrainedModel, GenerationMixin):
+class M2RNNForCausalLM(M2RNNGenerationMixin, M2RNNPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
     _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
@@ -258,72 +246,6 @@ class M2RNNForCausalLM(M2RNNPreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
-
-    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, past_key_values=None, **kwargs):
-        """The masks generate hands a compiled forward, built on the host before every decode step while the GPU
-        waits. For a decode step over the static cache they are simple (no recurrent mask; the attention layers see
-        the real tokens so far), and built directly they cost a fraction of the general function's host time."""
-        cache = past_key_values if past_key_values is not None else kwargs.pop("cache", None)
-        masks = _static_decode_masks(config, inputs_embeds, attention_mask, cache)
-        if masks is None:
-            masks = create_masks_for_generate(config, inputs_embeds, attention_mask, cache, **kwargs)
-        return masks
-
-    def get_compiled_call(self, compile_config):
-        """The forward generate's decode loop calls when it compiles. Where the config asks for CUDA graphs (the
-        default, "reduce-overhead") on a CUDA device, the decode steps run as graphs captured by `DecodeGraphs`
-        instead of inductor's, which cost generate several times less host time per token."""
-        if self.device.type != "cuda":
-            return super().get_compiled_call(compile_config)
-        compile_kwargs = graph_free_compile_kwargs(compile_config or self._default_compile_config())
-        if compile_kwargs is None:
-            return super().get_compiled_call(compile_config)
-        graphs = getattr(self, "_decode_graphs", None)
-        if graphs is None or graphs.compile_kwargs != compile_kwargs:
-            graphs = self._decode_graphs = DecodeGraphs(self, compile_kwargs)
-        graphs.check_model()
-        return graphs
-
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        """generate() builds a plain DynamicCache or StaticCache; ours also count tokens, which a model made only
-        of M2RNN layers needs (it has no attention layer to measure the cache length by)."""
-        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        config = self.config.get_text_config(decoder=True)
-        for name in CACHE_ARGUMENT_NAMES:
-            cache = model_kwargs.get(name)
-            if type(cache) is DynamicCache:
-                model_kwargs[name] = M2RNNCache(config=config)
-            elif type(cache) is StaticCache:
-                model_kwargs[name] = M2RNNStaticCache(config=config, max_cache_len=cache.get_max_length())
-
-
-def _static_decode_masks(config, inputs_embeds, attention_mask, cache) -> dict | None:
-    """The masks of one decode step over an M2RNNStaticCache, or None for any other case.
-
-    A generated token is never padding, so the M2RNN layers need no mask. Under sdpa, each attention layer's mask
-    is (B, 1, 1, max_cache_len), True at the key slots that hold a real token, this step's included: with generate's
-    2D padding mask, the mask's ones (it covers every token so far, one per filled slot); without one, the slots up
-    to this token's. These are the masks transformers' `create_causal_mask` builds for such a step.
-    """
-    if not (isinstance(cache, M2RNNStaticCache) and inputs_embeds.shape[1] == 1):
-        return None
-    if attention_mask is not None and not (isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2):
-        return None
-    masks = {M2RNN_LAYER: None}
-    if ATTENTION_LAYER not in config.layer_types:
-        return masks
-    layer_idx = config.layer_types.index(ATTENTION_LAYER)
-    cache_len = cache.layers[layer_idx].max_cache_len
-    if config._attn_implementation != "sdpa" or (attention_mask is not None and attention_mask.shape[1] > cache_len):
-        return None
-    if attention_mask is None:
-        slots = torch.arange(cache_len, device=inputs_embeds.device)
-        visible = slots <= cache.get_seq_length(layer_idx)   # the tokens cached so far, and this one
-        masks[ATTENTION_LAYER] = visible.expand(inputs_embeds.shape[0], 1, 1, cache_len)
-    else:
-        padding_mask = F.pad(attention_mask.bool(), (0, cache_len - attention_mask.shape[1]))
-        masks[ATTENTION_LAYER] = padding_mask[:, None, None, :]
-    return masks
 
 
 class M2RNNForSequenceClassification(GenericForSequenceClassification, M2RNNPreTrainedModel):

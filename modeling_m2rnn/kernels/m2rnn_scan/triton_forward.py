@@ -1,6 +1,6 @@
 """Forward scan kernel: the state stays in float32 registers for the whole sequence.
 
-One program carries BR rows of the state of HP heads (see triton_step). It writes its row block's
+One program carries BR rows of the state of HP heads (see triton_building_blocks). It writes its row block's
 partial of y (y_t = Σ_i q_t[i] H_t[i,:] sums over all rows; the caller sums the partials, off the
 step chain), its rows of the final state and, when a backward pass will follow, of a checkpoint of
 the state at the start of every chunk of CHUNK steps (the backward recomputes the states in between;
@@ -10,7 +10,7 @@ see checkpoint_slot_shift). The same kernel with one step and no checkpoints is 
 import triton
 import triton.language as tl
 
-from .triton_step import (
+from .triton_building_blocks import (
     blend,
     candidate,
     checkpoint_offsets,

@@ -16,7 +16,7 @@ three tensors.
 The backward is two kernels: dpre (float32) through memory, then dx and one float32 partial of dweight per tile,
 which PyTorch sums. One kernel recomputing pre at the k shifted positions instead took 0.45-1.0 ms against 0.31 ms
 (H200, 400M layer, B=8, S=4096, C=1472). Products and sums run in float32. The reference is
-layers/short_conv.causal_conv1d followed by F.silu (benchmarks/RESULTS.md compares the two).
+naive.causal_conv1d followed by F.silu (benchmarks/RESULTS.md compares the two).
 """
 
 from typing import Optional

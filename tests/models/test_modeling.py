@@ -1,4 +1,4 @@
-"""The transformers model end to end on the CPU: cache, generation, padding, packing, checkpoints, training."""
+"""The transformers model end to end on the CPU: padding, packing, checkpoints, outputs, training with Trainer."""
 
 import json
 import subprocess
@@ -6,114 +6,11 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers import KINDS, left_pad, random_ids, tiny_config, tiny_model
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from modeling_m2rnn import M2RNNCache, M2RNNConfig, M2RNNForCausalLM
-
-LAYER_TYPES = {
-    "pure": ["m2rnn", "m2rnn", "m2rnn"],
-    "hybrid": ["m2rnn", "full_attention", "m2rnn"],
-}
-
-
-def tiny_config(kind: str = "hybrid", **overrides) -> M2RNNConfig:
-    fields = dict(
-        vocab_size=61,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=3,
-        layer_types=LAYER_TYPES[kind],
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        m2rnn_k_head_dim=6,
-        m2rnn_v_head_dim=5,
-        m2rnn_num_q_heads=1,
-        m2rnn_num_k_heads=1,
-        m2rnn_num_v_heads=4,
-        m2rnn_num_f_heads=4,
-        m2rnn_num_g_heads=2,
-        m2rnn_num_weight_heads=2,
-        m2rnn_conv_kernel_size=3,
-        initializer_range=0.2,   # larger than a real model's, so that logits are far from ties
-        pad_token_id=0,
-    )
-    return M2RNNConfig(**{**fields, **overrides})
-
-
-def tiny_model(kind: str = "hybrid", seed: int = 0, **overrides) -> M2RNNForCausalLM:
-    torch.manual_seed(seed)
-    return M2RNNForCausalLM(tiny_config(kind, **overrides)).eval()
-
-
-def random_ids(*shape, seed=0, vocab=61):
-    return torch.randint(1, vocab, shape, generator=torch.Generator().manual_seed(seed))
-
-
-KINDS = ["pure", "hybrid"]
-
-
-@pytest.mark.parametrize(
-    "kind, overrides",
-    [("pure", {}), ("hybrid", {}), ("pure", {"m2rnn_conv_kernel_size": None}),
-     ("hybrid", {"use_rope": True, "rope_parameters": {"rope_theta": 100.0}})],
-    ids=["pure", "hybrid", "pure_no_conv", "hybrid_rope"],
-)
-def test_cached_decoding_matches_one_full_forward(kind, overrides):
-    model = tiny_model(kind, **overrides)
-    ids = random_ids(2, 13)
-    with torch.no_grad():
-        full = model(ids, use_cache=False).logits
-        cache = M2RNNCache(model.config)
-        pieces = [model(ids[:, :4], past_key_values=cache, use_cache=True).logits]          # prefill
-        pieces += [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(4, 9)]   # decode steps
-        pieces.append(model(ids[:, 9:], past_key_values=cache).logits)                       # multi-token continuation
-    assert [cache.get_seq_length(i) for i in range(len(cache.layers))] == [13] * len(cache.layers)
-    assert (torch.cat(pieces, dim=1) - full).abs().max() < 1e-4
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_generate_is_the_same_with_and_without_the_cache(kind):
-    model = tiny_model(kind)
-    prompt = random_ids(2, 6, seed=1)
-    for options in (
-        dict(do_sample=False),
-        dict(num_beams=3, num_return_sequences=2, do_sample=False),
-    ):
-        cached = model.generate(prompt, max_new_tokens=8, min_new_tokens=8, **options)
-        uncached = model.generate(prompt, max_new_tokens=8, min_new_tokens=8, use_cache=False, **options)
-        assert cached.shape == (prompt.shape[0] * options.get("num_return_sequences", 1), 14)
-        assert torch.equal(cached, uncached), options
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_sampling_and_continuing_from_a_returned_cache(kind):
-    model = tiny_model(kind)
-    prompt = random_ids(1, 5, seed=2)
-    torch.manual_seed(7)
-    sampled = model.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=True, top_k=0)
-    torch.manual_seed(7)
-    sampled_uncached = model.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=True, top_k=0,
-                                      use_cache=False)
-    assert torch.equal(sampled, sampled_uncached)
-
-    first = model.generate(prompt, max_new_tokens=4, min_new_tokens=4, return_dict_in_generate=True)
-    continued = model.generate(first.sequences, past_key_values=first.past_key_values, max_new_tokens=4,
-                               min_new_tokens=4)
-    in_one_go = model.generate(prompt, max_new_tokens=8, min_new_tokens=8)
-    assert torch.equal(continued, in_one_go)
-
-
-def left_pad(prompts, pad_id=0):
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id)
-    mask = torch.zeros(len(prompts), width, dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = prompt
-        mask[row, width - len(prompt):] = 1
-    return ids, mask
+from modeling_m2rnn import M2RNNCache, M2RNNForCausalLM
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -244,7 +141,7 @@ def test_a_saved_checkpoint_loads_with_trust_remote_code_without_the_package(tmp
     model.register_for_auto_class("AutoModelForCausalLM")   # transformers' habit; the export needs no registration
     model.save_pretrained(tmp_path / "checkpoint")
     auto_map = json.loads((tmp_path / "checkpoint" / "config.json").read_text())["auto_map"]
-    assert auto_map["AutoModelForCausalLM"] == "models_m2rnn.M2RNNForCausalLM"
+    assert auto_map["AutoModelForCausalLM"] == "models_modeling_m2rnn.M2RNNForCausalLM"
     result = subprocess.run(
         [sys.executable, "-c", REMOTE_CODE_SCRIPT, str(tmp_path / "checkpoint"), str(tmp_path / "logits.pt")],
         capture_output=True, text=True, cwd=tmp_path, env={"HF_MODULES_CACHE": str(tmp_path / "modules"),
@@ -303,50 +200,6 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         gradients.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name, grad in gradients[0].items():
         assert (grad - gradients[1][name]).abs().max() < 1e-5, name
-
-
-@pytest.mark.parametrize("conv_kernel_size", [3, None], ids=["conv", "no_conv"])
-def test_the_scan_gets_contiguous_inputs(monkeypatch, conv_kernel_size):
-    """The layer hands the scan contiguous q, k, v (the Triton op would copy them, in the forward and the backward)."""
-    import modeling_m2rnn.layers.m2rnn as layer_module
-
-    scan, seen = layer_module.m2rnn_scan, []
-
-    def recording_scan(q, k, v, **kwargs):
-        seen.append([x.is_contiguous() for x in (q, k, v)])
-        return scan(q, k, v, **kwargs)
-
-    monkeypatch.setattr(layer_module, "m2rnn_scan", recording_scan)
-    tiny_model("pure", m2rnn_conv_kernel_size=conv_kernel_size)(random_ids(3, 7))
-    assert seen == [[True, True, True]] * 3
-
-
-@pytest.mark.parametrize("seq_len, context_len", [(11, None), (1, None), (1, 5), (6, 9)],
-                         ids=["fresh", "one_token", "decode_step", "continuation"])
-def test_short_conv_is_a_causal_depthwise_conv1d(seq_len, context_len):
-    """The shifted-product conv equals F.conv1d on the zero-padded window: float64 to rounding, bf16 within 2^-7
-    of the float64 output's scale (each product and partial sum rounds to bf16)."""
-    from modeling_m2rnn.layers import causal_conv1d
-
-    g = torch.Generator().manual_seed(seq_len * 10 + (context_len or 0))
-    batch, channels, kernel_size = 3, 7, 4
-    x = torch.randn(batch, seq_len, channels, generator=g, dtype=torch.float64)
-    weight = torch.randn(channels, kernel_size, generator=g, dtype=torch.float64)
-    context = None
-    if context_len is not None:   # a cache's window: earlier inputs, then x
-        context = torch.cat([torch.randn(batch, channels, context_len - seq_len, generator=g, dtype=torch.float64),
-                             x.transpose(1, 2)], dim=-1)
-    window = x.transpose(1, 2) if context is None else context
-    padded = F.pad(window, (kernel_size - 1, 0))[..., -(kernel_size - 1 + seq_len):]
-    expected = F.conv1d(padded, weight.unsqueeze(1), groups=channels).transpose(1, 2)
-
-    out, last_inputs = causal_conv1d(x, weight, context)
-    assert out.shape == (batch, seq_len, channels)
-    assert (out - expected).abs().max() <= 1e-12 * expected.abs().max()
-    assert torch.equal(last_inputs, padded[..., -kernel_size:])
-    out_bf16, _ = causal_conv1d(x.bfloat16(), weight, None if context is None else context.bfloat16())
-    assert out_bf16.dtype == torch.bfloat16
-    assert (out_bf16.double() - expected).abs().max() <= 2**-7 * expected.abs().max()
 
 
 def test_sequence_classification_reads_the_last_real_token():

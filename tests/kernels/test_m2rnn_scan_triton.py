@@ -1,37 +1,16 @@
-"""The Triton scan kernels against the float64 PyTorch reference.
-
-On a machine without CUDA they run through the Triton interpreter (TRITON_INTERPRET=1, set here and
-in conftest.py before triton is imported), so the shapes are tiny. Error measure: ‖out − ref‖ / ‖ref‖.
-Bounds: float32 inputs compute in float32 (products in full float32): 1e-5 (seen: ~2e-7). bf16 inputs
-round y and the gradients to bf16 (2^-9 per element): 1e-2 (seen: ~4e-3). fp16 inputs: 5e-3
-(seen: ~3e-4 in the interpreter; the GPU's tanh.approx adds ~5e-4).
-"""
-
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+"""The Triton scan kernels against the float64 PyTorch reference, through the Triton interpreter on a machine
+without CUDA (so the shapes are tiny). Error measure and bounds: helpers.BOUND."""
 
 import pytest
+import torch
+from helpers import BOUND, DEVICE, relative_error
 
-from modeling_m2rnn.kernels import (
-    causal_conv1d_silu, causal_conv1d_step, gated_rms_norm, m2rnn_scan, m2rnn_scan_reference,
-)
-from modeling_m2rnn.kernels import triton_gated_norm, triton_scan
-from modeling_m2rnn.kernels.triton_conv_step import conv_step_op
-from modeling_m2rnn.kernels.triton_short_conv import short_conv_op
-from modeling_m2rnn.layers import causal_conv1d, gated_rms_norm_torch
-from modeling_m2rnn.kernels.triton_scan import KernelConfig
+from modeling_m2rnn.kernels import m2rnn_scan, m2rnn_scan_reference
+from modeling_m2rnn.kernels.m2rnn_scan import triton_scan
+from modeling_m2rnn.kernels.m2rnn_scan.triton_scan import KernelConfig
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BOUND = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 5e-3}
+
 NAMES = ("q", "k", "v", "W", "f", "initial_state")
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def make_inputs(B, S, K, V, counts, dtype, with_initial_state, num_states=None, generator=None):
@@ -259,154 +238,3 @@ def test_bad_input_raises_value_error():
         m2rnn_scan(q, k, v, W[:, :3], f, backend="triton")
     with pytest.raises(ValueError, match="f"):
         m2rnn_scan(q, k, v, W, f.bfloat16(), backend="triton")
-
-
-@pytest.mark.parametrize("dtype, kernel_size", [(torch.float32, 4), (torch.bfloat16, 3)])
-def test_conv_step_matches_reference_and_shifts_the_window(dtype, kernel_size):
-    """One decode step of the short conv: silu(Σ_j w_j · window_j) with window = (cached inputs 1..k-1, x), and the
-    cache becomes that window. x is a strided view (the model's is a slice of the input projection)."""
-    g = torch.Generator().manual_seed(7)
-    batch, channels = 3, 141   # more than one program of channels, the last one partial
-    x = torch.randn(batch, channels + 9, generator=g).to(dtype)[:, 5:5 + channels]
-    conv_state = torch.randn(batch, channels, kernel_size, generator=g).to(dtype)
-    weight = torch.randn(channels, kernel_size, generator=g)
-    window = torch.cat([conv_state[..., 1:], x[..., None]], dim=-1)
-    reference = torch.nn.functional.silu((window.double() * weight.double()).sum(-1))
-    out = causal_conv1d_step(x.to(DEVICE), conv_state := conv_state.to(DEVICE), weight.to(DEVICE))
-    assert out.dtype == dtype and out.shape == (batch, channels)
-    assert relative_error(out, reference) < BOUND[dtype]
-    assert torch.equal(conv_state.cpu(), window)
-
-
-def test_conv_step_op_passes_opcheck_and_rejects_bad_shapes():
-    x, conv_state, weight = torch.randn(2, 5, device=DEVICE), torch.randn(2, 5, 4, device=DEVICE), torch.randn(5, 4)
-    torch.library.opcheck(conv_step_op, (x, conv_state, weight.to(DEVICE)),
-                          test_utils=("test_schema", "test_faketensor"))
-    compiled_state, eager_state = conv_state.clone(), conv_state.clone()
-    step = torch.compile(causal_conv1d_step, backend="aot_eager", fullgraph=True)   # the op mutates under tracing
-    assert torch.equal(step(x, compiled_state, weight), causal_conv1d_step(x, eager_state, weight))
-    assert torch.equal(compiled_state, eager_state) and not torch.equal(eager_state, conv_state)
-    with pytest.raises(ValueError, match="conv_state"):
-        causal_conv1d_step(x, conv_state[..., :3], weight)
-    with pytest.raises(ValueError, match="x"):
-        causal_conv1d_step(x[None], conv_state, weight)
-
-
-@pytest.mark.parametrize("dtype, kernel_size, packed, split_sizes", [
-    (torch.float32, 4, False, None), (torch.float32, 3, True, [70, 1]), (torch.bfloat16, 4, True, [13, 5, 53]),
-], ids=["fp32", "fp32_packed_split2", "bf16_packed_split3"])
-def test_short_conv_forward_and_backward_match_float64(dtype, kernel_size, packed, split_sizes):
-    """silu(causal depthwise conv) of whole rows against the layer's PyTorch conv in float64: out, dx, dweight.
-    Odd sizes: 67 steps (two time blocks, the last partial), 71 channels (two channel blocks); packed rows hold
-    sequences of length 1 and a sequence crossing the time blocks; the output split into blocks of odd widths, one
-    of them 1 wide, their edges inside a channel block. Bounds as the scan's (float32 products and sums; bf16
-    rounds out and dx)."""
-    g = torch.Generator().manual_seed(kernel_size)
-    batch, seq_len, channels = 2, 67, 71
-    x = torch.randn(batch, seq_len, channels, generator=g).to(dtype)
-    weight = torch.randn(channels, kernel_size, generator=g)
-    dout = torch.randn(batch, seq_len, channels, generator=g).to(dtype)
-    sequence_ids = None
-    if packed:
-        starts = torch.zeros(batch, seq_len, dtype=torch.long)
-        starts[0, [5, 6, 7, 50]] = 1   # sequences of length 1 at 5 and 6
-        starts[1, [1, 66]] = 1         # and at the very end of the row
-        sequence_ids = starts.cumsum(1)
-
-    x64, weight64 = x.double().requires_grad_(), weight.double().requires_grad_()
-    reference = torch.nn.functional.silu(causal_conv1d(x64, weight64, sequence_ids=sequence_ids)[0])
-    reference_dx, reference_dweight = torch.autograd.grad(reference, (x64, weight64), dout.double())
-
-    x_dev, weight_dev = x.to(DEVICE).requires_grad_(), weight.to(DEVICE).requires_grad_()
-    ids_dev = sequence_ids.to(DEVICE) if packed else None
-    out = causal_conv1d_silu(x_dev, weight_dev, ids_dev, split_sizes)
-    if split_sizes is not None:
-        assert [block.shape for block in out] == [(batch, seq_len, size) for size in split_sizes]
-        assert all(block.is_contiguous() for block in out)
-        dx, dweight = torch.autograd.grad(out, (x_dev, weight_dev), dout.to(DEVICE).split(split_sizes, dim=-1))
-        out = torch.cat(out, dim=-1)
-    else:
-        dx, dweight = torch.autograd.grad(out, (x_dev, weight_dev), dout.to(DEVICE))
-    assert out.dtype == dtype and dx.dtype == dtype and dweight.dtype == torch.float32
-    assert relative_error(out, reference) < BOUND[dtype]
-    assert relative_error(dx, reference_dx) < BOUND[dtype]
-    assert relative_error(dweight, reference_dweight) < BOUND[dtype]
-
-
-def test_short_conv_op_passes_opcheck_and_rejects_bad_shapes():
-    g = torch.Generator().manual_seed(3)
-    x, weight = torch.randn(2, 9, 5, generator=g), torch.randn(5, 4, generator=g)
-    ids = torch.tensor([[0] * 4 + [1] * 5, [0] * 9])
-    for sequence_ids, split_sizes in ((None, [5]), (ids.to(DEVICE), [2, 1, 2])):
-        torch.library.opcheck(short_conv_op, (x.to(DEVICE).requires_grad_(), weight.to(DEVICE).requires_grad_(),
-                                              sequence_ids, split_sizes),
-                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
-    compiled = torch.compile(causal_conv1d_silu, backend="aot_eager", fullgraph=True)   # no graph break
-    for fn in (causal_conv1d_silu, compiled):
-        x_grad, weight_grad = x.to(DEVICE).requires_grad_(), weight.to(DEVICE).requires_grad_()
-        fn(x_grad, weight_grad, ids.to(DEVICE)).sum().backward()
-        if fn is causal_conv1d_silu:
-            expected = x_grad.grad, weight_grad.grad
-    assert torch.equal(x_grad.grad, expected[0]) and torch.equal(weight_grad.grad, expected[1])
-    with pytest.raises(ValueError, match="weight"):
-        causal_conv1d_silu(x, weight[:4])
-    with pytest.raises(ValueError, match="sequence_ids"):
-        causal_conv1d_silu(x, weight, ids[:, :8])
-    for split_sizes in ([2, 2], [1, 1, 1, 2], [5, 0]):
-        with pytest.raises(ValueError, match="split_sizes"):
-            causal_conv1d_silu(x, weight, None, split_sizes)
-
-
-def gated_norm_inputs(dtype, residual: bool, generator) -> dict:
-    """Fresh inputs of odd sizes: 2 × 9 tokens, N = 3 heads of V = 7 (21 values in a block of 32); D and the
-    norm weight away from their initial ones."""
-    shape = (2, 9, 3, 7)
-    tensors = dict(y=torch.randn(*shape, generator=generator).to(dtype), g=torch.randn(*shape, generator=generator).to(dtype),
-                   weight=1 + 0.3 * torch.randn(21, generator=generator))
-    if residual:
-        tensors.update(v=torch.randn(*shape, generator=generator).to(dtype), D=torch.randn(3, 7, generator=generator))
-    return tensors
-
-
-@pytest.mark.parametrize("dtype, residual", [(torch.float32, True), (torch.bfloat16, True), (torch.float32, False)])
-def test_gated_rms_norm_matches_float64(dtype, residual, monkeypatch):
-    """out and the gradients of y, g, v, D and the norm weight against the layer's PyTorch code in float64. The 18
-    tokens make partial tiles: four per forward program, and five per backward program (four programs, the last
-    one partial, whose dD and weight partials are summed). Bounds as the scan's: float32 sums, bf16 rounds out and
-    the input gradients once."""
-    for name, value in (("FORWARD_TILE", 4), ("BACKWARD_ROWS", 5)):
-        monkeypatch.setattr(triton_gated_norm, name, value)
-    tensors = gated_norm_inputs(dtype, residual, torch.Generator().manual_seed(11))
-    dout = torch.randn(2, 9, 21, dtype=torch.float64)
-    leaves64 = {name: x.double().requires_grad_() for name, x in tensors.items()}
-    reference = gated_rms_norm_torch(eps=1e-6, **leaves64)
-    reference_grads = torch.autograd.grad(reference, list(leaves64.values()), dout)
-
-    leaves = {name: x.to(DEVICE).requires_grad_() for name, x in tensors.items()}
-    out = gated_rms_norm(eps=1e-6, **leaves)
-    grads = torch.autograd.grad(out, list(leaves.values()), dout.to(DEVICE, out.dtype))
-    assert out.dtype == torch.float32 and out.shape == (2, 9, 21)   # float32 weight and D promote
-    with torch.no_grad():   # inference launches the kernel without the op
-        assert torch.equal(gated_rms_norm(eps=1e-6, **leaves), out)
-    assert relative_error(out, reference) < BOUND[dtype]
-    for (name, x), grad, reference_grad in zip(leaves.items(), grads, reference_grads):
-        assert grad.dtype == x.dtype and grad.shape == x.shape
-        assert relative_error(grad, reference_grad) < BOUND[dtype], name
-
-
-def test_gated_rms_norm_op_passes_opcheck_and_rejects_bad_shapes():
-    g = torch.Generator().manual_seed(12)
-    for residual in (True, False):
-        tensors = {name: x.to(DEVICE).requires_grad_() for name, x in gated_norm_inputs(torch.float32, residual,
-                                                                                          g).items()}
-        args = (tensors["y"], tensors.get("v"), tensors.get("D"), tensors["g"], tensors["weight"], 1e-5,
-                torch.bfloat16)
-        torch.library.opcheck(triton_gated_norm.gated_rms_norm_op, args,
-                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
-    compiled = torch.compile(gated_rms_norm, backend="aot_eager", fullgraph=True)   # no graph break
-    assert torch.equal(compiled(eps=1e-5, **tensors), gated_rms_norm(eps=1e-5, **tensors))
-    y, v, D = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4), torch.randn(3, 4)
-    for bad in (dict(g=y[..., :3], weight=torch.ones(12)), dict(g=y, weight=torch.ones(11)),
-                dict(g=y, weight=torch.ones(12), v=v), dict(g=y, weight=torch.ones(12), v=v, D=D[:2])):
-        with pytest.raises(ValueError, match="gated_rms_norm: expected"):
-            gated_rms_norm(y, eps=1e-5, **bad)

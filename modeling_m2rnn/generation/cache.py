@@ -1,9 +1,8 @@
 """Generation caches: transformers' DynamicCache and StaticCache, which keep a LinearAttentionLayer (conv window
-and float32 state) per M2RNN layer and a key/value layer per attention layer, plus a token count."""
+and float32 state) per M2RNN layer and a key/value layer per attention layer, plus a token count; and the accessors
+through which the layers read and write a recurrent layer's part of any such cache (docs/design.md, "The cache")."""
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import LinearAttentionLayer
 
@@ -88,40 +87,45 @@ class M2RNNStaticCache(_TokenCount, StaticCache):
         return found
 
 
-def save_prompt_state(cache: M2RNNCache, path) -> None:
-    """Write every layer's state after a prompt to a safetensors file: conv window and recurrent state of the
-    M2RNN layers, keys and values of the attention layers, and the number of tokens seen."""
-    tensors = {}
-    for i, layer in enumerate(cache.layers):
-        if isinstance(layer, LinearAttentionLayer):
-            if not layer.is_recurrent_states_initialized[0]:
-                raise ValueError(f"layer {i} holds no state yet: run the prompt through the model with this cache first")
-            tensors[f"layers.{i}.recurrent_state"] = layer.recurrent_states[0]
-            if layer.is_conv_states_initialized[0]:
-                tensors[f"layers.{i}.conv_state"] = layer.conv_states[0]
-        else:
-            tensors[f"layers.{i}.keys"], tensors[f"layers.{i}.values"] = layer.keys, layer.values
-    metadata = {"seen_tokens": str(int(cache.seen_tokens)), "format": "m2rnn-prompt-state-1"}
-    save_file({name: t.contiguous() for name, t in tensors.items()}, str(path), metadata=metadata)
+# The accessors: a layer reads and writes its conv window and state only through these, never through the cache
+# layers' internals, so that the cache's layout is this module's business. Readers take `cache=None` (no cache).
 
 
-def load_prompt_state(path, config, device=None) -> M2RNNCache:
-    """A fresh `M2RNNCache` holding the state `save_prompt_state` wrote; generation continues from it exactly as
-    it would have from the original cache (pass the prompt plus the new tokens as `input_ids`)."""
-    with safe_open(str(path), framework="pt", device=str(device or "cpu")) as file:
-        metadata = file.metadata() or {}
-        if metadata.get("format") != "m2rnn-prompt-state-1":
-            raise ValueError(f"{path} is not a prompt state written by save_prompt_state")
-        tensors = {name: file.get_tensor(name) for name in file.keys()}
-    cache = M2RNNCache(config)
-    for i, layer_type in enumerate(config.layer_types):
-        if layer_type == "full_attention":
-            cache.update(tensors[f"layers.{i}.keys"], tensors[f"layers.{i}.values"], i)
-            continue
-        if f"layers.{i}.conv_state" in tensors:
-            conv_state = tensors[f"layers.{i}.conv_state"]
-            cache.update_conv_state(conv_state, i, conv_kernel_size=conv_state.shape[-1])
-        cache.update_recurrent_state(tensors[f"layers.{i}.recurrent_state"], i)
-        cache.layers[i].has_previous_state[0] = True
-    cache.seen_tokens = int(metadata["seen_tokens"])
-    return cache
+def conv_state(cache, layer_idx: int) -> torch.Tensor | None:
+    """The cached conv window (B, C, k) of layer `layer_idx`: its last k real inputs; None before the first one."""
+    if cache is None:
+        return None
+    layer = cache.layers[layer_idx]
+    return layer.conv_states[0] if layer.is_conv_states_initialized[0] else None
+
+
+def recurrent_state(cache, layer_idx: int) -> torch.Tensor | None:
+    """The cached float32 state (B, N, K, V) of layer `layer_idx`; None before the first forward."""
+    if cache is None:
+        return None
+    layer = cache.layers[layer_idx]
+    return layer.recurrent_states[0] if layer.is_recurrent_states_initialized[0] else None
+
+
+def has_previous_state(cache, layer_idx: int) -> bool:
+    """Whether layer `layer_idx` has seen tokens, so that the next forward continues from its cache."""
+    return cache is not None and bool(cache.layers[layer_idx].has_previous_state[0])
+
+
+def update_conv_state(cache, layer_idx: int, x_bct: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Append the inputs x_bct (B, C, T) to the cached window and keep the last `kernel_size` of them; returns the
+    cached inputs before x_bct followed by x_bct (B, C, ≥ T), the context `causal_conv1d` reads."""
+    return cache.update_conv_state(x_bct, layer_idx, conv_kernel_size=kernel_size)
+
+
+def set_conv_state(cache, layer_idx: int, window: torch.Tensor) -> None:
+    """Overwrite the cached window with `window` (B, C, k), in place (a static cache keeps its addresses): with
+    padding among the last k positions, the window is the last k real inputs, not the last k positions."""
+    cache.layers[layer_idx].conv_states[0].copy_(window)
+
+
+def update_recurrent_state(cache, layer_idx: int, state: torch.Tensor) -> None:
+    """Store the state (B, N, K, V) after this forward, in place, and mark the layer as continuing: without a conv,
+    nothing else would mark it."""
+    cache.update_recurrent_state(state, layer_idx)
+    cache.layers[layer_idx].has_previous_state[0] = True

@@ -10,7 +10,7 @@ import pytest
 import safetensors.torch
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "state_tracking"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples" / "state_tracking"))
 from groups import PermutationGroup, compose  # noqa: E402
 from models import MODELS, ModelSize, build_model  # noqa: E402
 import run  # noqa: E402

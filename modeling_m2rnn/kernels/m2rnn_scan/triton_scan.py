@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import m2rnn_scan_reference
+from ..backend import launches_directly, needs_grad
 from .triton_backward import scan_backward_kernel
 from .triton_forward import scan_forward_kernel
 
@@ -70,8 +70,8 @@ class KernelConfig:
     # shared-memory round trips that feed the tensor cores every step: H200, 400M shape, 64 rows,
     # forward+backward 14.9 ms with tf32, 13.6 ms with bf16, with no loss of accuracy against float64.
     backward_products: str = "bf16"
-    fast_tanh: bool = True  # tanh.approx on the GPU for 16-bit inputs; see triton_step.tanh
-    lane_sums: bool = True  # row and column sums by hand on the GPU for 16-bit inputs; see triton_step.column_sums
+    fast_tanh: bool = True  # tanh.approx on the GPU for 16-bit inputs; see triton_building_blocks.tanh
+    lane_sums: bool = True  # row and column sums by hand on the GPU for 16-bit inputs; see triton_building_blocks._column_sums
 
 
 CONFIG = KernelConfig()
@@ -118,7 +118,7 @@ class ScanShape:
         return triton.cdiv(self.key_dim, self.block_rows(rows))
 
     def num_checkpoint_slots(self, chunk: int) -> int:
-        # see first_checkpoint_slot in triton_step.py
+        # see checkpoint_slot_shift in triton_building_blocks.py
         return triton.cdiv(self.seq_len, chunk) + (self.num_states if self.varlen else 0)
 
     def head_constants(self) -> dict:
@@ -129,7 +129,7 @@ class ScanShape:
 def dot_constants(dtype: torch.dtype, on_gpu: bool, config: KernelConfig, warps: int, heads: int) -> dict:
     """Kernel constants that depend on the input dtype, the device and a program's warps and heads (see the
     module doc). The interpreter has no inline assembly. The lane sums also assume one warp's tensor-core
-    accumulator layout (see triton_step.column_sums); they are checked on the GPU with one head per program."""
+    accumulator layout (see triton_building_blocks._column_sums); they are checked on the GPU with one head per program."""
     full = dtype == torch.float32
     fast = on_gpu and not full
     return dict(
@@ -424,15 +424,11 @@ scan_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def m2rnn_scan_triton(q, k, v, W, f, initial_state=None, gradient_clipping=None, cu_seqlens=None):
-    """`m2rnn_scan` on Triton kernels (inputs validated by the caller). See the module doc."""
-    if v.dtype == torch.float64:
-        return m2rnn_scan_reference(q, k, v, W, f, initial_state, gradient_clipping, cu_seqlens)
+    """`m2rnn_scan` on Triton kernels for 16-bit and float32 inputs (validated by the caller). See the module doc."""
     inputs = (q, k, v, W, f, initial_state)
-    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
-    if not needs_grad and not torch.compiler.is_compiling():
-        # Eager inference and decoding: the op dispatcher would only add host time to a short kernel.
+    if launches_directly(*inputs):
         y, final_state, _ = _scan_forward(q, k, v, W, f, initial_state, cu_seqlens, False)
         return y, final_state
     clip = float(gradient_clipping) if gradient_clipping is not None else None
-    y, final_state, _ = scan_op(q, k, v, W, f, initial_state, cu_seqlens, clip, needs_grad)
+    y, final_state, _ = scan_op(q, k, v, W, f, initial_state, cu_seqlens, clip, needs_grad(*inputs))
     return y, final_state

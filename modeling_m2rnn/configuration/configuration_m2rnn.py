@@ -11,6 +11,8 @@ from ..kernels import BACKENDS
 M2RNN_LAYER = "linear_attention"
 ATTENTION_LAYER = "full_attention"
 _LAYER_TYPE_ALIASES = {"m2rnn": M2RNN_LAYER}
+# The backend field's name before it governed the short conv and the gated norm as well as the scan.
+_OLD_BACKEND_FIELD = "m2rnn_scan_backend"
 
 
 @strict
@@ -29,7 +31,9 @@ class M2RNNConfig(PreTrainedConfig):
         m2rnn_use_residual: adds `D ⊙ v` to the recurrence output.
         m2rnn_gradient_clipping: clamps the gradient reaching each state to [-c, c]; `None` for no clamp.
         m2rnn_A_init_range, m2rnn_dt_init_range, m2rnn_dt_init_floor: Mamba2-style forget-gate initialisation.
-        m2rnn_scan_backend: "auto" (Triton on CUDA, else the PyTorch reference), "torch" or "triton".
+        m2rnn_kernel_backend: the implementation of every M2RNN op (scan, short conv, gated norm): "auto" (Triton
+            on CUDA, else the PyTorch references), "torch" or "triton". Configs that name it `m2rnn_scan_backend`
+            load with it.
 
     Attention layers: `num_attention_heads`, `num_key_value_heads` (GQA), `head_dim`; no positional encoding
     (NoPE, as in the paper) unless `use_rope=True`, with transformers' `rope_parameters` (e.g. `{"rope_theta": 1e4}`).
@@ -93,9 +97,11 @@ class M2RNNConfig(PreTrainedConfig):
     m2rnn_A_init_range: list[float] | tuple[float, float] = (0.0, 16.0)
     m2rnn_dt_init_range: list[float] | tuple[float, float] = (1e-3, 0.1)
     m2rnn_dt_init_floor: float = 1e-4
-    m2rnn_scan_backend: str = "auto"
+    m2rnn_kernel_backend: str = "auto"
 
     def __post_init__(self, **kwargs):
+        if _OLD_BACKEND_FIELD in kwargs:
+            self.m2rnn_kernel_backend = kwargs.pop(_OLD_BACKEND_FIELD)
         if self.layer_types is None:
             self.layer_types = [M2RNN_LAYER] * self.num_hidden_layers
         else:
@@ -163,8 +169,8 @@ class M2RNNConfig(PreTrainedConfig):
         dt_low, dt_high = self.m2rnn_dt_init_range
         if not 0 < dt_low <= dt_high:
             raise ValueError(f"`m2rnn_dt_init_range` must be [low, high] with 0 < low <= high, got {[dt_low, dt_high]}")
-        if self.m2rnn_scan_backend not in BACKENDS:
-            raise ValueError(f"`m2rnn_scan_backend` must be one of {BACKENDS}, got {self.m2rnn_scan_backend!r}")
+        if self.m2rnn_kernel_backend not in BACKENDS:
+            raise ValueError(f"`m2rnn_kernel_backend` must be one of {BACKENDS}, got {self.m2rnn_kernel_backend!r}")
         if ATTENTION_LAYER in self.layer_types:
             self._validate_attention()
 

@@ -1,0 +1,32 @@
+"""The output gate and norm of the M2RNN layer in plain PyTorch: the reference the Triton kernels are tested against,
+and the code every case the kernels do not take runs (grouped v or g, float64, the torch backend)."""
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight ⊙ x / sqrt(mean(x²) + eps) over the last dimension, normalised in float32 and cast back before the
+    weight, as Llama's norm does."""
+    input_dtype = hidden_states.dtype
+    hidden_states = hidden_states.float()
+    hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * hidden_states.to(input_dtype)
+
+
+def per_group(x: torch.Tensor, groups: int, shared: bool = False) -> torch.Tensor:
+    """View the head axis (third from last) of x (..., heads, D) as (..., groups, heads // groups, D); with
+    `shared`, x has one head per group, broadcast over the group's heads as `repeat_interleave` would copy it."""
+    *lead, heads, dim = x.shape
+    return x.unsqueeze(-2) if shared else x.view(*lead, groups, heads // groups, dim)
+
+
+def gated_rms_norm_reference(y, g, weight, eps: float, v=None, D=None) -> torch.Tensor:
+    """rms_norm((y + D ⊙ v) ⊙ silu(g), weight, eps) over all heads: y (B, S, N, V), v (B, S, Nv, V), D (N, V),
+    g (B, S, Ng, V), each v and g head shared by its group of heads; v and D are None without the residual.
+    Returns (B, S, N·V)."""
+    if D is not None:
+        residual = per_group(D, v.shape[2]) * per_group(v, v.shape[2], shared=True)
+        y = (per_group(y, v.shape[2]) + residual).flatten(2, 3)                  # (B, S, N, V)
+    y = per_group(y, g.shape[2]) * per_group(F.silu(g), g.shape[2], shared=True)
+    return rms_norm(y.flatten(2), weight, eps)                                     # (B, S, N·V)
