@@ -19,7 +19,8 @@ install-test: install
 demo: install
 	$(PYTHON) examples/quickstart.py
 
-# A test that runs past 25 minutes fails with the stacks of its threads, instead of hanging CI (the slowest,
-# the DDP test, takes ~1 minute; its launches have limits of their own).
+# ruff first: a lint error fails in seconds. A test that runs past 25 minutes fails with the stacks of its threads,
+# instead of hanging CI (the slowest, the DDP test, takes ~1 minute; its launches have limits of their own).
 test: install-test
+	$(PYTHON) -m ruff check .
 	$(PYTHON) -m pytest -q --timeout 1500 tests

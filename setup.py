@@ -16,7 +16,7 @@ setup(
         "huggingface_hub",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "accelerate", "peft", "datasets"],
+        "test": ["pytest", "pytest-timeout", "ruff", "accelerate", "peft", "datasets"],
         "examples": ["tqdm", "matplotlib", "datasets", "accelerate", "peft"],
     },
 )

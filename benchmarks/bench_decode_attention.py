@@ -64,7 +64,11 @@ def main():
             kernels = {name: sdpa(backend) for name, backend in BACKENDS.items()}
             kernels["compiled eager"] = lambda *inputs: compiled_eager(*inputs).transpose(1, 2)
             block_mask = filled_slots_block_mask(batch, prompt)
-            kernels["flex, compiled"] = lambda q, k, v, _mask: compiled_flex(q, k, v, block_mask=block_mask)
+
+            def flex(q, k, v, _mask, block_mask=block_mask):
+                return compiled_flex(q, k, v, block_mask=block_mask)
+
+            kernels["flex, compiled"] = flex
             for name, kernel in kernels.items():
                 try:
                     out = kernel(query, key, value, mask)
@@ -72,7 +76,8 @@ def main():
                     row[name] = repr(error)[:80]
                     continue
                 error = ((out.float() - reference).norm() / reference.norm()).item()
-                micros = 1e3 * triton.testing.do_bench(lambda: kernel(query, key, value, mask), rep=200)
+                inputs = (query, key, value, mask)
+                micros = 1e3 * triton.testing.do_bench(lambda kernel=kernel, inputs=inputs: kernel(*inputs), rep=200)
                 row[name] = f"{micros:.1f} us (rel. error {error:.1e})"
             floor = 2 * batch * HEADS * CACHE_LEN * HEAD_DIM * 2 / 4.2e12 * 1e6
             print(f"B={batch} prompt={prompt} floor {floor:.1f} us: {row}", flush=True)

@@ -9,10 +9,10 @@
 Random weights in bf16, greedy decoding of `--new-tokens` tokens after prompts of each length. For each model,
 prompt length and batch size: prefill time (to the first token), ms per token after the prefill (the median
 interval between consecutive tokens, each timed when generate checks its stopping criteria, so a noisy prefill
-does not leak into it), tokens/s and peak memory. The same-size LlamaForCausalLM was measured on the same H200 with the same settings
-(`shared/anchors/llama400m_h200_2026-11-28.json`); its figures are printed beside ours. Each ms per token is
-also put beside its memory-bandwidth floor: the bytes a decode step must read (weights, plus the KV cache of the
-attention layers, plus the M2RNN states read and written) over 4.2 TB/s.
+does not leak into it), tokens/s and peak memory. The same-size LlamaForCausalLM was measured on the same H200
+with the same settings (`shared/anchors/llama400m_h200_2026-11-28.json`); its figures are printed beside ours.
+Each ms per token is also put beside its memory-bandwidth floor: the bytes a decode step must read (weights, plus
+the KV cache of the attention layers, plus the M2RNN states read and written) over 4.2 TB/s.
 """
 
 import argparse
@@ -47,7 +47,8 @@ def bandwidth_floor_ms(config: M2RNNConfig, num_parameters: int, batch: int, con
     attention_layers = config.layer_types.count("full_attention")
     kv_bytes = attention_layers * 2 * batch * config.num_key_value_heads * context * config.head_dim * 2
     m2rnn_layers = config.layer_types.count("linear_attention")
-    state_bytes = m2rnn_layers * 2 * batch * config.m2rnn_num_heads * config.m2rnn_k_head_dim * config.m2rnn_v_head_dim * 4
+    state_size = config.m2rnn_num_heads * config.m2rnn_k_head_dim * config.m2rnn_v_head_dim
+    state_bytes = m2rnn_layers * 2 * batch * state_size * 4
     return 1e3 * (weight_bytes + kv_bytes + state_bytes) / HBM_BYTES_PER_S
 
 
@@ -148,8 +149,10 @@ def profile_decode(model, batch: int, max_cache_len: int, compile_config: Compil
     kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
     gpu_ms = sum(e.device_time for e in kernels) / 1e3
     # Host-side launches: one cudaGraphLaunch per replayed graph, or one cudaLaunchKernel per kernel without graphs.
-    launches = {name: sum(e.name == name for e in events) / new_tokens for name in ("cudaGraphLaunch", "cudaLaunchKernel")}
-    summary = (f"B={batch}: {new_tokens} tokens in {wall_ms:.1f} ms under the profiler ({wall_ms / new_tokens:.2f} ms/token); "
+    launches = {name: sum(e.name == name for e in events) / new_tokens
+                for name in ("cudaGraphLaunch", "cudaLaunchKernel")}
+    summary = (f"B={batch}: {new_tokens} tokens in {wall_ms:.1f} ms under the profiler "
+               f"({wall_ms / new_tokens:.2f} ms/token); "
                f"GPU kernels {gpu_ms / new_tokens:.3f} ms/token, {len(kernels) / new_tokens:.0f} kernels/token; "
                f"host launches per token: " + ", ".join(f"{name} {count:.1f}" for name, count in launches.items()))
     per_kernel = {}
@@ -180,7 +183,8 @@ def main():
     parser.add_argument("--attn-implementation", help="transformers attention of the attention layers (default: the "
                                                       "model's, sdpa)")
     parser.add_argument("--profile", action="store_true",
-                        help="only profile each model's compiled decode at the first batch size, and print where it goes")
+                        help="only profile each model's compiled decode at the first batch size, and print where it "
+                             "goes")
     args = parser.parse_args()
     args.output.mkdir(parents=True, exist_ok=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()

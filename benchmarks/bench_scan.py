@@ -1,4 +1,6 @@
-"""Benchmark of the Triton scan kernels on a CUDA GPU (run from the repo root: PYTHONPATH=. python benchmarks/bench_scan.py).
+"""Benchmark of the Triton scan kernels on a CUDA GPU.
+
+    PYTHONPATH=. python benchmarks/bench_scan.py   (from the repository root)
 
 1. Correctness on the GPU: bf16 (and fp32) kernels vs the float64 reference at a moderate size;
    y, final state and every gradient, ‖out − ref‖ / ‖ref‖ against stated bounds. Stops on a failure.
@@ -83,8 +85,14 @@ def check_correctness(log) -> dict:
         as_double = [x.double() for x in inputs]
         ref_y, ref_final = m2rnn_scan_reference(*as_double[:5], as_double[5], clip, cu_seqlens)
         output_grads = (torch.randn_like(ref_y).float(), torch.randn_like(ref_final).float())
-        ref = gradients(lambda *a: m2rnn_scan_reference(*a, clip, cu_seqlens), as_double, output_grads)
-        out = gradients(lambda *a: m2rnn_scan(*a[:5], a[5], clip, cu_seqlens, backend="triton"), inputs, output_grads)
+        def reference(*a, clip=clip, cu_seqlens=cu_seqlens):
+            return m2rnn_scan_reference(*a, clip, cu_seqlens)
+
+        def triton_backend(*a, clip=clip, cu_seqlens=cu_seqlens):
+            return m2rnn_scan(*a[:5], a[5], clip, cu_seqlens, backend="triton")
+
+        ref = gradients(reference, as_double, output_grads)
+        out = gradients(triton_backend, inputs, output_grads)
         case = {"y": relative_error(out[0], ref[0]), "final_state": relative_error(out[1], ref[1])}
         case.update({"d" + n: relative_error(a, b) for n, a, b in zip(("q", "k", "v", "W", "f", "h0"), out[2], ref[2])})
         errors[name] = case
@@ -162,7 +170,8 @@ def compare_configs(log) -> dict:
     """Launch settings at the 400M shape; returns the timings per setting."""
     configs = {
         "default": KernelConfig(),
-        "tf32 gradient products, 64 rows (the previous default)": KernelConfig(backward_products="tf32", backward_rows=64),
+        "tf32 gradient products, 64 rows (the previous default)": KernelConfig(backward_products="tf32",
+                                                                               backward_rows=64),
         "bwd 64 rows": KernelConfig(backward_rows=64),
         "bwd 16 rows": KernelConfig(backward_rows=16),
         "chunk 32": KernelConfig(chunk=32),
@@ -172,7 +181,8 @@ def compare_configs(log) -> dict:
         triton_scan.CONFIG = config
         log(f"config {name}: correctness " + str(check_correctness(lambda line: None)["bf16_odd_dims"]))
         timings[name] = {key: measure_shape(8, 84)[key] for key in ("fwd_ms", "fwdbwd_ms", "fwdbwd_mem_gib")}
-        log(f"config {name} {dataclasses.asdict(config)}: " + ", ".join(f"{k}={v:.3f}" for k, v in timings[name].items()))
+        figures = ", ".join(f"{k}={v:.3f}" for k, v in timings[name].items())
+        log(f"config {name} {dataclasses.asdict(config)}: " + figures)
     triton_scan.CONFIG = KernelConfig()
     return timings
 
@@ -185,9 +195,11 @@ def table(results, torch_small) -> str:
         rows.append(f"{name:<10}{r['fwd_ms']:>7.3f} / {a['fwd']:<6.2f}{r['fwdbwd_ms']:>8.3f} / {a['fwdbwd']:<7.2f}"
                     f"{r['decode_ms']:>7.4f} / {a['decode']:<6.3f}{r['decode_graph_ms']:>8.4f}"
                     f"{r['fwdbwd_mem_gib']:>8.3f} / {a['fwdbwd_mem']:<7.2f}")
-    rows.append(f"(training forward, checkpoints stored: " + ", ".join(f"{n} {r['fwd_train_ms']:.3f} ms" for n, r in results.items()) + ")")
+    training_forward = ", ".join(f"{n} {r['fwd_train_ms']:.3f} ms" for n, r in results.items())
+    rows.append(f"(training forward, checkpoints stored: {training_forward})")
     rows.append(f"torch reference loop, 400M shape, S={torch_small['S']}: fwd {torch_small['fwd_ms']:.2f} ms, "
-                f"fwd+bwd {torch_small['fwdbwd_ms']:.2f} ms; Triton at the same S: fwd {torch_small['triton_fwd_ms']:.3f} ms, "
+                f"fwd+bwd {torch_small['fwdbwd_ms']:.2f} ms; "
+                f"Triton at the same S: fwd {torch_small['triton_fwd_ms']:.3f} ms, "
                 f"fwd+bwd {torch_small['triton_fwdbwd_ms']:.3f} ms")
     rows.append("targets: " + TARGETS)
     return "\n".join(rows)
@@ -219,8 +231,10 @@ def main():
     small_s = 128
     small_torch = measure_shape(8, 84, S=small_s, backend="torch")
     small_triton = measure_shape(8, 84, S=small_s)
-    report["torch_reference_small"] = {"S": small_s, "fwd_ms": small_torch["fwd_ms"], "fwdbwd_ms": small_torch["fwdbwd_ms"],
-                                       "triton_fwd_ms": small_triton["fwd_ms"], "triton_fwdbwd_ms": small_triton["fwdbwd_ms"]}
+    report["torch_reference_small"] = {
+        "S": small_s, "fwd_ms": small_torch["fwd_ms"], "fwdbwd_ms": small_torch["fwdbwd_ms"],
+        "triton_fwd_ms": small_triton["fwd_ms"], "triton_fwdbwd_ms": small_triton["fwdbwd_ms"],
+    }
     report["anchors"] = ANCHORS
     text = table(report["shapes"], report["torch_reference_small"])
     log(text)

@@ -195,7 +195,8 @@ def main():
     print_table(results, args.quick)
 
     report = dict(
-        what="training step: bf16 autocast forward+loss, backward, fused AdamW, zero_grad; ms per step over timed steps",
+        what="training step: bf16 autocast forward+loss, backward, fused AdamW, zero_grad; "
+             "ms per step over timed steps",
         device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         torch=torch.__version__, quick=args.quick, compiled=args.compile, warmup=warmup, steps=steps, results=results,
         llama_anchor={f"B{b}_S{s}": v for (b, s), v in LLAMA_ANCHOR.items()},

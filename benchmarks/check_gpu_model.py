@@ -92,7 +92,8 @@ def check_gated_norm() -> int:
     returns 1 on failure."""
     generator = torch.Generator().manual_seed(3)
     shape = (8, 4096, 84, 16)
-    tensors = dict(y=torch.randn(*shape, generator=generator).bfloat16(), g=torch.randn(*shape, generator=generator).bfloat16(),
+    tensors = dict(y=torch.randn(*shape, generator=generator).bfloat16(),
+                   g=torch.randn(*shape, generator=generator).bfloat16(),
                    weight=1 + 0.3 * torch.randn(84 * 16, generator=generator),
                    v=torch.randn(*shape, generator=generator).bfloat16(), D=torch.randn(84, 16, generator=generator))
     dout = torch.randn(8, 4096, 84 * 16, generator=generator).bfloat16().cuda()
@@ -130,7 +131,8 @@ def main() -> int:
         print(f"train step [{name}] triton vs torch: loss {loss:.5f} vs {ref_loss:.5f} (rel {loss_error:.1e}); "
               f"{'ok' if not failed else 'FAIL: ' + ', '.join(failed)}", flush=True)
         for mutual, n, triton_error, torch_error in sorted(rows, reverse=True)[:5]:
-            print(f"  {n}: triton vs torch {mutual:.1e}; vs float32: triton {triton_error:.1e}, torch {torch_error:.1e}")
+            print(f"  {n}: triton vs torch {mutual:.1e}; "
+                  f"vs float32: triton {triton_error:.1e}, torch {torch_error:.1e}")
     return 1 if failures else 0
 
 

@@ -25,11 +25,15 @@ import time
 from pathlib import Path
 
 import torch
+from bench_generate import TokenClock, compiled_logit_error, decode_compile_config, static_compiled
 from transformers import PreTrainedModel, StoppingCriteriaList
 
-from bench_generate import TokenClock, compiled_logit_error, decode_compile_config, static_compiled
 from modeling_m2rnn import M2RNNConfig, M2RNNForCausalLM
 from modeling_m2rnn.generation.decode_graphs import CapturedStep
+
+
+def _median(values) -> float:
+    return round(statistics.median(values), 3)
 
 
 def current_cpu() -> int:
@@ -72,14 +76,13 @@ def probe(model, recorder: StepRecorder, prompt, options: dict, label: str, new_
                    stopping_criteria=StoppingCriteriaList([clock]), **options)
     intervals = clock.intervals_ms().tolist()
     calls = recorder.calls   # call k is the step after token k (the prefill's token is token 0)
-    median = lambda values: round(statistics.median(values), 3)
     return dict(
         label=label,
-        interval=median(intervals),
+        interval=_median(intervals),
         slowest_token=round(max(intervals), 2),   # where a step is captured (or recorded) for a new cache
-        gpu_span=median([start.elapsed_time(end) for _, _, start, end in calls]),
-        gpu_idle_before_step=median([clock.events[k].elapsed_time(start) for k, (_, _, start, _) in enumerate(calls)]),
-        host_in_call=median([1e3 * (host_end - host_start) for host_start, host_end, _, _ in calls]),
+        gpu_span=_median([start.elapsed_time(end) for _, _, start, end in calls]),
+        gpu_idle_before_step=_median([clock.events[k].elapsed_time(start) for k, (_, _, start, _) in enumerate(calls)]),
+        host_in_call=_median([1e3 * (host_end - host_start) for host_start, host_end, _, _ in calls]),
         cpu=current_cpu(),
     )
 
@@ -129,10 +132,12 @@ def main():
     inductor_graphs = StepRecorder(PreTrainedModel.get_compiled_call.__get__(model))
     inductor_graphs.install(model)
     model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False, **options)   # compiles
-    rows += [probe(model, inductor_graphs, prompt, options, f"inductor's CUDA graphs, round {i}") for i in range(args.rounds)]
+    rows += [probe(model, inductor_graphs, prompt, options, f"inductor's CUDA graphs, round {i}")
+             for i in range(args.rounds)]
     del model.get_compiled_call
 
-    rows.append(dict(label="GPU kernels", graphs_captured=captured, **decode_kernel_time(model, prompt[:, :64], options),
+    rows.append(dict(label="GPU kernels", graphs_captured=captured,
+                     **decode_kernel_time(model, prompt[:, :64], options),
                      compiled_vs_eager_logit_error=compiled_logit_error(model, 16512, compile_config, batch=1)))
     for row in rows:
         print(json.dumps(row), flush=True)

@@ -21,9 +21,9 @@ that change made forward+backward 9% faster (benchmarks/RESULTS.md).
 import argparse
 import re
 import subprocess
-from tempfile import NamedTemporaryFile
 from collections import Counter
 from dataclasses import fields, replace
+from tempfile import NamedTemporaryFile
 
 import torch
 import triton
@@ -115,7 +115,7 @@ def disassemble(compiled) -> tuple[list[tuple[int, str, int | None]], str]:
 def loops(instructions) -> list[tuple[int, int, Counter]]:
     """(first, last address, opcode counts) of the body of every backward branch, innermost (shortest) first."""
     bodies = []
-    for address, opcode, target in instructions:
+    for address, _opcode, target in instructions:
         if target is not None and target < address:
             counts = Counter(op for a, op, _ in instructions if target <= a <= address)
             bodies.append((target, address, counts))

@@ -101,7 +101,9 @@ def load_documents(path: Path | None, text_field: str) -> Dataset:
     builder = "json" if path.suffix in (".json", ".jsonl") else "text"
     dataset = load_dataset(builder, data_files=str(path), split="train")
     if text_field not in dataset.column_names:
-        raise ValueError(f"{path} has no field {text_field!r}; its fields are {dataset.column_names} (see --text-field)")
+        raise ValueError(
+            f"{path} has no field {text_field!r}; its fields are {dataset.column_names} (see --text-field)"
+        )
     return dataset.filter(lambda row: bool(row[text_field] and row[text_field].strip()))
 
 

@@ -121,7 +121,8 @@ def main():
     completion = tokenizer.decode(generated[0].tolist())
     print(f"\nprompt:    {prompt!r}\ngenerated: {completion!r}")
     matched = next((i for i, (a, b) in enumerate(zip(completion, text)) if a != b), min(len(completion), len(text)))
-    print(f"the model reproduces the first {matched} characters of the training text from a {len(prompt)}-character prompt")
+    print(f"the model reproduces the first {matched} characters of the training text "
+          f"from a {len(prompt)}-character prompt")
 
 
 if __name__ == "__main__":

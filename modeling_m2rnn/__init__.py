@@ -8,8 +8,8 @@ from transformers import (
 )
 
 from .configuration import PRESETS, M2RNNConfig
-from .kernels import m2rnn_scan
 from .generation import M2RNNCache, M2RNNStaticCache, load_prompt_state, save_prompt_state
+from .kernels import m2rnn_scan
 from .models import M2RNNForCausalLM, M2RNNForSequenceClassification, M2RNNModel, M2RNNPreTrainedModel
 
 AutoConfig.register(M2RNNConfig.model_type, M2RNNConfig, exist_ok=True)

@@ -50,7 +50,9 @@ class GRULabeller(nn.Module):
         return self.head(self.gru(self.embed(ids))[0])
 
 
-def m2rnn_config(vocab_size: int, size: ModelSize, layer_types: list[str], overrides: dict | None = None) -> M2RNNConfig:
+def m2rnn_config(
+    vocab_size: int, size: ModelSize, layer_types: list[str], overrides: dict | None = None
+) -> M2RNNConfig:
     """The M2RNN recipe of this study; `overrides` replaces any of its fields (M2RNNConfig keyword arguments)."""
     heads = size.num_heads
     recipe = dict(

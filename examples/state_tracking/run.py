@@ -101,7 +101,8 @@ def parse_args(argv=None):
     parser.add_argument("--jobs", type=int, help="runs side by side, each in its own process")
     parser.add_argument("--eval-float32", action="store_true", help="evaluate without bf16 autocast on CUDA")
     parser.add_argument("--save-models", action="store_true",
-                        help="write each trained model's weights to <output>/models/<group>-<model>-seed<s>.safetensors")
+                        help="write each trained model's weights to "
+                             "<output>/models/<group>-<model>-seed<s>.safetensors")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", type=Path, default=None, help="default: outputs/state_tracking/<preset>")
     args = parser.parse_args(argv)
@@ -298,7 +299,8 @@ def run_one(group_name: str, name: str, seed: int, args, size: ModelSize, device
     run["eval_seconds"] = time.time() - start
     run["params"] = sum(p.numel() for p in model.parameters())
     accuracies = "  ".join(f"{n}: {s['accuracy']:.3f}" for n, s in run["eval"].items())
-    print(f"{label}: trained {run['steps']} steps in {run['train_seconds']:.0f} s (loss {run['final_train_loss']:.3f}), "
+    print(f"{label}: trained {run['steps']} steps in {run['train_seconds']:.0f} s "
+          f"(loss {run['final_train_loss']:.3f}), "
           f"evaluated in {run['eval_seconds']:.0f} s; {accuracies}", flush=True)
     return run
 

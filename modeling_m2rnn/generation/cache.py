@@ -81,7 +81,8 @@ class M2RNNStaticCache(_TokenCount, StaticCache):
         found = [self.seen_tokens]
         for layer in self.layers:
             if isinstance(layer, LinearAttentionLayer):
-                found.extend(t for t in (*layer.conv_states.values(), *layer.recurrent_states.values()) if t is not None)
+                states = (*layer.conv_states.values(), *layer.recurrent_states.values())
+                found.extend(t for t in states if t is not None)
             elif layer.is_initialized:
                 found.extend((layer.keys, layer.values, layer.cumulative_length))
         return found

@@ -5,4 +5,5 @@ import dataclasses
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 # The outputs' cache field has the installed version's name: later versions warn when given or asked for the old one.
-CACHE_OUTPUT_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(BaseModelOutputWithPast)} else "past_key_values"
+_OUTPUT_FIELDS = {field.name for field in dataclasses.fields(BaseModelOutputWithPast)}
+CACHE_OUTPUT_FIELD = "cache" if "cache" in _OUTPUT_FIELDS else "past_key_values"

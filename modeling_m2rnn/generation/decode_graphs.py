@@ -34,7 +34,8 @@ def graph_free_compile_kwargs(compile_config: CompileConfig) -> dict | None:
 
 
 class CUDAGraphCapture:
-    """Records `step(**kwargs)` in a CUDA graph, which runs none of its kernels: returns (replay, the outputs it writes).
+    """Records `step(**kwargs)` in a CUDA graph, which runs none of its kernels: returns (replay, the outputs it
+    writes).
 
     The graphs share one memory pool: they replay one at a time and their outputs are copied after each replay, so one
     graph's temporaries may take another's memory. And unlike `torch.cuda.graph`, a capture leaves the allocator's

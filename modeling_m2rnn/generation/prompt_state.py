@@ -15,7 +15,9 @@ def save_prompt_state(cache: M2RNNCache, path) -> None:
         if isinstance(layer, LinearAttentionLayer):
             state = recurrent_state(cache, i)
             if state is None:
-                raise ValueError(f"layer {i} holds no state yet: run the prompt through the model with this cache first")
+                raise ValueError(
+                    f"layer {i} holds no state yet: run the prompt through the model with this cache first"
+                )
             tensors[f"layers.{i}.recurrent_state"] = state
             window = conv_state(cache, i)
             if window is not None:

@@ -187,7 +187,8 @@ class M2RNNModel(M2RNNPreTrainedModel):
             )
         if isinstance(past_key_values, (M2RNNCache, M2RNNStaticCache)):
             past_key_values.advance(seq_len, inputs_embeds.device)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), **{CACHE_OUTPUT_FIELD: past_key_values})
+        hidden_states = self.norm(hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_OUTPUT_FIELD: past_key_values})
 
     @staticmethod
     def _packed_sequences(position_ids, batch: int, seq_len: int) -> PackedSequences | None:

@@ -6,10 +6,11 @@ import sys
 import warnings
 
 import torch
-from helpers import REPO_ROOT
 from transformers import AutoModelForCausalLM
 
 from modeling_m2rnn import M2RNNForCausalLM
+
+from helpers import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "examples"))
 import finetune  # noqa: E402  (examples/ is not a package)
@@ -53,7 +54,7 @@ def test_two_ddp_processes_on_gloo_log_the_losses_of_one_process(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True)
     if "was still running after" in result.stdout:
         # one CI run hung here for over an hour without a trace; a hang is retried once, a wrong loss never
-        warnings.warn("a launch hung and was killed; retrying once:\n" + result.stdout[-3000:])
+        warnings.warn("a launch hung and was killed; retrying once:\n" + result.stdout[-3000:], stacklevel=1)
         result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "check_multi_gpu.json").read_text())

@@ -11,9 +11,9 @@ import safetensors.torch
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples" / "state_tracking"))
+import run  # noqa: E402
 from groups import PermutationGroup, compose  # noqa: E402
 from models import MODELS, ModelSize, build_model  # noqa: E402
-import run  # noqa: E402
 
 
 def test_compose_applies_the_right_permutation_first():

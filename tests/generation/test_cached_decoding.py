@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from helpers import KINDS, random_ids, tiny_model
 
 from modeling_m2rnn import M2RNNCache
+
+from helpers import KINDS, random_ids, tiny_model
 
 
 @pytest.mark.parametrize(

@@ -6,15 +6,15 @@ import threading
 import pytest
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from torch._dynamo.utils import counters
 from transformers import CompileConfig, PreTrainedTokenizerFast, TextIteratorStreamer, pipeline
 from transformers.masking_utils import create_masks_for_generate
-from torch._dynamo.utils import counters
-
-from helpers import left_pad, random_ids, tiny_model
 
 from modeling_m2rnn import M2RNNCache, M2RNNStaticCache, load_prompt_state, save_prompt_state
 from modeling_m2rnn.generation.decode_graphs import DecodeGraphs, graph_free_compile_kwargs
 from modeling_m2rnn.generation.mixin import _static_decode_masks
+
+from helpers import left_pad, random_ids, tiny_model
 
 KINDS = ["pure", "hybrid"]
 ALPHABET = "_?abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRSTUVW"   # as many as the tiny model's vocabulary
@@ -60,7 +60,7 @@ def test_decode_step_masks_are_transformers_masks(kind, padded):
     ids, mask = left_pad([random_ids(n, seed=n) for n in (3, 8)])
     cache = M2RNNStaticCache(model.config, max_cache_len=13)
     model(ids, attention_mask=mask if padded else None, past_key_values=cache)
-    for step in range(2):   # the first decode step, and one more after it
+    for _step in range(2):   # the first decode step, and one more after it
         mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
         step_mask = mask if padded else None
         step_embeds = torch.empty(2, 1, 0)
@@ -138,11 +138,16 @@ def test_decode_graphs_replay_the_eager_steps(kind, batch, monkeypatch):
     torch._dynamo.reset()
     model = tiny_model(kind)
     ids, mask = left_pad([random_ids(n, seed=n) for n in (5, 3)[:batch]])
-    run = dict(attention_mask=mask, max_new_tokens=7, min_new_tokens=7, return_dict_in_generate=True, output_logits=True)
+    run = dict(attention_mask=mask, max_new_tokens=7, min_new_tokens=7, return_dict_in_generate=True,
+               output_logits=True)
     eager = model.generate(ids, past_key_values=M2RNNStaticCache(model.config, max_cache_len=16), **run)
     graphs, capture = emulated_decode_graphs(model)
     steps = []   # the arguments of each decode step
-    monkeypatch.setattr(model, "get_compiled_call", lambda compile_config: lambda **step: steps.append(step) or graphs(**step))
+    def recording_graphs(**step):
+        steps.append(step)
+        return graphs(**step)
+
+    monkeypatch.setattr(model, "get_compiled_call", lambda compile_config: recording_graphs)
     compile_config = compile_on_any_device()
     for _ in range(2):   # the second generate has a new cache: new addresses, a new graph
         cache = M2RNNStaticCache(model.config, max_cache_len=16)   # room for the two steps after generate
@@ -173,8 +178,8 @@ def test_decode_graphs_run_steps_with_more_than_tensor_outputs_uncaptured(monkey
                               compile_config=compile_on_any_device(), **run)
     assert capture.captures == 0
     assert torch.equal(compiled.sequences, eager.sequences)
-    last_step = lambda output: torch.stack(output.hidden_states[-1])
-    assert (last_step(compiled) - last_step(eager)).norm() / last_step(eager).norm() < 1e-5
+    compiled_last, eager_last = (torch.stack(output.hidden_states[-1]) for output in (compiled, eager))
+    assert (compiled_last - eager_last).norm() / eager_last.norm() < 1e-5
 
 
 def test_decode_graphs_take_the_cuda_graphs_out_of_the_compile_config():

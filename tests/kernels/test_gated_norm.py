@@ -2,17 +2,19 @@
 
 import pytest
 import torch
-from helpers import BOUND, DEVICE, relative_error
 
 from modeling_m2rnn.kernels import gated_rms_norm, gated_rms_norm_reference
 from modeling_m2rnn.kernels.gated_norm import triton as triton_gated_norm
+
+from helpers import BOUND, DEVICE, relative_error
 
 
 def gated_norm_inputs(dtype, residual: bool, generator) -> dict:
     """Fresh inputs of odd sizes: 2 × 9 tokens, N = 3 heads of V = 7 (21 values in a block of 32); D and the
     norm weight away from their initial ones."""
     shape = (2, 9, 3, 7)
-    tensors = dict(y=torch.randn(*shape, generator=generator).to(dtype), g=torch.randn(*shape, generator=generator).to(dtype),
+    tensors = dict(y=torch.randn(*shape, generator=generator).to(dtype),
+                   g=torch.randn(*shape, generator=generator).to(dtype),
                    weight=1 + 0.3 * torch.randn(21, generator=generator))
     if residual:
         tensors.update(v=torch.randn(*shape, generator=generator).to(dtype), D=torch.randn(3, 7, generator=generator))

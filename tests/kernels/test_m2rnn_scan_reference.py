@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from helpers import relative_error
 
 from modeling_m2rnn.kernels import m2rnn_scan
+
+from helpers import relative_error
 
 
 def random_inputs(batch, seq_len, heads, key_dim, value_dim, dtype=torch.float64, generator=None):

@@ -3,12 +3,12 @@ without CUDA (so the shapes are tiny). Error measure and bounds: helpers.BOUND."
 
 import pytest
 import torch
-from helpers import BOUND, DEVICE, relative_error
 
 from modeling_m2rnn.kernels import m2rnn_scan, m2rnn_scan_reference
 from modeling_m2rnn.kernels.m2rnn_scan import triton_scan
 from modeling_m2rnn.kernels.m2rnn_scan.triton_scan import KernelConfig
 
+from helpers import BOUND, DEVICE, relative_error
 
 NAMES = ("q", "k", "v", "W", "f", "initial_state")
 
@@ -135,7 +135,8 @@ def test_the_clip_value_used_above_clips():
     inputs = [x.double() if x is not None else None for x in make_inputs(B, S, K, V, counts, torch.float32, with_state)]
     output_grads = (torch.randn(B, S, max(counts), V, dtype=torch.float64, device=DEVICE),
                     torch.randn(B, max(counts), K, V, dtype=torch.float64, device=DEVICE))
-    grads = {c: run_with_grads(m2rnn_scan_reference, inputs, output_grads, gradient_clipping=c)[2] for c in (clip, None)}
+    grads = {clip_value: run_with_grads(m2rnn_scan_reference, inputs, output_grads, gradient_clipping=clip_value)[2]
+             for clip_value in (clip, None)}
     assert relative_error(grads[clip][2], grads[None][2]) > 0.05  # dv changes visibly
 
 

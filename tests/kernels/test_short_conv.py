@@ -4,11 +4,12 @@ the decode step) against the reference in float64. Bounds: helpers.BOUND."""
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import BOUND, DEVICE, relative_error
 
 from modeling_m2rnn.kernels import causal_conv1d, causal_conv1d_silu, causal_conv1d_step
 from modeling_m2rnn.kernels.short_conv.triton_decode_step import conv_step_op
 from modeling_m2rnn.kernels.short_conv.triton_whole_sequence import short_conv_op
+
+from helpers import BOUND, DEVICE, relative_error
 
 
 def triton_conv_silu(x, weight, sequence_ids=None, split_sizes=None):

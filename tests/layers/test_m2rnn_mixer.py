@@ -1,6 +1,7 @@
 """The M2RNN layer: what it hands the ops."""
 
 import pytest
+
 from helpers import random_ids, tiny_model
 
 

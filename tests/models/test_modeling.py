@@ -6,11 +6,12 @@ import sys
 
 import pytest
 import torch
-from helpers import KINDS, left_pad, random_ids, tiny_config, tiny_model
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from modeling_m2rnn import M2RNNCache, M2RNNForCausalLM
+
+from helpers import KINDS, left_pad, random_ids, tiny_config, tiny_model
 
 
 @pytest.mark.parametrize("kind", KINDS)

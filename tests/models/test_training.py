@@ -10,9 +10,12 @@ import sys
 
 import pytest
 import torch
-from helpers import REPO_ROOT, random_ids, tiny_model
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, DataCollatorWithFlattening
+from transformers import DataCollatorWithFlattening
+
+from modeling_m2rnn import M2RNNForCausalLM
+
+from helpers import REPO_ROOT, random_ids, tiny_model
 
 sys.path.insert(0, str(REPO_ROOT / "examples"))
 import finetune  # noqa: E402  (examples/ is not a package)

@@ -27,7 +27,8 @@ from .triton_building_blocks import (
 @triton.jit
 def scan_forward_kernel(
     q_ptr, k_ptr, v_ptr, W_ptr, f_ptr, h0_ptr, cu_seqlens_ptr,  # inputs (see m2rnn_scan)
-    y_ptr, h_final_ptr, checkpoint_ptr,  # y partials (R, B, S, N, V); h_final (states, N, K, V) f32; see checkpoint_offsets
+    # y partials (R, B, S, N, V); h_final (states, N, K, V) f32; checkpoints: see checkpoint_offsets
+    y_ptr, h_final_ptr, checkpoint_ptr,
     seq_len, num_slots, y_partial_stride,  # y_partial_stride = B * S * N * V, the stride of a row block's partial
     N: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr, NV: tl.constexpr, NF: tl.constexpr, NW: tl.constexpr,
     K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HP: tl.constexpr, BR: tl.constexpr,
@@ -65,8 +66,8 @@ def scan_forward_kernel(
                                        N, NQ, NK, NV, NF, K, V, True)
         for t in range(chunk_start, chunk_end):
             t_next = tl.minimum(t + 1, chunk_end - 1)
-            q_next, k_next, v_next, f_next = load_step(q_ptr, k_ptr, v_ptr, f_ptr, batch, t_next, seq_len, heads, rk, rv,
-                                                       N, NQ, NK, NV, NF, K, V, True)
+            q_next, k_next, v_next, f_next = load_step(q_ptr, k_ptr, v_ptr, f_ptr, batch, t_next, seq_len, heads,
+                                                       rk, rv, N, NQ, NK, NV, NF, K, V, True)
             H = blend(H, candidate(H.to(DOT_DTYPE), W_dot, k_t, v_t, DOT_PRECISION, FAST_TANH), f_t)
             store_y_partial(y_partial_ptr, batch, seq_len, t, q_t, H, heads, N, HP, BR, BV, V, LANE_SUMS)
             q_t, k_t, v_t, f_t = q_next, k_next, v_next, f_next

@@ -71,7 +71,8 @@ class KernelConfig:
     # forward+backward 14.9 ms with tf32, 13.6 ms with bf16, with no loss of accuracy against float64.
     backward_products: str = "bf16"
     fast_tanh: bool = True  # tanh.approx on the GPU for 16-bit inputs; see triton_building_blocks.tanh
-    lane_sums: bool = True  # row and column sums by hand on the GPU for 16-bit inputs; see triton_building_blocks._column_sums
+    # row and column sums by hand on the GPU for 16-bit inputs; see triton_building_blocks._column_sums
+    lane_sums: bool = True
 
 
 CONFIG = KernelConfig()
@@ -129,7 +130,8 @@ class ScanShape:
 def dot_constants(dtype: torch.dtype, on_gpu: bool, config: KernelConfig, warps: int, heads: int) -> dict:
     """Kernel constants that depend on the input dtype, the device and a program's warps and heads (see the
     module doc). The interpreter has no inline assembly. The lane sums also assume one warp's tensor-core
-    accumulator layout (see triton_building_blocks._column_sums); they are checked on the GPU with one head per program."""
+    accumulator layout (see triton_building_blocks._column_sums); they are checked on the GPU with one head per
+    program."""
     full = dtype == torch.float32
     fast = on_gpu and not full
     return dict(
@@ -360,7 +362,8 @@ def scan_backward_op(
             S, shape.num_checkpoint_slots(CONFIG.chunk), gradient_clipping or 0.0,
             segment_start, segment_end, segment, B * segment,
             **shape.head_constants(), HP=heads, BR=rows, CHUNK=CONFIG.chunk, VARLEN=shape.varlen,
-            CLIP=gradient_clipping is not None, **dot_constants(v.dtype, v.is_cuda, CONFIG, CONFIG.backward_warps, heads),
+            CLIP=gradient_clipping is not None,
+            **dot_constants(v.dtype, v.is_cuda, CONFIG, CONFIG.backward_warps, heads),
             **gradient_constants(v.dtype, v.is_cuda, CONFIG),
             num_warps=CONFIG.backward_warps, **_register_cap(device, CONFIG.backward_max_registers),
         )

@@ -4,9 +4,9 @@
     conv_state ← window
 
 x (B, C) is the new input, conv_state (B, C, k) the last k inputs (oldest first) and weight (C, k). This is
-what the short convolution in front of the recurrence computes for one token (naive.causal_conv1d): done
-by PyTorch (naive.causal_conv1d_step_reference) it is a copy of the window, a product, a sum and the SiLU, several kernels per layer and token,
-here one. The op mutates `conv_state` and so captures in a CUDA graph with a static cache.
+what the short convolution in front of the recurrence computes for one token (naive.causal_conv1d): done by
+PyTorch (naive.causal_conv1d_step_reference) it is a copy of the window, a product, a sum and the SiLU, several
+kernels per layer and token, here one. The op mutates `conv_state` and so captures in a CUDA graph with a static cache.
 """
 
 import torch
@@ -42,7 +42,8 @@ def conv_step_kernel(
 
     # Every load of the window must be done before any thread overwrites the inputs it reads.
     tl.debug_barrier()
-    tl.store(state + tap[None, :], window.to(state_ptr.dtype.element_ty), mask=in_channels[:, None] & (tap[None, :] < KERNEL_SIZE))
+    taps = in_channels[:, None] & (tap[None, :] < KERNEL_SIZE)
+    tl.store(state + tap[None, :], window.to(state_ptr.dtype.element_ty), mask=taps)
 
 
 def _conv_step(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
