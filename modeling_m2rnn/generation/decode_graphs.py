@@ -1,10 +1,10 @@
 """Decode steps over the static cache replayed as CUDA graphs, with almost no host work per token.
 
 transformers compiles generate's decode step with `mode="reduce-overhead"`: inductor's CUDA graphs, behind dynamo's
-guards and the bookkeeping of cudagraph trees over hundreds of inputs. On an H200 host that took 0.5–1.1 ms of host
-time per batch-1 token (benchmarks/RESULTS.md), and generate waits for the GPU at every token, so the GPU idled
-through it (the step's kernels take ~0.8 ms). Here the step is compiled without CUDA graphs and captured in a graph
-of its own; a replay copies the step's few input tensors into the graph's and launches it.
+guards and the bookkeeping of cudagraph trees over hundreds of inputs. That host work per token is as long as the
+step's kernels at batch 1, and generate waits for the GPU at every token, so the GPU idles through it. Here the step
+is compiled without CUDA graphs and captured in a graph of its own; a replay copies the step's few input tensors into
+the graph's and launches it.
 """
 
 from collections import OrderedDict
@@ -40,8 +40,8 @@ class CUDAGraphCapture:
     The graphs share one memory pool: they replay one at a time and their outputs are copied after each replay, so one
     graph's temporaries may take another's memory. And unlike `torch.cuda.graph`, a capture leaves the allocator's
     cache alone, so that the blocks of one generate's cache can serve the next one's, whose steps would then replay
-    the same graph. On an H200 that happened for the pure model at batch 1, not in the hybrid probes, where every
-    generate call still paid a capture of 10-20 ms (benchmarks/RESULTS.md, 2026-12-03).
+    the same graph (whether the allocator hands the same blocks back is not guaranteed: a generate call that gets
+    new addresses pays a capture).
     """
 
     def __init__(self):

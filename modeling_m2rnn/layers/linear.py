@@ -10,9 +10,9 @@ class Linear(nn.Linear):
     """nn.Linear (same parameters, same checkpoints) whose product for a single row, when compiled, is written as
     a multiply-and-sum: inductor then emits one bandwidth-bound reduction kernel that reads the weight once.
 
-    Batch-1 decoding is that case, and there cuBLAS takes 5–9 µs per product of the 400M model on an H200 against
-    2.3–3.9 µs for the reduction (`benchmarks/RESULTS.md`, 2026-11-30, eighth session). Everything else
-    (eager, several rows, shapes only known at run time, autocast) goes through F.linear unchanged.
+    Batch-1 decoding is that case, and there cuBLAS's general matrix kernels take about twice as long as the
+    reduction for the 400M model's products. Everything else (eager, several rows, shapes only known at run time,
+    autocast) goes through F.linear unchanged.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -20,7 +20,7 @@ class Linear(nn.Linear):
             inference = not torch.is_grad_enabled()
             if inference:
                 # Written once, rather than the ops that produce x (a norm, an activation) recomputed for every
-                # block of output rows: H200, 400M hybrid, batch-1 decode, GPU time per token 851 -> 758 µs.
+                # block of output rows.
                 x = _in_buffer(x)
             # (…, 1, in) · (out, in) summed over `in` in float32, the accumulation cuBLAS uses too
             y = (x.unsqueeze(-2).float() * self.weight.float()).sum(-1)
@@ -28,8 +28,7 @@ class Linear(nn.Linear):
                 y = y + self.bias.float()
             y = y.to(x.dtype)
             # The cast then happens in the reduction kernel, and a consumer that needs a buffer (the conv step op)
-            # takes a view of it instead of a copy of its part: 315 -> 291 kernels, 753 -> 735 µs per token
-            # (both figures: benchmarks/RESULTS.md, 2026-11-30, ninth session).
+            # takes a view of it instead of a copy of its part, one kernel less per consumer.
             return _in_buffer(y) if inference else y
         return F.linear(x, self.weight, self.bias)
 
@@ -37,8 +36,8 @@ class Linear(nn.Linear):
         """forward(x).split(sizes, dim=-1), each block computed by a product of its own into a buffer of its own.
 
         A block whose width is not a multiple of 8 (16 bytes of bf16) leaves the rows of one shared buffer
-        unaligned, and cuBLAS and inductor then fall back to slower kernels for every block (H200, 400M hybrid
-        training step, benchmarks/RESULTS.md). The single-row compiled product stays one product.
+        unaligned, and cuBLAS and inductor then fall back to slower kernels for every block. The single-row compiled
+        product stays one product.
         """
         if self._single_row_compiled(x):
             return self(x).split(sizes, dim=-1)

@@ -85,7 +85,7 @@ class M2RNNPreTrainedModel(PreTrainedModel):
             init.normal_(module.down_proj.weight, mean=0.0, std=output_std)
 
     def _init_recurrence(self, mixer: M2RNNMixer):
-        """DESIGN.md §3: W = I, D = 1, A ~ U[A_init_range], dt log-uniform in dt_init_range, floored."""
+        """docs/design.md, "The layer": W = I, D = 1, A ~ U[A_init_range], dt log-uniform in dt_init_range, floored."""
         config = self.config
         low, high = config.m2rnn_A_init_range
         A = torch.empty_like(mixer.A_log).uniform_(low, high).clamp_min(1e-4)   # log(0) would be -inf

@@ -1,4 +1,5 @@
-"""The PyTorch reference of the recurrence op against the math of DESIGN.md §3, written out per head and step."""
+"""The PyTorch reference of the recurrence op against its math (docs/design.md, "The recurrence"), written out per
+head and step."""
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ def random_inputs(batch, seq_len, heads, key_dim, value_dim, dtype=torch.float64
 
 
 def naive_scan(q, k, v, W, f, initial_state=None):
-    """Scalar loops over batch, head and time: DESIGN.md §3 read literally, in float64."""
+    """Scalar loops over batch, head and time: the recurrence of docs/design.md read literally, in float64."""
     batch, seq_len, _, key_dim = q.shape
     value_dim = v.shape[-1]
     counts = [q.shape[2], k.shape[2], v.shape[2], f.shape[2], W.shape[0]]
@@ -120,7 +121,7 @@ def test_gradcheck_with_cu_seqlens():
 
 def test_gradient_clipping_clamps_the_whole_gradient_reaching_a_state():
     """One step: the gradient reaching H_1 is the sum of what y_1 and the final-state output send back;
-    DESIGN.md §3 clamps that sum (not only the part from the next state) before it flows to H_0."""
+    docs/design.md clamps that sum (not only the part from the next state) before it flows to H_0."""
     generator = torch.Generator().manual_seed(4)
     q, k, v, W, f = random_inputs(1, 1, (1, 1, 1, 1, 1), 4, 3, generator=generator)
     h0 = (torch.rand(1, 1, 4, 3, dtype=torch.float64, generator=generator) - 0.5).requires_grad_()

@@ -7,11 +7,10 @@ over the C = N·V values of a token (every head has its own v and g). The backwa
     dz = rstd · (dout ⊙ weight − x̂ · mean(dout ⊙ weight ⊙ x̂));   du = dz ⊙ silu(g)
     dy = du;   dv = D ⊙ du;   dg = dz ⊙ u ⊙ silu'(g);   dD = Σ_tokens du ⊙ v;   dweight = Σ_tokens dout ⊙ x̂
 
-Everything runs in float32; each output is rounded once. Under torch.compile the PyTorch form (the layer's
-reference) took ~0.69 ms per layer of a training step (H200, 400M layer, B=8, S=4096): two passes over each token's
-values forward and backward, and kernels of their own for dD and for D ⊙ v's gradient. Here a program normalises
-FORWARD_TILE tokens forward; backward, it walks BACKWARD_ROWS tokens, keeping its dD and dweight partials in
-registers (benchmarks/RESULTS.md).
+Everything runs in float32; each output is rounded once. Under torch.compile the PyTorch form (naive.py) makes two
+passes over each token's values forward and backward, and kernels of their own for dD and for D ⊙ v's gradient. Here
+a program normalises FORWARD_TILE tokens forward; backward, it walks BACKWARD_ROWS tokens, keeping its dD and dweight
+partials in registers.
 """
 
 from typing import Optional
@@ -22,9 +21,8 @@ import triton.language as tl
 
 from ..backend import launches_directly
 
-# Launch settings. H200, 400M layer (B=8, S=4096, C=1344), GPU time: forward 0.093 ms with two tokens per program,
-# 0.104 with one; backward ~0.25 ms one token at a time, 0.33-0.41 with two or four at once (more registers, fewer
-# programs in flight, so the backward takes one), on 8 warps (benchmarks/bench_gated_norm.py, benchmarks/RESULTS.md).
+# Launch settings (benchmarks/bench_gated_norm.py compares others). The backward takes one token at a time: two or
+# four at once need more registers, which leaves fewer programs in flight.
 FORWARD_TILE = 2       # tokens of one forward program
 BACKWARD_ROWS = 32     # tokens of one backward program, one at a time: one dD and one dweight partial each
 WARPS = 8
@@ -63,7 +61,7 @@ def gated_norm_forward_kernel(y_ptr, v_ptr, D_ptr, g_ptr, weight_ptr, out_ptr, r
     first = tl.program_id(0).to(tl.int64) * TILE
     rows, offsets, mask, c, in_columns = _tile(first, num_rows, C, BLOCK_C, TILE)
     u, g, v = _token_inputs(y_ptr, v_ptr, g_ptr, offsets, mask, HAS_RESIDUAL)
-    if HAS_RESIDUAL:   # D after the tokens: loaded before them, the forward took 0.115 ms, not 0.093 (H200)
+    if HAS_RESIDUAL:   # D after the tokens: loaded before them, it delays the tokens' loads
         u += _load_row(D_ptr, c, in_columns) * v
     z = u * g * tl.sigmoid(g)
     rstd = 1.0 / tl.sqrt(tl.sum(z * z, axis=1) / C + eps)   # (TILE,)

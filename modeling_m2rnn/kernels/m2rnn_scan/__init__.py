@@ -1,4 +1,4 @@
-"""The M2RNN recurrence op (docs/design.md, "The recurrence op"): `m2rnn_scan` validates its inputs and chooses
+"""The M2RNN recurrence op (docs/design.md, "Kernel contracts"): `m2rnn_scan` validates its inputs and chooses
 between the PyTorch reference (naive.py) and the Triton kernels (triton_scan.py and the kernels it launches)."""
 
 import torch
@@ -33,7 +33,8 @@ def m2rnn_scan(
 
     `gradient_clipping=c` clamps, in the backward pass, the whole gradient reaching each state H_t to
     [-c, c]. `backend`: "torch" (the reference loop), "triton" (CUDA, or the CPU under
-    TRITON_INTERPRET=1) or "auto" (Triton on CUDA when available, else the reference).
+    TRITON_INTERPRET=1) or "auto" (Triton on CUDA when available, else the reference); float64 inputs
+    always run the reference.
     """
     validate_scan_inputs(q, k, v, W, f, initial_state, gradient_clipping, cu_seqlens)
     if not uses_triton(backend, v):

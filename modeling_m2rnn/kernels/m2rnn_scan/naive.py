@@ -1,6 +1,6 @@
 """The M2RNN recurrence in plain PyTorch: the specification every other backend is tested against.
 
-Per head n and time step t (DESIGN.md §3):
+Per head n and time step t (docs/design.md, "The recurrence"):
 
     Z_t = tanh(H_{t-1} · W_n + k_t v_tᵀ)        H: (K, V), W_n: (V, V)
     H_t = f_t · H_{t-1} + (1 − f_t) · Z_t
@@ -47,7 +47,7 @@ def _scan_one_sequence(q, k, v, W, f, state, gradient_clipping):
 
 
 def m2rnn_scan_reference(q, k, v, W, f, initial_state=None, gradient_clipping=None, cu_seqlens=None):
-    """The recurrence op of DESIGN.md §6 as a loop over time. Inputs are assumed validated.
+    """`m2rnn_scan` (docs/design.md, "Kernel contracts") as a loop over time. Inputs are assumed validated.
 
     Returns y (B, S, N, V) in the dtype of `v` and the final state (B, N, K, V), or one per sequence
     with `cu_seqlens`, in float32 (float64 for float64 inputs).

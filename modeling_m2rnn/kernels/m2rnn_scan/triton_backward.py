@@ -5,7 +5,7 @@ per-program partials of dq and dk need only a segment's worth of memory; the gra
 state crosses from one launch to the next through `dstate`.
 
 Per step t, with G the whole gradient reaching H_t (from y_t and from H_{t+1}), clamped to
-[-c, c] when gradient clipping is on (DESIGN.md §3):
+[-c, c] when gradient clipping is on (docs/design.md, "The recurrence"):
     dZ = (1 - f) G;  dA = dZ ⊙ (1 - Z²)                 A = H_{t-1} W + k vᵀ,  Z = tanh(A)
     dH_{t-1} = f G + dA Wᵀ;  dW += H_{t-1}ᵀ dA;  dk = dA v;  dv = dAᵀ k
     df = Σ G ⊙ (H_{t-1} - Z);  dq = H_t dy

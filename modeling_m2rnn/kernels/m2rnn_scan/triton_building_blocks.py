@@ -19,9 +19,9 @@ import triton.language as tl
 def tanh(x, FAST: tl.constexpr):
     """tanh in float32. FAST: one tanh.approx.f32 per element on the GPU (max rel. error ~2^-11,
     for 16-bit inputs); the special-function unit's throughput sets the pace of a step, and the
-    exp-and-divide form costs twice as much (H200, 400M forward: 2.6 ms vs 4.7 ms). The portable form
-    is exact to float32 rounding and runs in the Triton interpreter. (tanh.approx.f16x2, two per
-    instruction, measured no faster and less accurate.)"""
+    exp-and-divide form takes about twice as long. The portable form is exact to float32 rounding and
+    runs in the Triton interpreter. (tanh.approx.f16x2, two per instruction, is no faster and less
+    accurate.)"""
     if FAST:
         return tl.inline_asm_elementwise(
             "tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1

@@ -38,28 +38,25 @@ from .triton_forward import scan_forward_kernel
 class KernelConfig:
     """Launch parameters; `benchmarks/bench_scan.py` compares settings on the GPU."""
 
-    # Steps between forward checkpoints; the backward replays one chunk at a time. H200, 400M shape, B=8: 32 steps
-    # forward+backward 9.95-9.96 ms and 0.567 GiB, 64 steps 10.09 ms and 0.526 GiB (the chunk's replayed states then
-    # take 88 MB of scratch, more than the 50 MB L2); B=1 6.02 against 5.95-5.97 ms (benchmarks/RESULTS.md).
+    # Steps between forward checkpoints; the backward replays one chunk at a time. Longer chunks save a little
+    # checkpoint memory, but their replayed states no longer fit the GPU's L2 cache at the 400M shape.
     chunk: int = 32
     # State rows per program (a power of two >= 16; capped at K rounded up). Rows evolve independently,
     # so fewer rows per program mean more, shorter programs in flight; y, dv, df and dW then take one
-    # partial per row block (y's and dv's in the input dtype, summed by PyTorch in float32).
-    # H200, 400M shape, forward: 16 rows 3.21 ms, 32 rows 2.17 ms, 64 rows 2.66 ms; forward+backward with
-    # bf16 gradient products: 16 rows 15.5 ms, 32 rows 12.2 ms, 64 rows 13.6 ms (benchmarks/RESULTS.md).
+    # partial per row block (y's and dv's in the input dtype, summed by PyTorch in float32). 32 rows is the
+    # fastest of 16, 32 and 64 forward and backward at the 400M shape (benchmarks/bench_scan.py compares them).
     forward_rows: int = 32
     forward_heads_per_program: int = 1
     forward_warps: int = 1
     backward_rows: int = 32
     # Heads sharing q, k summed in registers. More heads: fewer dq, dk partials but, on one warp per
-    # head, a cross-warp sum every step. H200, 400M shape, backward kernel alone: 1 head on 1 warp
-    # 11.3 ms, 2 heads on 2 warps 14.1 ms, 4 on 4 warps 18.5 ms.
+    # head, a cross-warp sum every step, which costs more than the partials save.
     backward_max_heads_per_program: int = 1
     backward_warps: int = 1
     # Register cap of a backward program (ptxas maxnreg; GPU only). 65,536 registers per SM hold 11 one-warp
     # programs of at most 184 registers each, so the 400M shape's 1,344 programs run in one wave on 132 SMs.
-    # Uncapped, the count depends on the input dtypes and the Triton version: triton 3.6 gave the lane-sum
-    # kernel 189 registers for float32 W, and forward+backward took 14.5 ms instead of 11.1 (benchmarks/RESULTS.md).
+    # Uncapped, the count depends on the input dtypes and the Triton version, and a few registers more than the cap
+    # leave programs out of the wave.
     backward_max_registers: Optional[int] = 184
     # The backward walks the time axis in segments of whole chunks, one launch each, so that the float32
     # dq, dk partials (B, segment, N / heads, K) stay within this many MiB (at least one chunk); the dv, df
@@ -67,8 +64,7 @@ class KernelConfig:
     backward_partials_mib: int = 128
     # 16-bit inputs: the backward's dA·Wᵀ and H_{t-1}ᵀ·dA products take bf16 operands ("bf16"; float32
     # range, so tiny gradients survive) or float32 operands rounded to tf32 ("tf32"). bf16 halves the
-    # shared-memory round trips that feed the tensor cores every step: H200, 400M shape, 64 rows,
-    # forward+backward 14.9 ms with tf32, 13.6 ms with bf16, with no loss of accuracy against float64.
+    # shared-memory round trips that feed the tensor cores every step, with no loss of accuracy against float64.
     backward_products: str = "bf16"
     fast_tanh: bool = True  # tanh.approx on the GPU for 16-bit inputs; see triton_building_blocks.tanh
     # row and column sums by hand on the GPU for 16-bit inputs; see triton_building_blocks._column_sums
@@ -229,9 +225,9 @@ def sum_partials_kernel(partial_ptr, out_ptr, num_rows, groups, steps,
 def _sum_partials_into(out: torch.Tensor, partial: torch.Tensor):
     """out (B, steps, groups, K) = partial (B, steps, groups, members, K) summed over the members, accumulated in
     float32 and rounded once to out's dtype, in place. Both may be strided views (unit stride along K): slices of
-    the whole sequence's gradients, views of the per-program or per-row-block partials. A kernel of its own: at the
-    400M shape on an H200, torch.sum over the 84 dq partials of a row took 25.4 µs against 22.0, and PyTorch's add of
-    dv's two row-block partials into a strided slice ran without vector loads (benchmarks/RESULTS.md)."""
+    the whole sequence's gradients, views of the per-program or per-row-block partials. A kernel of its own, because
+    torch.sum over many partials is slower, and PyTorch's add of partials into a strided slice runs without vector
+    loads."""
     batch, steps, groups, key_dim = out.shape
     unit_stride = partial.stride(-1) == out.stride(-1) == 1
     if partial.shape[:3] != out.shape[:3] or partial.shape[-1] != key_dim or not unit_stride:
@@ -248,7 +244,7 @@ def _sum_partials_into(out: torch.Tensor, partial: torch.Tensor):
 def _sum_row_blocks(partials: torch.Tensor) -> torch.Tensor:
     """Sum the per-row-block partials (R, ...) in float32 into the partials' dtype. Two partials (K <= 64 at the
     default 32 rows per block) take one add: it rounds the float32 sum once, as sum(0) does, with the same bits,
-    and is the faster kernel (H200, y of the 400M shape, B=8: 0.067 ms against 0.170 ms)."""
+    and is the faster kernel."""
     if partials.shape[0] == 1:
         return partials[0]
     if partials.shape[0] == 2:
@@ -334,9 +330,9 @@ def scan_backward_op(
     row_blocks = shape.num_row_blocks(rows)
     B, S, N, K, V = shape.batch, shape.seq_len, shape.num_heads, shape.key_dim, shape.value_dim
     device = v.device
-    # One dq, dk partial per program: 84 to a row of q at the 400M shape, so writing and summing them in float32
-    # took 5% of forward+backward (H200, benchmarks/RESULTS.md). For bf16 inputs they are bf16, which keeps float32's
-    # range; a fp16 partial could overflow where the sum of the group does not.
+    # One dq, dk partial per program: 84 to a row of q at the 400M shape, a visible share of forward+backward when
+    # written and summed in float32. For bf16 inputs they are bf16, which keeps float32's range; a fp16 partial could
+    # overflow where the sum of the group does not.
     partial_dtype = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
     segment = _backward_segment_steps(shape, programs, partial_dtype.itemsize)
     dq = torch.empty(B, S, shape.nq, K, device=device, dtype=q.dtype)

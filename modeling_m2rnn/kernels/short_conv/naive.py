@@ -28,8 +28,7 @@ def causal_conv1d(
 
     The convolution is k shifted products summed in the (B, S, C) layout of the projection, not a conv kernel:
     torch.compile fuses them with their neighbours (the SiLU, the split into q, k, v) forward and backward, where
-    a depthwise conv kernel needs channel-major copies both ways (H200, 400M hybrid training step: 26 ms of conv
-    and copies, benchmarks/RESULTS.md).
+    a depthwise conv kernel needs channel-major copies both ways.
     """
     batch, seq_len, _ = x.shape
     kernel_size = weight.shape[1]
