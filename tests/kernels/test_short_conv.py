@@ -49,10 +49,12 @@ def test_short_conv_is_a_causal_depthwise_conv1d(seq_len, context_len):
     assert (out_bf16.double() - expected).abs().max() <= 2**-7 * expected.abs().max()
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("dtype, kernel_size", [(torch.float32, 4), (torch.bfloat16, 3)])
-def test_conv_step_matches_reference_and_shifts_the_window(dtype, kernel_size):
+def test_conv_step_matches_reference_and_shifts_the_window(dtype, kernel_size, backend):
     """One decode step of the short conv: silu(Σ_j w_j · window_j) with window = (cached inputs 1..k-1, x), and the
-    cache becomes that window. x is a strided view (the model's is a slice of the input projection)."""
+    cache becomes that window, on the kernel and on the PyTorch reference. x is a strided view (the model's is a
+    slice of the input projection)."""
     g = torch.Generator().manual_seed(7)
     batch, channels = 3, 141   # more than one program of channels, the last one partial
     x = torch.randn(batch, channels + 9, generator=g).to(dtype)[:, 5:5 + channels]
@@ -60,7 +62,7 @@ def test_conv_step_matches_reference_and_shifts_the_window(dtype, kernel_size):
     weight = torch.randn(channels, kernel_size, generator=g)
     window = torch.cat([conv_state[..., 1:], x[..., None]], dim=-1)
     reference = torch.nn.functional.silu((window.double() * weight.double()).sum(-1))
-    out = triton_conv_step(x.to(DEVICE), conv_state := conv_state.to(DEVICE), weight.to(DEVICE))
+    out = causal_conv1d_step(x.to(DEVICE), conv_state := conv_state.to(DEVICE), weight.to(DEVICE), backend=backend)
     assert out.dtype == dtype and out.shape == (batch, channels)
     assert relative_error(out, reference) < BOUND[dtype]
     assert torch.equal(conv_state.cpu(), window)
