@@ -3,6 +3,8 @@
 import torch
 import torch.nn.functional as F
 
+from ..kernels import causal_conv1d_silu, causal_conv1d_step
+
 
 def _gather_time(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x (B, T, C) reordered along time by index (B, T)."""
@@ -65,3 +67,44 @@ def causal_conv1d(
         full = torch.zeros_like(window).scatter(1, order[:, -seq_len:].unsqueeze(-1).expand_as(out), out)
         out = full[:, -seq_len:]
     return out, window[:, -kernel_size:].transpose(1, 2)
+
+
+def short_conv_silu(
+    qkv: torch.Tensor,
+    weight: torch.Tensor,
+    split_sizes: list[int],
+    layer_idx: int,
+    padding_mask: torch.Tensor | None = None,
+    sequence_ids: torch.Tensor | None = None,
+    cache=None,
+    use_triton: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """The blocks `split_sizes` of silu(causal_conv1d(qkv)) for a recurrent layer's q, k, v: qkv (B, S, C), weight
+    (C, k). With a cache, reads and updates layer `layer_idx`'s conv window (the last k real inputs). With
+    `use_triton`, a decode step without gradients and whole rows without padding or cache (training) run on the Triton
+    kernels; float64 keeps the PyTorch conv (the kernels compute in float32)."""
+    kernel_size = weight.shape[1]
+    use_triton = use_triton and qkv.dtype != torch.float64
+    if use_triton and _is_conv_decode_step(qkv, weight, layer_idx, padding_mask, cache):
+        out = causal_conv1d_step(qkv[:, 0], cache.layers[layer_idx].conv_states[0], weight).unsqueeze(1)
+        return out.split(split_sizes, dim=-1)
+    if use_triton and cache is None and padding_mask is None:
+        return causal_conv1d_silu(qkv, weight, sequence_ids, split_sizes)
+    context = None
+    if cache is not None:
+        context = cache.update_conv_state(qkv.transpose(1, 2), layer_idx, conv_kernel_size=kernel_size)
+    out, last_inputs = causal_conv1d(qkv, weight, context, padding_mask, sequence_ids)
+    if cache is not None and padding_mask is not None:
+        # the cache kept the last k positions; with padding among them, the window is the last k real inputs
+        cache.layers[layer_idx].conv_states[0].copy_(last_inputs)
+    return F.silu(out).split(split_sizes, dim=-1)
+
+
+def _is_conv_decode_step(qkv, weight, layer_idx: int, padding_mask, cache) -> bool:
+    """One new token after a cached window, without gradients (the step kernel has no backward)."""
+    if cache is None or qkv.shape[1] != 1 or padding_mask is not None:
+        return False
+    if torch.is_grad_enabled() and (qkv.requires_grad or weight.requires_grad):
+        return False
+    layer = cache.layers[layer_idx]
+    return layer.has_previous_state[0] and layer.conv_states[0].shape[-1] == weight.shape[1]
