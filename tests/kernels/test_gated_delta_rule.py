@@ -141,3 +141,19 @@ def test_packed_bounds_must_cover_the_sequence():
 def test_the_fla_backend_without_fla_core_says_how_to_install_it():
     with pytest.raises(ValueError, match=r"pip install m2rnn\[fla\]"):
         gated_delta_rule(**random_inputs(seed=11), backend="fla")
+
+
+def test_auto_leaves_fla_for_the_reference_only_where_flas_backward_refuses_and_says_why(monkeypatch):
+    import modeling_m2rnn.kernels.gated_delta_rule as op
+
+    fla_calls = []
+    monkeypatch.setattr(op, "uses_fla", lambda backend, x: True)   # as for CUDA tensors with fla-core installed
+    monkeypatch.setattr(op, "fla_backward_refusal", lambda device: "refused on this GPU")
+    monkeypatch.setattr(op, "gated_delta_rule_fla", lambda *args: fla_calls.append(1) or op.gated_delta_rule_reference(*args))
+    inputs = random_inputs(seed=12)
+    op.gated_delta_rule(**inputs)                                    # no gradients: fla's forward is fine
+    assert fla_calls == [1]
+    inputs["q"].requires_grad_()
+    with pytest.warns(UserWarning, match="refused on this GPU; running the PyTorch reference"):
+        op.gated_delta_rule(**inputs)
+    assert fla_calls == [1]

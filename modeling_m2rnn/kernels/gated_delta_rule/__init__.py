@@ -2,9 +2,11 @@
 (`naive.py`) and fla-core's kernels on CUDA (`fla.py`). No kernels of this package's own; this file alone decides
 which implementation runs."""
 
+import warnings
+
 import torch
 
-from .fla import fla_is_available, gated_delta_rule_fla
+from .fla import fla_backward_refusal, fla_is_available, gated_delta_rule_fla, needs_grad
 from .naive import gated_delta_rule_reference
 
 __all__ = ["GDN_BACKENDS", "fla_is_available", "gated_delta_rule", "gated_delta_rule_reference", "uses_fla"]
@@ -117,9 +119,15 @@ def gated_delta_rule(
 
     Returns o (B, S, H, V) in the dtype of `v` and the final state (N, H, K, V) in float32 (float64 for float64
     inputs), N = B or the number of packed sequences. `backend`: "torch" (the reference loop), "fla" (fla-core's
-    kernels, CUDA) or "auto" (fla for CUDA tensors when installed and not float64, else the reference).
+    kernels, CUDA) or "auto" (fla for CUDA tensors when installed and not float64, else the reference; the reference
+    too where gradients are needed and fla's backward refuses the GPU and Triton, with a warning saying why).
     """
     validate_gated_delta_rule_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     implementation = gated_delta_rule_fla if uses_fla(backend, q) else gated_delta_rule_reference
+    if implementation is gated_delta_rule_fla and backend == "auto" and needs_grad(q, k, v, g, beta, initial_state):
+        refusal = fla_backward_refusal(q.device)
+        if refusal is not None:
+            warnings.warn(f"gated_delta_rule: {refusal}; running the PyTorch reference loop instead", stacklevel=2)
+            implementation = gated_delta_rule_reference
     return implementation(q, k, v, g, beta, scale, initial_state, cu_seqlens, qk_l2norm)

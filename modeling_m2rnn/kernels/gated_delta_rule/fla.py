@@ -16,14 +16,32 @@ def fla_is_available() -> bool:
     return importlib.util.find_spec("fla") is not None
 
 
+@functools.cache
+def fla_backward_refusal(device: torch.device) -> str | None:
+    """Why fla's chunked backward refuses to run on `device`, or None. Triton from 3.4.0 up to 3.7.1 miscompiles its
+    gated `chunk_bwd_dqkwg` kernel on Hopper (wrong dk, db, dg: fla issue #640, fixed in Triton 3.7.1), and fla then
+    raises in the backward unless its TileLang backend (the `tilelang` package) takes that kernel over."""
+    import triton
+    from packaging.version import Version
+
+    hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+    affected = Version("3.4.0") <= Version(triton.__version__) < Version("3.7.1")
+    if not (hopper and affected) or importlib.util.find_spec("tilelang") is not None:
+        return None
+    return (f"fla's gated delta rule backward refuses Triton {triton.__version__} on Hopper (fla issue #640); "
+            "Triton >= 3.7.1 or the `tilelang` package lifts it")
+
+
+def needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
+
+
 def gated_delta_rule_fla(q, k, v, g, beta, scale: float, initial_state=None, cu_seqlens=None, qk_l2norm=False):
     """`kernels.gated_delta_rule` on fla's kernels; inputs are assumed validated. fla takes the same layout, log
     decay, state (N, H, K, V) and `cu_seqlens` convention, and l2-normalises q and k inside its kernels."""
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 
-    tensors = (q, k, v, g, beta, initial_state)
-    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
-    use_chunks = needs_grad or q.shape[1] > FUSED_RECURRENT_MAX_TOKENS
+    use_chunks = needs_grad(q, k, v, g, beta, initial_state) or q.shape[1] > FUSED_RECURRENT_MAX_TOKENS
     kernel = chunk_gated_delta_rule if use_chunks else fused_recurrent_gated_delta_rule
     o, final_state = kernel(
         q=q,
