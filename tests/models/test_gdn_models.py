@@ -1,5 +1,8 @@
 """Models with Gated DeltaNet layers end to end on the CPU: config, cache, generation, padding, packing, checkpoints."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from huggingface_hub.errors import StrictDataclassClassValidationError
@@ -174,3 +177,27 @@ def test_the_triton_conv_kernels_give_the_pytorch_conv_in_training_and_decoding(
         pieces = [triton_model.eval()(ids[:, :5], past_key_values=cache, use_cache=True).logits]
         pieces += [triton_model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(5, 8)]
     assert (torch.cat(pieces, dim=1) - full).abs().max() < 1e-4
+
+
+REMOTE_CODE_SCRIPT = """
+import sys, torch
+sys.modules["modeling_m2rnn"] = None   # the package must not be importable: only the checkpoint's code may run
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+with torch.no_grad():
+    torch.save(model(torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])).logits, sys.argv[2])
+"""
+
+
+def test_a_gdn_checkpoint_loads_with_trust_remote_code_without_the_package_or_fla(tmp_path):
+    model = tiny_model("GMA", seed=6)
+    model.save_pretrained(tmp_path / "checkpoint")
+    result = subprocess.run(
+        [sys.executable, "-c", REMOTE_CODE_SCRIPT, str(tmp_path / "checkpoint"), str(tmp_path / "logits.pt")],
+        check=False, capture_output=True, text=True, cwd=tmp_path,
+        env={"HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with torch.no_grad():
+        expected = model(torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])).logits
+    assert torch.equal(torch.load(tmp_path / "logits.pt"), expected)

@@ -39,7 +39,10 @@ def needs_grad(*tensors) -> bool:
 def gated_delta_rule_fla(q, k, v, g, beta, scale: float, initial_state=None, cu_seqlens=None, qk_l2norm=False):
     """`kernels.gated_delta_rule` on fla's kernels; inputs are assumed validated. fla takes the same layout, log
     decay, state (N, H, K, V) and `cu_seqlens` convention, and l2-normalises q and k inside its kernels."""
-    from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+    try:   # (in a try block, transformers' check of a remote-code checkpoint's imports does not require fla)
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+    except ImportError as error:
+        raise ImportError("gated_delta_rule: fla's kernels need fla-core (`pip install m2rnn[fla]`)") from error
 
     use_chunks = needs_grad(q, k, v, g, beta, initial_state) or q.shape[1] > FUSED_RECURRENT_MAX_TOKENS
     kernel = chunk_gated_delta_rule if use_chunks else fused_recurrent_gated_delta_rule
