@@ -18,5 +18,7 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-timeout", "ruff", "accelerate", "peft", "datasets"],
         "examples": ["tqdm", "matplotlib", "datasets", "accelerate", "peft"],
+        # Gated DeltaNet's CUDA kernels. fla-core itself needs only einops: it pulls no torch (nor a CUDA build).
+        "fla": ["fla-core"],
     },
 )

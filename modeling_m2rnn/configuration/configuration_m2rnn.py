@@ -4,13 +4,15 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.configuration_utils import remap_legacy_layer_types
 
-from ..kernels import BACKENDS
+from ..kernels import BACKENDS, GDN_BACKENDS
 
 # `layer_types` speaks transformers' vocabulary, which also drives the cache and mask dispatch:
-# "linear_attention" is transformers' name for a recurrent mixer, here an M2RNN layer.
+# "linear_attention" is transformers' name for a recurrent layer (an M2RNN or a Gated DeltaNet layer).
 M2RNN_LAYER = "linear_attention"
 ATTENTION_LAYER = "full_attention"
-_LAYER_TYPE_ALIASES = {"m2rnn": M2RNN_LAYER}
+# `mixer_types` says which token mixer each layer is; a recurrent mixer's name also stands for its cache kind.
+MIXER_TYPES = ("m2rnn", "gated_deltanet", "attention")
+_LAYER_TYPE_ALIASES = {"m2rnn": M2RNN_LAYER, "gated_deltanet": M2RNN_LAYER}
 # The backend field's name before it governed the short conv and the gated norm as well as the scan.
 _OLD_BACKEND_FIELD = "m2rnn_scan_backend"
 
@@ -34,6 +36,17 @@ class M2RNNConfig(PreTrainedConfig):
         m2rnn_kernel_backend: the implementation of every M2RNN op (scan, short conv, gated norm): "auto" (Triton
             on CUDA, else the PyTorch references), "torch" or "triton". Configs that name it `m2rnn_scan_backend`
             load with it.
+
+    Gated DeltaNet layers (`mixer_types` entry "gated_deltanet", or `layer_types` alias "gated_deltanet"), lm-engine's:
+        gdn_num_heads (H), gdn_num_k_heads (q and k heads, each shared by H / gdn_num_k_heads heads; None for H),
+        gdn_key_head_dim (K), gdn_value_head_dim (V): the state of a head is a K×V matrix.
+        gdn_conv_kernel_size: depthwise causal convolution (+ SiLU) on q, k, v.
+        gdn_use_gate: the output gate silu(gate), applied before the per-head RMSNorm.
+        gdn_allow_neg_eigval: beta = 2·sigmoid(b) instead of sigmoid(b).
+        gdn_A_init_min/max, gdn_dt_init_min/max, gdn_dt_init_floor: Mamba2-style decay initialisation.
+        gdn_backend: "auto" (fla-core's kernels on CUDA when installed, else the PyTorch reference), "torch" or "fla".
+    `mixer_types[i]` ("m2rnn", "gated_deltanet", "attention") names each layer's mixer; by default every
+    "linear_attention" layer is an M2RNN layer.
 
     Attention layers: `num_attention_heads`, `num_key_value_heads` (GQA), `head_dim`; no positional encoding
     (NoPE, as in the paper) unless `use_rope=True`, with transformers' `rope_parameters` (e.g. `{"rope_theta": 1e4}`).
@@ -98,15 +111,25 @@ class M2RNNConfig(PreTrainedConfig):
     m2rnn_dt_init_range: list[float] | tuple[float, float] = (1e-3, 0.1)
     m2rnn_dt_init_floor: float = 1e-4
     m2rnn_kernel_backend: str = "auto"
+    mixer_types: list[str] | None = None
+    gdn_num_heads: int = 2
+    gdn_num_k_heads: int | None = None
+    gdn_key_head_dim: int = 256
+    gdn_value_head_dim: int = 512
+    gdn_conv_kernel_size: int = 4
+    gdn_use_gate: bool = True
+    gdn_allow_neg_eigval: bool = False
+    gdn_A_init_min: float = 0.0
+    gdn_A_init_max: float = 16.0
+    gdn_dt_init_min: float = 1e-3
+    gdn_dt_init_max: float = 0.1
+    gdn_dt_init_floor: float = 1e-4
+    gdn_backend: str = "auto"
 
     def __post_init__(self, **kwargs):
         if _OLD_BACKEND_FIELD in kwargs:
             self.m2rnn_kernel_backend = kwargs.pop(_OLD_BACKEND_FIELD)
-        if self.layer_types is None:
-            self.layer_types = [M2RNN_LAYER] * self.num_hidden_layers
-        else:
-            layer_types = remap_legacy_layer_types(self.layer_types)
-            self.layer_types = [_LAYER_TYPE_ALIASES.get(t, t) for t in layer_types]
+        self._resolve_layer_and_mixer_types()
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None and self.num_attention_heads:
@@ -114,6 +137,29 @@ class M2RNNConfig(PreTrainedConfig):
         self.m2rnn_A_init_range = list(self.m2rnn_A_init_range)
         self.m2rnn_dt_init_range = list(self.m2rnn_dt_init_range)
         super().__post_init__(**kwargs)
+
+    def _resolve_layer_and_mixer_types(self):
+        """Fill in whichever of `layer_types` and `mixer_types` is missing from the other. A `layer_types` alias
+        ("m2rnn", "gated_deltanet") names the mixer too; where `mixer_types` says otherwise the alias stays, for
+        `validate_layer_mixers` to report."""
+        mixers = self.mixer_types if isinstance(self.mixer_types, list) else None
+        if self.layer_types is None:
+            # (from a `mixer_types` of the wrong length, the default, so that the validators name `mixer_types`)
+            fits = mixers is not None and len(mixers) == self.num_hidden_layers
+            implied = mixers if fits else ["m2rnn"] * self.num_hidden_layers
+            self.layer_types = [ATTENTION_LAYER if m == "attention" else M2RNN_LAYER for m in implied]
+        layer_types = remap_legacy_layer_types(self.layer_types)
+        if self.mixer_types is None:
+            self.mixer_types = [
+                t if t in _LAYER_TYPE_ALIASES else "attention" if t == ATTENTION_LAYER else "m2rnn" for t in layer_types
+            ]
+
+        def cache_kind(i: int, layer_type: str) -> str:
+            if layer_type in _LAYER_TYPE_ALIASES and mixers is not None and i < len(mixers) and mixers[i] != layer_type:
+                return layer_type   # contradicted by `mixer_types`: left for validate_layer_mixers to report
+            return _LAYER_TYPE_ALIASES.get(layer_type, layer_type)
+
+        self.layer_types = [cache_kind(i, t) for i, t in enumerate(layer_types)]
 
     @property
     def m2rnn_num_heads(self) -> int:
@@ -135,15 +181,38 @@ class M2RNNConfig(PreTrainedConfig):
 
     def validate_layer_type(self):
         allowed = (M2RNN_LAYER, ATTENTION_LAYER)
-        if not isinstance(self.layer_types, list) or any(t not in allowed for t in self.layer_types):
+        known = (*allowed, *_LAYER_TYPE_ALIASES)   # an alias left here contradicts `mixer_types`: reported there
+        if not isinstance(self.layer_types, list) or any(t not in known for t in self.layer_types):
             raise ValueError(
-                f"`layer_types` entries must be one of {allowed} (or the alias 'm2rnn'), got {self.layer_types}"
+                f"`layer_types` entries must be one of {allowed} (or the aliases {tuple(_LAYER_TYPE_ALIASES)}), got "
+                f"{self.layer_types}"
             )
         if len(self.layer_types) != self.num_hidden_layers:
             raise ValueError(
                 f"`layer_types` must have one entry per layer: num_hidden_layers={self.num_hidden_layers}, "
                 f"got {len(self.layer_types)} entries"
             )
+
+    def validate_layer_mixers(self):
+        mixers = self.mixer_types
+        if not isinstance(mixers, list) or any(m not in MIXER_TYPES for m in mixers):
+            raise ValueError(f"`mixer_types` entries must be one of {MIXER_TYPES}, got {mixers}")
+        layer_types_fit = isinstance(self.layer_types, list) and len(self.layer_types) == self.num_hidden_layers
+        if len(mixers) != self.num_hidden_layers and layer_types_fit:   # else validate_layer_type names `layer_types`
+            raise ValueError(
+                f"`mixer_types` must have one entry per layer: num_hidden_layers={self.num_hidden_layers}, "
+                f"got {len(mixers)} entries"
+            )
+        if not isinstance(self.layer_types, list):
+            return   # validate_layer_type reports it
+        for i, (mixer, layer_type) in enumerate(zip(mixers, self.layer_types)):
+            expected = ATTENTION_LAYER if mixer == "attention" else M2RNN_LAYER
+            contradicted = layer_type in (M2RNN_LAYER, ATTENTION_LAYER) and layer_type != expected
+            if contradicted or layer_type in _LAYER_TYPE_ALIASES:   # an alias is left only where it contradicts
+                raise ValueError(
+                    f"`mixer_types[{i}]` = {mixer!r} disagrees with `layer_types[{i}]` = {layer_type!r}: attention is a "
+                    f"{ATTENTION_LAYER!r} layer, a recurrent mixer a {M2RNN_LAYER!r} layer (or one of its own name)"
+                )
 
     def validate_architecture(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "m2rnn_k_head_dim",
@@ -173,6 +242,33 @@ class M2RNNConfig(PreTrainedConfig):
             raise ValueError(f"`m2rnn_kernel_backend` must be one of {BACKENDS}, got {self.m2rnn_kernel_backend!r}")
         if ATTENTION_LAYER in self.layer_types:
             self._validate_attention()
+        if isinstance(self.mixer_types, list) and "gated_deltanet" in self.mixer_types:
+            self._validate_gated_deltanet()
+
+    def _validate_gated_deltanet(self):
+        for name in ("gdn_num_heads", "gdn_key_head_dim", "gdn_value_head_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}")
+        k_heads = self.gdn_num_k_heads
+        if k_heads is not None and (k_heads <= 0 or self.gdn_num_heads % k_heads):
+            raise ValueError(
+                f"`gdn_num_k_heads` = {k_heads} must be positive and divide `gdn_num_heads` = {self.gdn_num_heads} "
+                "(or be None for one q and k head per head)"
+            )
+        if self.gdn_conv_kernel_size < 2:
+            raise ValueError(f"`gdn_conv_kernel_size` must be >= 2, got {self.gdn_conv_kernel_size}")
+        if not 0 <= self.gdn_A_init_min < self.gdn_A_init_max:
+            raise ValueError(
+                f"`gdn_A_init_min` and `gdn_A_init_max` must satisfy 0 <= min < max, got {self.gdn_A_init_min} and "
+                f"{self.gdn_A_init_max}"
+            )
+        if not 0 < self.gdn_dt_init_min <= self.gdn_dt_init_max:
+            raise ValueError(
+                f"`gdn_dt_init_min` and `gdn_dt_init_max` must satisfy 0 < min <= max, got {self.gdn_dt_init_min} and "
+                f"{self.gdn_dt_init_max}"
+            )
+        if self.gdn_backend not in GDN_BACKENDS:
+            raise ValueError(f"`gdn_backend` must be one of {GDN_BACKENDS}, got {self.gdn_backend!r}")
 
     def _validate_attention(self):
         if self.num_attention_heads <= 0 or self.head_dim is None or self.head_dim <= 0:

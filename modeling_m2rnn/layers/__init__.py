@@ -2,10 +2,11 @@
 of `generation.cache`."""
 
 from .attention import Attention
+from .gated_deltanet import GatedDeltaNet
 from .linear import Linear
 from .m2rnn_mixer import M2RNNMixer
 from .mlp import GatedMLP
 from .norm import RMSNorm
 from .packing import PackedSequences
 
-__all__ = ["Attention", "GatedMLP", "Linear", "M2RNNMixer", "PackedSequences", "RMSNorm"]
+__all__ = ["Attention", "GatedDeltaNet", "GatedMLP", "Linear", "M2RNNMixer", "PackedSequences", "RMSNorm"]

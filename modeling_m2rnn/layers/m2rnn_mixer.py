@@ -5,18 +5,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..generation.cache import (
-    conv_state,
-    has_previous_state,
-    recurrent_state,
-    set_conv_state,
-    update_conv_state,
-    update_recurrent_state,
-)
-from ..kernels import causal_conv1d_silu, causal_conv1d_step, gated_rms_norm, m2rnn_scan
+from ..generation.cache import recurrent_state, update_recurrent_state
+from ..kernels import gated_rms_norm, m2rnn_scan
 from .linear import Linear
 from .norm import RMSNorm
 from .packing import PackedSequences
+from .short_conv import short_conv_silu
 
 
 class M2RNNMixer(nn.Module):
@@ -117,31 +111,12 @@ class M2RNNMixer(nn.Module):
         return self.in_proj(hidden_states).split(self.projection_sizes, dim=-1)
 
     def short_conv(self, qkv, padding_mask, packed: PackedSequences | None, cache) -> tuple[torch.Tensor, ...]:
-        """q, k, v: the blocks of silu(causal conv of qkv (B, S, C)), reading and updating the cached window when
-        there is a cache. Without a conv, the blocks of qkv."""
+        """q, k, v: the blocks of silu(causal conv of qkv (B, S, C)); without a conv, the blocks of qkv."""
         if self.conv_kernel_size is None:
             return qkv.split(self.qkv_sizes, dim=-1)
-        window = conv_state(cache, self.layer_idx)                                 # (B, C, k) or None
-        decode_step = qkv.shape[1] == 1 and padding_mask is None and has_previous_state(cache, self.layer_idx)
-        if decode_step and window is not None and window.shape[-1] == self.conv_kernel_size:
-            out = causal_conv1d_step(qkv[:, 0], window, self.conv_weight, self.kernel_backend)
-            return out.unsqueeze(1).split(self.qkv_sizes, dim=-1)
-        context = None
-        if cache is not None:
-            context = update_conv_state(cache, self.layer_idx, qkv.transpose(1, 2), self.conv_kernel_size)
-        blocks, last_inputs = causal_conv1d_silu(
-            qkv,
-            self.conv_weight,
-            self.qkv_sizes,
-            context=context,
-            padding_mask=padding_mask,
-            sequence_ids=packed.sequence_ids if packed is not None else None,
-            backend=self.kernel_backend,
+        return short_conv_silu(
+            qkv, self.conv_weight, self.qkv_sizes, self.layer_idx, padding_mask, packed, cache, self.kernel_backend
         )
-        if cache is not None and padding_mask is not None:
-            # the cache kept the last k positions; with padding among them, the window is the last k real inputs
-            set_conv_state(cache, self.layer_idx, last_inputs)
-        return blocks
 
     def recurrence(self, q, k, v, forget, initial_state, packed: PackedSequences | None):
         """The scan over the batch, or over packed sequences laid end to end (each with its own start state)."""
@@ -150,15 +125,10 @@ class M2RNNMixer(nn.Module):
             return m2rnn_scan(q, k, v, f=forget, initial_state=initial_state, **scan)
 
         batch, seq_len = forget.shape[:2]
-        num_sequences = packed.cu_seqlens.numel() - 1
-        start_states = None
-        if initial_state is not None:
-            start_states = initial_state.new_zeros(num_sequences, *initial_state.shape[1:])
-            start_states = start_states.index_copy(0, packed.first_sequence, initial_state)
         y, final_states = m2rnn_scan(
-            *(x.reshape(1, batch * seq_len, *x.shape[2:]) for x in (q, k, v)),
-            f=forget.reshape(1, batch * seq_len, -1),
-            initial_state=start_states,
+            *(packed.flatten(x) for x in (q, k, v)),
+            f=packed.flatten(forget),
+            initial_state=packed.start_states(initial_state),
             cu_seqlens=packed.cu_seqlens,
             **scan,
         )

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 @dataclass
 class PackedSequences:
-    """Where sequences packed along the time axis begin, shared by every M2RNN layer of one forward pass.
+    """Where sequences packed along the time axis begin, shared by every recurrent layer of one forward pass.
 
     The rows of the batch are laid end to end on one time axis of length B·S, so that each row start and
     each restart inside a row begins a sequence of its own.
@@ -32,3 +32,15 @@ class PackedSequences:
         first_sequence = last_sequence - sequences_per_row + 1
 
         return cls(cu_seqlens, first_sequence, last_sequence, sequence_ids)
+
+    def flatten(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, S, ...) → (1, B·S, ...): the rows laid end to end, the layout `cu_seqlens` indexes."""
+        return x.reshape(1, x.shape[0] * x.shape[1], *x.shape[2:])
+
+    def start_states(self, initial_state: torch.Tensor | None) -> torch.Tensor | None:
+        """The start state of every sequence (num_sequences, ...): a row's cached state (B, ...) for its first
+        sequence, zeros for the sequences that restart inside a row."""
+        if initial_state is None:
+            return None
+        states = initial_state.new_zeros(self.cu_seqlens.numel() - 1, *initial_state.shape[1:])
+        return states.index_copy(0, self.first_sequence, initial_state)

@@ -17,18 +17,22 @@ from transformers.utils.output_capturing import capture_outputs
 from ..configuration import M2RNNConfig
 from ..configuration.configuration_m2rnn import ATTENTION_LAYER, M2RNN_LAYER
 from ..generation import CACHE_OUTPUT_FIELD, M2RNNCache, M2RNNGenerationMixin, M2RNNStaticCache
-from ..layers import Attention, GatedMLP, M2RNNMixer, PackedSequences, RMSNorm
+from ..layers import Attention, GatedDeltaNet, GatedMLP, M2RNNMixer, PackedSequences, RMSNorm
 from ..remote_code import AUTO_MAP, export_remote_code
 
 
 class M2RNNDecoderLayer(GradientCheckpointingLayer):
-    """Pre-norm block: x += mixer(norm(x)); x += mlp(norm(x)), the mixer an M2RNN layer or attention."""
+    """Pre-norm block: x += mixer(norm(x)); x += mlp(norm(x)), the mixer an M2RNN layer, a Gated DeltaNet layer or
+    attention (`config.mixer_types`)."""
 
     def __init__(self, config: M2RNNConfig, layer_idx: int):
         super().__init__()
         self.layer_type = config.layer_types[layer_idx]
-        if self.layer_type == M2RNN_LAYER:
+        self.mixer_type = config.mixer_types[layer_idx]
+        if self.mixer_type == "m2rnn":
             self.m2rnn = M2RNNMixer(config, layer_idx)
+        elif self.mixer_type == "gated_deltanet":
+            self.gated_deltanet = GatedDeltaNet(config, layer_idx)
         else:
             self.self_attn = Attention(config, layer_idx)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -46,8 +50,10 @@ class M2RNNDecoderLayer(GradientCheckpointingLayer):
     ) -> torch.Tensor:
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
-        if self.layer_type == M2RNN_LAYER:
+        if self.mixer_type == "m2rnn":
             hidden_states = self.m2rnn(hidden_states, attention_mask, packed, past_key_values)
+        elif self.mixer_type == "gated_deltanet":
+            hidden_states = self.gated_deltanet(hidden_states, attention_mask, packed, past_key_values)
         else:
             hidden_states, _ = self.self_attn(
                 hidden_states, attention_mask, position_embeddings, past_key_values, **kwargs
@@ -79,6 +85,9 @@ class M2RNNPreTrainedModel(PreTrainedModel):
         if isinstance(module, M2RNNMixer):
             self._init_recurrence(module)
             init.normal_(module.out_proj.weight, mean=0.0, std=output_std)
+        elif isinstance(module, GatedDeltaNet):
+            self._init_gated_deltanet(module)
+            init.normal_(module.o_proj.weight, mean=0.0, std=output_std)
         elif isinstance(module, Attention):
             init.normal_(module.o_proj.weight, mean=0.0, std=output_std)
         elif isinstance(module, GatedMLP):
@@ -87,19 +96,21 @@ class M2RNNPreTrainedModel(PreTrainedModel):
     def _init_recurrence(self, mixer: M2RNNMixer):
         """docs/design.md, "The layer": W = I, D = 1, A ~ U[A_init_range], dt log-uniform in dt_init_range, floored."""
         config = self.config
-        low, high = config.m2rnn_A_init_range
-        A = torch.empty_like(mixer.A_log).uniform_(low, high).clamp_min(1e-4)   # log(0) would be -inf
-        init.copy_(mixer.A_log, A.log())
-        dt_low, dt_high = config.m2rnn_dt_init_range
-        dt = torch.empty_like(mixer.dt_bias).uniform_(math.log(dt_low), math.log(dt_high)).exp()
-        dt = dt.clamp_min(config.m2rnn_dt_init_floor)
-        init.copy_(mixer.dt_bias, dt + torch.log(-torch.expm1(-dt)))   # softplus(dt_bias) = dt
+        _init_decay(mixer, config.m2rnn_A_init_range, config.m2rnn_dt_init_range, config.m2rnn_dt_init_floor)
         init.copy_(mixer.W, torch.eye(mixer.value_head_dim).expand_as(mixer.W))
         if mixer.D is not None:
             init.ones_(mixer.D)
         if mixer.conv_kernel_size is not None:
             bound = 1 / math.sqrt(mixer.conv_kernel_size)   # nn.Conv1d's default for a depthwise kernel
             init.uniform_(mixer.conv_weight, -bound, bound)
+
+    def _init_gated_deltanet(self, mixer: GatedDeltaNet):
+        """A and dt as the M2RNN layers' (lm-engine's SoftplusDecayGate), the conv as a depthwise nn.Conv1d."""
+        config = self.config
+        A_range, dt_range = (config.gdn_A_init_min, config.gdn_A_init_max), (config.gdn_dt_init_min, config.gdn_dt_init_max)
+        _init_decay(mixer, A_range, dt_range, config.gdn_dt_init_floor)
+        bound = 1 / math.sqrt(mixer.conv_kernel_size)
+        init.uniform_(mixer.conv_weight, -bound, bound)
 
     @classmethod
     def register_for_auto_class(cls, auto_class="AutoModel"):
@@ -116,6 +127,16 @@ class M2RNNPreTrainedModel(PreTrainedModel):
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
             export_remote_code(save_directory)
+
+
+def _init_decay(mixer, A_range, dt_range, dt_floor: float):
+    """Mamba2's decay initialisation: A ~ U[A_range], A_log = log A; dt log-uniform in dt_range, floored, and
+    dt_bias = softplus⁻¹(dt)."""
+    A = torch.empty_like(mixer.A_log).uniform_(*A_range).clamp_min(1e-4)   # log(0) would be -inf
+    init.copy_(mixer.A_log, A.log())
+    dt_low, dt_high = dt_range
+    dt = torch.empty_like(mixer.dt_bias).uniform_(math.log(dt_low), math.log(dt_high)).exp().clamp_min(dt_floor)
+    init.copy_(mixer.dt_bias, dt + torch.log(-torch.expm1(-dt)))   # softplus(dt_bias) = dt
 
 
 class M2RNNModel(M2RNNPreTrainedModel):
