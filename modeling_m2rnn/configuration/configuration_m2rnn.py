@@ -210,8 +210,9 @@ class M2RNNConfig(PreTrainedConfig):
             contradicted = layer_type in (M2RNN_LAYER, ATTENTION_LAYER) and layer_type != expected
             if contradicted or layer_type in _LAYER_TYPE_ALIASES:   # an alias is left only where it contradicts
                 raise ValueError(
-                    f"`mixer_types[{i}]` = {mixer!r} disagrees with `layer_types[{i}]` = {layer_type!r}: attention is a "
-                    f"{ATTENTION_LAYER!r} layer, a recurrent mixer a {M2RNN_LAYER!r} layer (or one of its own name)"
+                    f"`mixer_types[{i}]` = {mixer!r} disagrees with `layer_types[{i}]` = {layer_type!r}: attention "
+                    f"is a {ATTENTION_LAYER!r} layer, a recurrent mixer a {M2RNN_LAYER!r} layer (or one of its own "
+                    "name)"
                 )
 
     def validate_architecture(self):

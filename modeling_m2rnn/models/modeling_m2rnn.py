@@ -107,7 +107,8 @@ class M2RNNPreTrainedModel(PreTrainedModel):
     def _init_gated_deltanet(self, mixer: GatedDeltaNet):
         """A and dt as the M2RNN layers' (lm-engine's SoftplusDecayGate), the conv as a depthwise nn.Conv1d."""
         config = self.config
-        A_range, dt_range = (config.gdn_A_init_min, config.gdn_A_init_max), (config.gdn_dt_init_min, config.gdn_dt_init_max)
+        A_range = (config.gdn_A_init_min, config.gdn_A_init_max)
+        dt_range = (config.gdn_dt_init_min, config.gdn_dt_init_max)
         _init_decay(mixer, A_range, dt_range, config.gdn_dt_init_floor)
         bound = 1 / math.sqrt(mixer.conv_kernel_size)
         init.uniform_(mixer.conv_weight, -bound, bound)

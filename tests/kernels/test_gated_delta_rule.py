@@ -1,5 +1,6 @@
 """The gated delta rule op: its reference against a scalar loop, gradients, packing, validation, backends."""
 
+import importlib
 import math
 
 import pytest
@@ -144,12 +145,14 @@ def test_the_fla_backend_without_fla_core_says_how_to_install_it():
 
 
 def test_auto_leaves_fla_for_the_reference_only_where_flas_backward_refuses_and_says_why(monkeypatch):
-    import modeling_m2rnn.kernels.gated_delta_rule as op
+    op = importlib.import_module("modeling_m2rnn.kernels.gated_delta_rule")   # the package, not the function
 
     fla_calls = []
     monkeypatch.setattr(op, "uses_fla", lambda backend, x: True)   # as for CUDA tensors with fla-core installed
     monkeypatch.setattr(op, "fla_backward_refusal", lambda device: "refused on this GPU")
-    monkeypatch.setattr(op, "gated_delta_rule_fla", lambda *args: fla_calls.append(1) or op.gated_delta_rule_reference(*args))
+    monkeypatch.setattr(
+        op, "gated_delta_rule_fla", lambda *args: fla_calls.append(1) or op.gated_delta_rule_reference(*args)
+    )
     inputs = random_inputs(seed=12)
     op.gated_delta_rule(**inputs)                                    # no gradients: fla's forward is fine
     assert fla_calls == [1]

@@ -66,7 +66,8 @@ def test_layer_types_name_the_mixers_and_old_configs_load_unchanged():
         ({"num_hidden_layers": 1, "mixer_types": ["gated_deltanet"], "gdn_value_head_dim": 0}, "gdn_value_head_dim"),
         ({"num_hidden_layers": 1, "mixer_types": ["gated_deltanet"], "gdn_num_heads": 3, "gdn_num_k_heads": 2},
          "gdn_num_k_heads"),
-        ({"num_hidden_layers": 1, "mixer_types": ["gated_deltanet"], "gdn_conv_kernel_size": 1}, "gdn_conv_kernel_size"),
+        ({"num_hidden_layers": 1, "mixer_types": ["gated_deltanet"], "gdn_conv_kernel_size": 1},
+         "gdn_conv_kernel_size"),
         ({"num_hidden_layers": 1, "mixer_types": ["gated_deltanet"], "gdn_backend": "triton"}, "gdn_backend"),
     ],
 )
