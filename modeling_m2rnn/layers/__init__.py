@@ -3,9 +3,10 @@
 from .attention import Attention
 from .linear import Linear
 from .m2rnn import M2RNNMixer, PackedSequences, gated_rms_norm_torch
-from .short_conv import causal_conv1d
 from .mlp import GatedMLP
+from .moe import Experts, SparseMoeMLP, TopKRouter
 from .norm import RMSNorm
+from .short_conv import causal_conv1d
 
-__all__ = ["Attention", "GatedMLP", "Linear", "M2RNNMixer", "PackedSequences", "RMSNorm", "causal_conv1d",
-           "gated_rms_norm_torch"]
+__all__ = ["Attention", "Experts", "GatedMLP", "Linear", "M2RNNMixer", "PackedSequences", "RMSNorm", "SparseMoeMLP",
+           "TopKRouter", "causal_conv1d", "gated_rms_norm_torch"]
