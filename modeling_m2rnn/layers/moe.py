@@ -81,11 +81,12 @@ class TopKRouter(nn.Module):
         """hidden_states (T, hidden) -> router_logits (T, E), top_k_weights (T, k) in the input's dtype,
         top_k_index (T, k)."""
         router_logits = F.linear(hidden_states, self.weight)
+        softmax_dtype = torch.promote_types(router_logits.dtype, torch.float32)   # float32 at least
         if self.norm_topk_prob:
             top_k_logits, top_k_index = router_logits.topk(self.top_k, dim=-1)
-            top_k_weights = top_k_logits.float().softmax(dim=-1)
+            top_k_weights = top_k_logits.to(softmax_dtype).softmax(dim=-1)
         else:
-            top_k_weights, top_k_index = router_logits.float().softmax(dim=-1).topk(self.top_k, dim=-1)
+            top_k_weights, top_k_index = router_logits.to(softmax_dtype).softmax(dim=-1).topk(self.top_k, dim=-1)
         return router_logits, top_k_weights.to(hidden_states.dtype), top_k_index
 
 
