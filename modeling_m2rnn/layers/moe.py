@@ -23,11 +23,15 @@ def grouped_mm_where_torch_takes_it(experts, hidden_states, top_k_index, top_k_w
     "batched_mm" (the same sums, one small product per token and chosen expert).
 
     transformers hands torch's kernel any operands on a torch that has one, and the kernel refuses float64 and
-    rows that are not a multiple of 16 bytes (a hidden or expert width of 12 in bfloat16, say)."""
+    rows that are not a multiple of 16 bytes (a hidden or expert width of 12 in bfloat16, say). Under torch.compile,
+    transformers gives weights other than bfloat16 to a loop of its own whose backward cannot be traced (it reads
+    the group sizes as Python numbers), so compiled training takes "batched_mm" there too."""
+    weight = experts.gate_up_proj
     hidden, intermediate = experts.down_proj.shape[1:]
-    element_size = experts.gate_up_proj.element_size()
-    takes_it = experts.gate_up_proj.dtype in GROUPED_MM_DTYPES and all(
-        width * element_size % 16 == 0 for width in (hidden, intermediate)
+    takes_it = (
+        weight.dtype in GROUPED_MM_DTYPES
+        and all(width * weight.element_size() % 16 == 0 for width in (hidden, intermediate))
+        and not (torch.compiler.is_compiling() and weight.dtype != torch.bfloat16)
     )
     implementation = grouped_mm_experts_forward if takes_it else batched_mm_experts_forward
     return implementation(experts, hidden_states, top_k_index, top_k_weights)
