@@ -125,6 +125,15 @@ def test_cached_decoding_matches_one_full_forward(kind):
     assert (torch.cat(pieces, dim=1) - full).abs().max() < 1e-4
 
 
+def test_greedy_and_beam_generation_are_the_same_with_and_without_the_cache():
+    model = moe_model(output_router_logits=True)   # the aux loss of each step reads the step's tokens only
+    prompt = random_ids(2, 6, seed=1)
+    for options in ({"do_sample": False}, {"num_beams": 3, "num_return_sequences": 2, "do_sample": False}):
+        cached = model.generate(prompt, max_new_tokens=6, min_new_tokens=6, **options)
+        uncached = model.generate(prompt, max_new_tokens=6, min_new_tokens=6, use_cache=False, **options)
+        assert torch.equal(cached, uncached), options
+
+
 def test_left_padded_batch_equals_each_prompt_alone():
     model = moe_model()
     prompts = [random_ids(n, seed=n) for n in (5, 9, 2)]
