@@ -90,6 +90,13 @@ class M2RNNPreTrainedModel(PreTrainedModel):
         "router_logits": OutputRecorder(TopKRouter, index=0),
     }
 
+    def _initialize_weights(self, module, is_custom_code: bool = False):
+        """As transformers' own models: every module reaches `_init_weights`. Left as code from outside transformers'
+        tree, a module without parameters of its own would be skipped (a guard for remote code that writes weights in
+        place), and the blocks that depth-scale a child's weights (GatedMLP, Attention) would never run; ours writes
+        through transformers.initialization, which leaves loaded weights alone."""
+        super()._initialize_weights(module, is_custom_code=False)
+
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)

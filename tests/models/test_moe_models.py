@@ -57,12 +57,21 @@ def test_sparse_layers_hold_the_moe_mlp_under_the_planned_parameter_names():
 
 def test_expert_weights_are_initialised_like_the_dense_projections():
     """normal(0, initializer_range) for the router and the experts' gate/up, the depth-scaled
-    initializer_range / sqrt(2 · layers) for the experts' down projection (many experts, so the sample std is
-    within 5%)."""
-    model = moe_model(num_experts=64)
-    experts = model.model.layers[2].mlp.experts
-    for weight, std in [(model.model.layers[2].mlp.router.weight, 0.2), (experts.gate_up_proj, 0.2),
-                        (experts.down_proj, 0.2 / math.sqrt(6))]:
+    initializer_range / sqrt(2 · layers) for every projection that writes into the residual stream: the experts',
+    the shared expert's and the dense MLP's down projections and attention's o_proj (wide layers, so that the sample
+    std is within 5%)."""
+    model = moe_model(num_experts=64, shared_expert_intermediate_size=512, intermediate_size=512, head_dim=64)
+    sparse, attention_layer = model.model.layers[2], model.model.layers[1]
+    output_std = 0.2 / math.sqrt(6)
+    expected_std = {
+        sparse.mlp.router.weight: 0.2,
+        sparse.mlp.experts.gate_up_proj: 0.2,
+        sparse.mlp.experts.down_proj: output_std,
+        sparse.mlp.shared_expert.down_proj.weight: output_std,
+        attention_layer.mlp.down_proj.weight: output_std,
+        attention_layer.self_attn.o_proj.weight: output_std,
+    }
+    for weight, std in expected_std.items():
         assert abs(weight.std().item() / std - 1) < 0.05
         assert abs(weight.mean().item()) < 0.05 * std
 
