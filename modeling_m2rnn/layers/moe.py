@@ -59,8 +59,8 @@ class Experts(nn.Module):
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
-        """The definition, without routing: every expert on every token, summed with the routing weights (zero for
-        the experts a token did not choose). E/k times the routed work, so a reference, not a training path.
+        """The definition, no tokens dispatched: every expert on every token, summed with the routing weights (zero
+        for the experts a token did not choose). E/k times the routed work: a reference, not a training path.
 
         hidden_states (T, hidden); top_k_index, top_k_weights (T, k) -> (T, hidden)
         """
