@@ -15,6 +15,9 @@ MIXER_TYPES = ("m2rnn", "gated_deltanet", "attention")
 _LAYER_TYPE_ALIASES = {"m2rnn": M2RNN_LAYER, "gated_deltanet": M2RNN_LAYER}
 # The backend field's name before it governed the short conv and the gated norm as well as the scan.
 _OLD_BACKEND_FIELD = "m2rnn_scan_backend"
+# `mlp_layer_types`: a dense SwiGLU MLP or a sparse mixture of experts after the mixer, as transformers' MoE hybrids say
+DENSE_MLP = "dense"
+SPARSE_MLP = "sparse"
 
 
 @strict
@@ -47,6 +50,13 @@ class M2RNNConfig(PreTrainedConfig):
         gdn_backend: "auto" (fla-core's kernels on CUDA when installed, else the PyTorch reference), "torch" or "fla".
     `mixer_types[i]` ("m2rnn", "gated_deltanet", "attention") names each layer's mixer; by default every
     "linear_attention" layer is an M2RNN layer.
+
+    MLP fields: `mlp_layer_types[i]` is "dense" (SwiGLU of width `intermediate_size`, the default for every layer) or
+    "sparse" (mixture of experts): a router picks `num_experts_per_tok` of `num_experts` SwiGLU experts of width
+    `moe_intermediate_size` by their router logits, weighted by the softmax over the chosen logits
+    (`norm_topk_prob=True`, the paper's; `False` weighs them by their softmax over all experts), plus one ungated
+    shared expert of width `shared_expert_intermediate_size` (0 for none). With `output_router_logits` the causal LM
+    returns the router logits and transformers' load-balancing loss, added to the loss times `router_aux_loss_coef`.
 
     Attention layers: `num_attention_heads`, `num_key_value_heads` (GQA), `head_dim`; no positional encoding
     (NoPE, as in the paper) unless `use_rope=True`, with transformers' `rope_parameters` (e.g. `{"rope_theta": 1e4}`).
@@ -125,11 +135,21 @@ class M2RNNConfig(PreTrainedConfig):
     gdn_dt_init_max: float = 0.1
     gdn_dt_init_floor: float = 1e-4
     gdn_backend: str = "auto"
+    mlp_layer_types: list[str] | None = None
+    num_experts: int = 128
+    num_experts_per_tok: int = 8
+    moe_intermediate_size: int = 256
+    shared_expert_intermediate_size: int = 1024
+    norm_topk_prob: bool = True
+    router_aux_loss_coef: float | int = 0.001
+    output_router_logits: bool = False
 
     def __post_init__(self, **kwargs):
         if _OLD_BACKEND_FIELD in kwargs:
             self.m2rnn_kernel_backend = kwargs.pop(_OLD_BACKEND_FIELD)
         self._resolve_layer_and_mixer_types()
+        if self.mlp_layer_types is None:
+            self.mlp_layer_types = [DENSE_MLP] * self.num_hidden_layers
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None and self.num_attention_heads:
@@ -214,6 +234,38 @@ class M2RNNConfig(PreTrainedConfig):
                     f"is a {ATTENTION_LAYER!r} layer, a recurrent mixer a {M2RNN_LAYER!r} layer (or one of its own "
                     "name)"
                 )
+
+    def validate_mlp_layer_types(self):
+        allowed = (DENSE_MLP, SPARSE_MLP)
+        if not isinstance(self.mlp_layer_types, list) or any(t not in allowed for t in self.mlp_layer_types):
+            raise ValueError(f"`mlp_layer_types` entries must be one of {allowed}, got {self.mlp_layer_types}")
+        if len(self.mlp_layer_types) != self.num_hidden_layers:
+            raise ValueError(
+                f"`mlp_layer_types` must have one entry per layer: num_hidden_layers={self.num_hidden_layers}, "
+                f"got {len(self.mlp_layer_types)} entries"
+            )
+        if SPARSE_MLP in self.mlp_layer_types:
+            self._validate_experts()
+
+    def _validate_experts(self):
+        if self.num_experts <= 0:
+            raise ValueError(
+                f"`num_experts` must be positive where `mlp_layer_types` has a 'sparse' layer, got {self.num_experts}"
+            )
+        if not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(
+                f"`num_experts_per_tok` must be in [1, `num_experts` = {self.num_experts}], got "
+                f"{self.num_experts_per_tok}"
+            )
+        if self.moe_intermediate_size <= 0:
+            raise ValueError(f"`moe_intermediate_size` must be positive, got {self.moe_intermediate_size}")
+        if self.shared_expert_intermediate_size < 0:
+            raise ValueError(
+                f"`shared_expert_intermediate_size` must be >= 0 (0 for no shared expert), got "
+                f"{self.shared_expert_intermediate_size}"
+            )
+        if self.router_aux_loss_coef < 0:
+            raise ValueError(f"`router_aux_loss_coef` must be >= 0, got {self.router_aux_loss_coef}")
 
     def validate_architecture(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "m2rnn_k_head_dim",

@@ -8,22 +8,34 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.masking_utils import create_causal_mask, create_recurrent_attention_mask, find_packed_sequence_indices
 from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 from transformers.utils import can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
-from transformers.utils.output_capturing import capture_outputs
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from ..configuration import M2RNNConfig
-from ..configuration.configuration_m2rnn import ATTENTION_LAYER, M2RNN_LAYER
+from ..configuration.configuration_m2rnn import ATTENTION_LAYER, M2RNN_LAYER, SPARSE_MLP
 from ..generation import CACHE_OUTPUT_FIELD, M2RNNCache, M2RNNGenerationMixin, M2RNNStaticCache
-from ..layers import Attention, GatedDeltaNet, GatedMLP, M2RNNMixer, PackedSequences, RMSNorm
+from ..layers import (
+    Attention,
+    Experts,
+    GatedDeltaNet,
+    GatedMLP,
+    M2RNNMixer,
+    PackedSequences,
+    RMSNorm,
+    SparseMoeMLP,
+    TopKRouter,
+)
 from ..remote_code import AUTO_MAP, export_remote_code
 
 
 class M2RNNDecoderLayer(GradientCheckpointingLayer):
     """Pre-norm block: x += mixer(norm(x)); x += mlp(norm(x)), the mixer an M2RNN layer, a Gated DeltaNet layer or
-    attention (`config.mixer_types`)."""
+    attention (`config.mixer_types`), the MLP a dense SwiGLU or a sparse mixture of experts
+    (`config.mlp_layer_types`)."""
 
     def __init__(self, config: M2RNNConfig, layer_idx: int):
         super().__init__()
@@ -37,7 +49,7 @@ class M2RNNDecoderLayer(GradientCheckpointingLayer):
             self.self_attn = Attention(config, layer_idx)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.mlp = GatedMLP(config)
+        self.mlp = SparseMoeMLP(config) if config.mlp_layer_types[layer_idx] == SPARSE_MLP else GatedMLP(config)
 
     def forward(
         self,
@@ -75,7 +87,18 @@ class M2RNNPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _is_stateful = True
-    _can_record_outputs = {"hidden_states": M2RNNDecoderLayer, "attentions": Attention}
+    _can_record_outputs = {
+        "hidden_states": M2RNNDecoderLayer,
+        "attentions": Attention,
+        "router_logits": OutputRecorder(TopKRouter, index=0),
+    }
+
+    def _initialize_weights(self, module, is_custom_code: bool = False):
+        """As transformers' own models: every module reaches `_init_weights`. Left as code from outside transformers'
+        tree, a module without parameters of its own would be skipped (a guard for remote code that writes weights in
+        place), and the blocks that depth-scale a child's weights (GatedMLP, Attention) would never run; ours writes
+        through transformers.initialization, which leaves loaded weights alone."""
+        super()._initialize_weights(module, is_custom_code=False)
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -92,6 +115,11 @@ class M2RNNPreTrainedModel(PreTrainedModel):
             init.normal_(module.o_proj.weight, mean=0.0, std=output_std)
         elif isinstance(module, GatedMLP):
             init.normal_(module.down_proj.weight, mean=0.0, std=output_std)
+        elif isinstance(module, TopKRouter):
+            init.normal_(module.weight, mean=0.0, std=config.initializer_range)
+        elif isinstance(module, Experts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=config.initializer_range)
+            init.normal_(module.down_proj, mean=0.0, std=output_std)
 
     def _init_recurrence(self, mixer: M2RNNMixer):
         """docs/design.md, "The layer": W = I, D = 1, A ~ U[A_init_range], dt log-uniform in dt_init_range, floored."""
@@ -112,6 +140,13 @@ class M2RNNPreTrainedModel(PreTrainedModel):
         _init_decay(mixer, A_range, dt_range, config.gdn_dt_init_floor)
         bound = 1 / math.sqrt(mixer.conv_kernel_size)
         init.uniform_(mixer.conv_weight, -bound, bound)
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        """True: the MoE layers run through transformers' experts implementations. (transformers looks for their
+        decorator in the model class's own file, and the experts live in layers/moe.py; without this it would fall
+        back to "eager" silently.)"""
+        return True
 
     @classmethod
     def register_for_auto_class(cls, auto_class="AutoModel"):
@@ -163,7 +198,7 @@ class M2RNNModel(M2RNNPreTrainedModel):
         use_cache: bool | None = None,
         cache=None,
         **kwargs,
-    ) -> BaseModelOutputWithPast:
+    ) -> MoeModelOutputWithPast:
         past_key_values = past_key_values if past_key_values is not None else cache
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` (B, S) or `inputs_embeds` (B, S, hidden_size)")
@@ -209,8 +244,9 @@ class M2RNNModel(M2RNNPreTrainedModel):
             )
         if isinstance(past_key_values, (M2RNNCache, M2RNNStaticCache)):
             past_key_values.advance(seq_len, inputs_embeds.device)
-        hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_OUTPUT_FIELD: past_key_values})
+        return MoeModelOutputWithPast(
+            last_hidden_state=self.norm(hidden_states), **{CACHE_OUTPUT_FIELD: past_key_values}
+        )
 
     @staticmethod
     def _packed_sequences(position_ids, batch: int, seq_len: int) -> PackedSequences | None:
@@ -243,17 +279,24 @@ class M2RNNForCausalLM(M2RNNGenerationMixin, M2RNNPreTrainedModel, GenerationMix
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         cache=None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
-        outputs: BaseModelOutputWithPast = self.model(
+    ) -> MoeCausalLMOutputWithPast:
+        """With `output_router_logits` (default: the config's), also the router logits of the sparse MLP layers, one
+        (B·S, num_experts) tensor per layer, and transformers' load-balancing loss over them (padding excluded by a 2-D
+        `attention_mask`), which is added to the loss times `router_aux_loss_coef` when `labels` are given."""
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        outputs: MoeModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=past_key_values if past_key_values is not None else cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            output_router_logits=output_router_logits,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -262,13 +305,34 @@ class M2RNNForCausalLM(M2RNNGenerationMixin, M2RNNPreTrainedModel, GenerationMix
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(
+        aux_loss = None
+        if output_router_logits and outputs.router_logits:
+            aux_loss = load_balancing_loss_func(
+                outputs.router_logits,
+                self.config.num_experts,
+                self.config.num_experts_per_tok,
+                _padding_mask_of_these_tokens(attention_mask, hidden_states.shape[1]),
+            )
+            if loss is not None:
+                loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
+        return MoeCausalLMOutputWithPast(
             loss=loss,
+            aux_loss=aux_loss,
             logits=logits,
             **{CACHE_OUTPUT_FIELD: getattr(outputs, CACHE_OUTPUT_FIELD)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            router_logits=outputs.router_logits,
         )
+
+def _padding_mask_of_these_tokens(attention_mask, seq_len: int) -> torch.Tensor | None:
+    """The (B, S) padding mask of this forward's S tokens, whose router logits the load-balancing loss reads: the last
+    S columns of a 2-D mask (it also covers any cached tokens); None (every token counts) for no mask or another
+    form."""
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+        return attention_mask[:, -seq_len:]
+    return None
+
 
 
 class M2RNNForSequenceClassification(GenericForSequenceClassification, M2RNNPreTrainedModel):
