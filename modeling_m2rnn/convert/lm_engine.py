@@ -29,7 +29,7 @@ def _check_destination(dst: Path, src: Path):
     if dst.resolve() == src.resolve():
         raise ValueError(f"`dst` must differ from `src`, got {dst} for both")
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise ValueError(f"`dst` = {dst} must be an empty folder or not exist yet: the converter never overwrites files")
+        raise ValueError(f"`dst` = {dst} must be an empty folder or not exist yet: the converter overwrites nothing")
 
 
 def _open_source(src: Path, config, max_shard_size: int):
