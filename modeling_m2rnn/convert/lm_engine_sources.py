@@ -19,6 +19,7 @@ DCP_METADATA = ".metadata"
 TRAINING_CONFIG = "training_config.yml"
 LATEST_ITERATION = "latest_checkpointed_iteration.json"
 _DCP_FOLDERS = ("model", "model_optimizer")
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
 def natural_key(name: str):
@@ -44,9 +45,6 @@ class SafetensorsSource:
             with safe_open(folder / SAFETENSORS_FILE, framework="pt") as f:
                 self.groups = [(SAFETENSORS_FILE, sorted(f.keys(), key=natural_key))]
 
-    def names(self) -> list[str]:
-        return [name for _, names in self.groups for name in names]
-
     def tensor_specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """name → (shape, dtype), read from the files' headers."""
         from safetensors import safe_open
@@ -70,8 +68,6 @@ class SafetensorsSource:
             with safe_open(self.folder / file, framework="pt") as f:
                 yield {name: f.get_tensor(name) for name in names}
 
-
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
 class DCPSource:
@@ -106,34 +102,24 @@ class DCPSource:
             group_bytes += nbytes
         self.groups.append(group)
 
-    def names(self) -> list[str]:
-        return [name for group in self.groups for name in group]
-
     def tensor_specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """name → (shape, dtype), read from the checkpoint's metadata."""
         return {name: (tuple(shape), dtype) for name, (shape, dtype) in self.sizes.items()}
 
     def load_groups(self):
-        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+        """Yields one {name: tensor} per group, read into freshly allocated tensors with torch's public `dcp.load`
+        (no process group: `no_dist`). DCP matches tensors by their flattened key, so {"state": {"model.x": t}}
+        reads `state.model.x` whichever nesting wrote it."""
+        import torch.distributed.checkpoint as dcp
 
         for group in self.groups:
+            tensors = {name: torch.empty(self.sizes[name][0], dtype=self.sizes[name][1]) for name in group}
+            request = {"state": {self.keys[name].removeprefix("state."): tensor for name, tensor in tensors.items()}}
             with warnings.catch_warnings():
                 # "torch.distributed is unavailable or uninitialized, assuming ... a single process": as intended
                 warnings.filterwarnings("ignore", message=r".*torch\.distributed is .*", category=UserWarning)
-                loaded = _load_state_dict_from_keys({self.keys[name] for name in group}, checkpoint_id=str(self.folder))
-            flat = _flatten(loaded)
-            yield {name: flat[self.keys[name]] for name in group}
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    """{'state': {'model.x': t}} → {'state.model.x': t}, DCP's own naming of nested keys."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
+                dcp.load(request, checkpoint_id=str(self.folder), no_dist=True)
+            yield tensors
 
 
 def find_dcp_folder(src: Path) -> Path | None:

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 import modeling_m2rnn  # noqa: F401  (registers the Auto classes)
 from modeling_m2rnn.convert import convert_lm_engine_checkpoint
 from modeling_m2rnn.convert.__main__ import main
+from modeling_m2rnn.convert.lm_engine_config import translate_config
 from modeling_m2rnn.convert.lm_engine_tensors import split_grouped_qkv, split_interleaved_gate_up
 
 LOGITS_BOUND = 1e-5
@@ -182,6 +183,25 @@ def test_swiglu_rows_interleaved_gate_first_split_into_gate_and_up():
     interleaved = torch.stack([gate, up], dim=2).flatten(1, 2)   # (E, 2I, hidden): gate, up, gate, up, ...
     ours = split_interleaved_gate_up(interleaved, dim=1)
     assert torch.equal(ours[0], gate) and torch.equal(ours[1], up)
+
+
+def test_the_config_translation_maps_each_field():
+    config = fixture_config(FIXTURES["hybrid-m2rnn-tiny"])
+    for block in config["sequence_mixer_blocks"]:
+        if block["sequence_mixer_type"] == "m2rnn":
+            block["gradient_clipping"] = -0.5   # lm-engine clips at |c|
+        else:
+            block["softmax_dropout"] = 0.1
+    fields = translate_config(config)
+    assert fields["layer_types"] == ["linear_attention", "full_attention", "linear_attention", "linear_attention",
+                                     "full_attention", "linear_attention"]
+    assert "mixer_types" not in fields and "mlp_layer_types" not in fields   # configs older versions read
+    assert (fields["m2rnn_k_head_dim"], fields["m2rnn_v_head_dim"], fields["m2rnn_num_v_heads"]) == (16, 8, 6)
+    assert fields["m2rnn_gradient_clipping"] == 0.5
+    assert (fields["num_attention_heads"], fields["num_key_value_heads"], fields["head_dim"]) == (4, 4, 16)
+    assert fields["attention_dropout"] == 0.1
+    assert (fields["intermediate_size"], fields["hidden_act"], fields["rms_norm_eps"]) == (96, "silu", 1e-5)
+    assert (fields["bos_token_id"], fields["eos_token_id"], fields["pad_token_id"]) == (255, 255, 254)
 
 
 M2RNN_LAYER, ATTENTION_LAYER = 0, 1   # in the hybrid fixture
