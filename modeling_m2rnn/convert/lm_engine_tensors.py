@@ -19,7 +19,7 @@ _TOP_LEVEL = {
     "transformer.ln_f.weight": "model.norm.weight",
     "lm_head.weight": "lm_head.weight",
 }
-_M2RNN = {
+M2RNN_NAMES = {
     "input_projection.weight": "in_proj.weight",
     "decay_gate.A_log": "A_log",
     "decay_gate.dt_bias": "dt_bias",
@@ -28,7 +28,7 @@ _M2RNN = {
     "g_norm.weight": "norm.weight",
     "output_projection.weight": "out_proj.weight",
 }
-_GATED_DELTANET = {
+GATED_DELTANET_NAMES = {
     "qkv_proj.weight": "qkv_proj.weight",
     "ab_proj.weight": "ab_proj.weight",
     "decay_gate.A_log": "A_log",
@@ -36,7 +36,7 @@ _GATED_DELTANET = {
     "o_norm.weight": "norm.weight",
     "o_proj.weight": "o_proj.weight",
 }
-_CONV = {"m2rnn": "conv1d.weight", "gated_deltanet": "qkv_conv1d.weight"}
+CONV_NAMES = {"m2rnn": "conv1d.weight", "gated_deltanet": "qkv_conv1d.weight"}
 _MIXER_MODULE = {"m2rnn": "m2rnn", "gated_deltanet": "gated_deltanet", "softmax_attention": "self_attn"}
 
 
@@ -98,12 +98,12 @@ class TensorMapping:
         return {module + ours: value for ours, value in converted.items()}
 
     def _convert_mixer(self, i: int, mixer: str, name: str, tensor: torch.Tensor) -> dict | None:
-        if mixer in _CONV and name == _CONV[mixer]:
+        if mixer in CONV_NAMES and name == CONV_NAMES[mixer]:
             return {"conv_weight": tensor.squeeze(1)}                                     # (C, 1, k) → (C, k)
-        if mixer == "m2rnn" and name in _M2RNN:
-            return {_M2RNN[name]: tensor}
-        if mixer == "gated_deltanet" and name in _GATED_DELTANET:
-            return {_GATED_DELTANET[name]: tensor}
+        if mixer == "m2rnn" and name in M2RNN_NAMES:
+            return {M2RNN_NAMES[name]: tensor}
+        if mixer == "gated_deltanet" and name in GATED_DELTANET_NAMES:
+            return {GATED_DELTANET_NAMES[name]: tensor}
         if mixer == "softmax_attention" and name == "c_attn.weight":
             q, k, v = split_grouped_qkv(tensor, *self.attention[i])
             return {"q_proj.weight": q, "k_proj.weight": k, "v_proj.weight": v}

@@ -17,6 +17,7 @@ from modeling_m2rnn.convert import convert_lm_engine_checkpoint
 from modeling_m2rnn.convert.__main__ import main
 from modeling_m2rnn.convert.lm_engine_config import translate_config
 from modeling_m2rnn.convert.lm_engine_tensors import split_grouped_qkv, split_interleaved_gate_up
+from modeling_m2rnn.convert.to_lm_engine import export_lm_engine_checkpoint
 
 LOGITS_BOUND = 1e-5
 
@@ -162,6 +163,9 @@ def test_tied_embeddings_convert_to_a_tied_lm_head(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(dst)
     assert model.config.tie_word_embeddings
     assert torch.equal(model.lm_head.weight, tensors["transformer.wte.weight"])
+    exported = export_lm_engine_checkpoint(dst, tmp_path / "exported", progress=False)
+    assert json.loads((exported / "config.json").read_text())["tie_word_embeddings"]
+    assert "lm_head.weight" not in load_file(exported / "model.safetensors")
 
 
 def test_the_grouped_attention_projection_splits_per_kv_head():
@@ -324,3 +328,45 @@ def test_an_empty_destination_folder_is_used(tmp_path):
     (tmp_path / "dst").mkdir()
     convert_lm_engine_checkpoint(FIXTURES["m2rnn-tiny"], tmp_path / "dst", progress=False)
     assert "model.layers.0.m2rnn.conv_weight" in load_file(tmp_path / "dst" / "model.safetensors")
+
+
+def _assert_round_trip(lm_engine_dir, exported_dir):
+    """The exported lm-engine checkpoint holds the original's tensors bit for bit and a config that means the same."""
+    original = load_file(lm_engine_dir / "model.safetensors")
+    exported = {}
+    for path in exported_dir.glob("model*.safetensors"):
+        exported.update(load_file(path))
+    assert sorted(exported) == sorted(original)
+    for name, tensor in original.items():
+        assert torch.equal(exported[name], tensor), name
+    exported_config = json.loads((exported_dir / "config.json").read_text())
+    assert translate_config(exported_config) == translate_config(fixture_config(lm_engine_dir))
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_a_converted_checkpoint_exports_back_to_lm_engine_bit_exactly(tmp_path, name):
+    fixture = FIXTURES[name]
+    ours = convert_lm_engine_checkpoint(fixture, tmp_path / "ours", progress=False)
+    main(["--to", "lm-engine", str(ours), str(tmp_path / "exported"), "--no-progress"])
+    _assert_round_trip(fixture, tmp_path / "exported")
+
+
+def test_export_of_a_checkpoint_sharded_by_save_pretrained_keeps_fused_tensors_whole(tmp_path):
+    fixture = FIXTURES["hybrid-m2rnn-tiny"]
+    ours = convert_lm_engine_checkpoint(fixture, tmp_path / "ours", progress=False)
+    # small shards split a layer's q, k, v (and gate, up) over two files: the export joins them again
+    AutoModelForCausalLM.from_pretrained(ours).save_pretrained(tmp_path / "sharded", max_shard_size="60KB")
+    assert len(json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())["weight_map"]) > 1
+    dst = export_lm_engine_checkpoint(tmp_path / "sharded", tmp_path / "exported", progress=False)
+    assert (dst / "model.safetensors.index.json").is_file()
+    _assert_round_trip(fixture, dst)
+    assert_matches_lm_engine(convert_lm_engine_checkpoint(dst, tmp_path / "again", progress=False), fixture)
+
+
+def test_export_refuses_a_setting_lm_engine_cannot_hold(tmp_path):
+    ours = convert_lm_engine_checkpoint(FIXTURES["hybrid-m2rnn-tiny"], tmp_path / "ours", progress=False)
+    config = json.loads((ours / "config.json").read_text())
+    (ours / "config.json").write_text(json.dumps({**config, "use_rope": True, "rope_parameters": {"rope_theta": 1e4}}))
+    with pytest.raises(ValueError, match=r"`use_rope` = True cannot be written for lm-engine"):
+        export_lm_engine_checkpoint(ours, tmp_path / "exported", progress=False)
+    assert not (tmp_path / "exported").exists()

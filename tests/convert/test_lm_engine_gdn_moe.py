@@ -18,6 +18,8 @@ from transformers import AutoModelForCausalLM
 
 import modeling_m2rnn  # noqa: F401  (registers the Auto classes)
 from modeling_m2rnn.convert import convert_lm_engine_checkpoint
+from modeling_m2rnn.convert.lm_engine_config import translate_config
+from modeling_m2rnn.convert.to_lm_engine import export_lm_engine_checkpoint
 
 # Layout mistakes move the logits by 1e-2 or more; 1e-4 leaves room for the L2-norm eps convention of q and k
 # (fla adds 1e-6 under the square root) and float32 against the float64 reference.
@@ -279,6 +281,19 @@ def test_gated_deltanet_and_moe_checkpoints_convert_to_lm_engines_logits(tmp_pat
     reference = reference_forward(tensors, config, ids)
     error = ((logits.double() - reference).norm() / reference.norm()).item()
     assert error <= LOGITS_BOUND, f"logits differ from lm-engine's forward by {error:.3e} relative"
+
+
+def test_gated_deltanet_and_moe_checkpoints_export_back_to_lm_engine_bit_exactly(tmp_path):
+    config = lm_engine_config()
+    tensors = lm_engine_tensors(config)
+    write_checkpoint(tmp_path / "lm-engine", config, tensors)
+    ours = convert_lm_engine_checkpoint(tmp_path / "lm-engine", tmp_path / "ours", progress=False)
+    exported = export_lm_engine_checkpoint(ours, tmp_path / "exported", progress=False)
+    back = load_file(exported / "model.safetensors")
+    assert sorted(back) == sorted(tensors)
+    for name, tensor in tensors.items():
+        assert torch.equal(back[name], tensor), name
+    assert translate_config(json.loads((exported / "config.json").read_text())) == translate_config(config)
 
 
 def test_moe_experts_are_stored_gate_rows_first_as_transformers_expects(tmp_path):
