@@ -25,7 +25,8 @@ OUTPUT_INDEX = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_SIZE = 5 * 2**30
 
 
-def _check_destination(dst: Path, src: Path):
+def check_destination(dst: Path, src: Path):
+    """A converter writes only into a new or empty folder: it never replaces a file someone has."""
     if dst.resolve() == src.resolve():
         raise ValueError(f"`dst` must differ from `src`, got {dst} for both")
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
@@ -130,7 +131,7 @@ def convert_lm_engine_checkpoint(src, dst, *, config=None, max_shard_size: int =
     from ..remote_code import export_remote_code
 
     src, dst = Path(src), Path(dst)
-    _check_destination(dst, src)
+    check_destination(dst, src)
     lm_config, source = _open_source(src, config, max_shard_size)
     our_config = M2RNNConfig(**translate_config(lm_config))
     mapping = TensorMapping(lm_config)

@@ -28,8 +28,8 @@ def natural_key(name: str):
 
 
 class SafetensorsSource:
-    """An unsharded lm-engine checkpoint: `model.safetensors`, or shards listed in `model.safetensors.index.json`.
-    Each group is one shard file."""
+    """A safetensors checkpoint folder (lm-engine's unsharded layout, or ours): `model.safetensors`, or shards listed
+    in `model.safetensors.index.json`. Each group is one shard file."""
 
     def __init__(self, folder: Path):
         self.folder = folder
@@ -56,7 +56,7 @@ class SafetensorsSource:
                     tensor_slice = f.get_slice(name)
                     dtype = tensor_slice.get_dtype()
                     if dtype not in _SAFETENSORS_DTYPES:
-                        raise ValueError(f"lm-engine tensor {name!r} has dtype {dtype}, not a floating-point type")
+                        raise ValueError(f"tensor {name!r} has dtype {dtype}, not a floating-point type")
                     specs[name] = (tuple(tensor_slice.get_shape()), _SAFETENSORS_DTYPES[dtype])
         return specs
 
@@ -67,7 +67,6 @@ class SafetensorsSource:
         for file, names in self.groups:
             with safe_open(self.folder / file, framework="pt") as f:
                 yield {name: f.get_tensor(name) for name in names}
-
 
 
 class DCPSource:

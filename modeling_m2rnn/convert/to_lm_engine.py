@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .lm_engine import OUTPUT_INDEX, TOKENIZER_FILES, _check_destination
+from .lm_engine import OUTPUT_INDEX, TOKENIZER_FILES, check_destination
 from .lm_engine_config import INVERSE_SQRT_HEAD_DIM, LM_ENGINE_MODEL_TYPE, M2RNN_G_NORM_EPS
 from .lm_engine_sources import SafetensorsSource
 from .lm_engine_tensors import CONV_NAMES, GATED_DELTANET_NAMES, M2RNN_NAMES
@@ -188,7 +188,7 @@ def export_lm_engine_checkpoint(src, dst, *, progress: bool = True) -> Path:
     from ..configuration import M2RNNConfig
 
     src, dst = Path(src), Path(dst)
-    _check_destination(dst, src)
+    check_destination(dst, src)
     config = M2RNNConfig.from_pretrained(src)
     lm_config = lm_engine_config_of(config)
     recipes = _recipes(config)
