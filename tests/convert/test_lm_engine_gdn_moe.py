@@ -221,8 +221,9 @@ def moe(x, p, block):
 MIXER_FORWARD = {"gated_deltanet": gated_deltanet, "m2rnn": m2rnn, "softmax_attention": attention}
 
 
-def reference_forward(tensors: dict, config: dict, ids: torch.Tensor) -> torch.Tensor:
-    """lm-engine's forward in float64 from its own tensor names: pre-norm blocks, ln_f, untied lm_head."""
+def reference_forward(tensors: dict, config: dict, ids: torch.Tensor, block_outputs: list | None = None):
+    """lm-engine's forward in float64 from its own tensor names: pre-norm blocks, ln_f, untied lm_head → logits.
+    Appends every block's output (the residual stream after it) to `block_outputs` when given."""
     t = {name: tensor.double() for name, tensor in tensors.items()}
     eps = config["layer_norm_epsilon"]
     x = t["transformer.wte.weight"][ids]
@@ -239,6 +240,8 @@ def reference_forward(tensors: dict, config: dict, ids: torch.Tensor) -> torch.T
             x = x + swiglu(h, mlp_params["c_fc.weight"]) @ mlp_params["c_proj.weight"].T
         else:
             x = x + moe(h, mlp_params, mlp)
+        if block_outputs is not None:
+            block_outputs.append(x)
     return rms_norm(x, t["transformer.ln_f.weight"], eps) @ t["lm_head.weight"].T
 
 
@@ -250,6 +253,10 @@ def test_the_reference_forward_reproduces_lm_engines_own_fixtures(name):
                                   fixture_inputs(fixture))
     logits = load_file(fixture / "logits.safetensors")["logits"].double()
     assert ((reference - logits).norm() / logits.norm()).item() <= 1e-6
+
+
+def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((ours.double() - reference).norm() / reference.norm()).item()
 
 
 def write_checkpoint(folder, config: dict, tensors: dict):
@@ -277,10 +284,16 @@ def test_gated_deltanet_and_moe_checkpoints_convert_to_lm_engines_logits(tmp_pat
     model = AutoModelForCausalLM.from_pretrained(dst).eval()
     ids = torch.randint(0, VOCAB, (2, SEQ_LEN), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        logits = model(ids).logits
-    reference = reference_forward(tensors, config, ids)
-    error = ((logits.double() - reference).norm() / reference.norm()).item()
-    assert error <= LOGITS_BOUND, f"logits differ from lm-engine's forward by {error:.3e} relative"
+        out = model(ids, output_hidden_states=True)
+    blocks = []
+    reference = reference_forward(tensors, config, ids, blocks)
+    error = relative_error(out.logits, reference)
+    # our hidden states: embeddings, then each layer's output (the last one replaced by the final norm's)
+    per_block = {f"block {i} ({kind})": f"{relative_error(out.hidden_states[i + 1], blocks[i]):.2e}"
+                 for i, kind in enumerate(MIXERS[:-1])}
+    final = rms_norm(blocks[-1], tensors["transformer.ln_f.weight"].double(), config["layer_norm_epsilon"])
+    per_block[f"ln_f(block {len(MIXERS) - 1})"] = f"{relative_error(out.hidden_states[-1], final):.2e}"
+    assert error <= LOGITS_BOUND, f"logits differ from lm-engine's forward by {error:.3e} relative; {per_block}"
 
 
 def test_gated_deltanet_and_moe_checkpoints_export_back_to_lm_engine_bit_exactly(tmp_path):
