@@ -16,7 +16,9 @@ setup(
         "huggingface_hub",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "accelerate", "peft", "datasets"],
+        "test": ["pytest", "pytest-timeout", "accelerate", "peft", "datasets", "lm-eval[hf]>=0.4.13,<0.5"],
         "examples": ["tqdm", "matplotlib", "datasets", "accelerate", "peft"],
+        # lm-evaluation-harness; its `hf` extra asks for torch>=1.8, which the torch already installed satisfies
+        "eval": ["lm-eval[hf]>=0.4.13,<0.5"],
     },
 )
