@@ -16,9 +16,11 @@ setup(
         "huggingface_hub",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "ruff", "accelerate", "peft", "datasets"],
+        "test": ["pytest", "pytest-timeout", "ruff", "accelerate", "peft", "datasets", "lm-eval[hf]>=0.4.13,<0.5"],
         "examples": ["tqdm", "matplotlib", "datasets", "accelerate", "peft"],
         # Gated DeltaNet's CUDA kernels. fla-core itself needs only einops: it pulls no torch (nor a CUDA build).
         "fla": ["fla-core"],
+        # lm-evaluation-harness; its `hf` extra asks for torch>=1.8, which the torch already installed satisfies
+        "eval": ["lm-eval[hf]>=0.4.13,<0.5"],
     },
 )
