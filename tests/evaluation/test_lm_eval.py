@@ -20,7 +20,6 @@ from helpers import random_ids, tiny_model
 # One token per character; "_" pads (the harness right-pads with id 0 too) and "|" ends a text.
 ALPHABET = "_|? abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRSTUVWXY"
 EOS = "|"
-STOP = "4"   # generate_until's stop string: each greedy generation of the tiny model reaches a "4"
 
 CHOICE_DOCS = [   # contexts and choices of unequal lengths, so the harness's batches are right-padded
     {"question": "the cat sat on", "choices": ["the mat", "a dog", "it"], "answer": 0},
@@ -32,7 +31,11 @@ ROLLING_DOCS = [
     {"text": "short doc"},
     {"text": "abcdefghijklmnopqrstuvwxyz0123456789" * 2},
 ]
-GENERATE_DOCS = [{"prompt": "hello w", "target": "orld"}, {"prompt": "abc", "target": "d"}, {"prompt": "q", "target": "r"}]
+GENERATE_DOCS = [
+    {"prompt": "hello w", "target": "orld"},
+    {"prompt": "abc", "target": "d"},
+    {"prompt": "q", "target": "r"},
+]
 MAX_GEN_TOKS = 12
 
 TASKS = {
@@ -53,7 +56,7 @@ TASKS = {
         "output_type": "generate_until",
         "doc_to_text": "{{prompt}}",
         "doc_to_target": "{{target}}",
-        "generation_kwargs": {"until": [STOP], "do_sample": False, "max_gen_toks": MAX_GEN_TOKS},
+        "generation_kwargs": {"do_sample": False, "max_gen_toks": MAX_GEN_TOKS},   # "until": see write_tasks
         "metric_list": [{"metric": "exact_match"}],
     }),
 }
@@ -71,9 +74,17 @@ def eval_model():
     return tiny_model("hybrid", vocab_size=len(ALPHABET), eos_token_id=ALPHABET.index(EOS))
 
 
-def write_tasks(directory) -> TaskManager:
-    """Each task as a YAML file over a JSON lines file, both in `directory`."""
+def stop_strings(model, tokenizer) -> list[str]:
+    """generate_until's stop strings: the fourth character of each prompt's greedy continuation, so that every
+    generation meets one well before max_gen_toks, whatever the tiny model's random weights generate."""
+    return sorted({greedy_until(model, tokenizer, doc["prompt"], stops=[])[3] for doc in GENERATE_DOCS})
+
+
+def write_tasks(directory, stops: list[str]) -> TaskManager:
+    """Each task as a YAML file over a JSON lines file, both in `directory`; `stops` ends a generation."""
     for name, (docs, fields) in TASKS.items():
+        if fields["output_type"] == "generate_until":
+            fields = {**fields, "generation_kwargs": {**fields["generation_kwargs"], "until": stops}}
         data = directory / f"{name}.jsonl"
         data.write_text("".join(json.dumps(doc) + "\n" for doc in docs), encoding="utf-8")
         config = {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
@@ -118,20 +129,21 @@ def rolling_loglikelihood(model, tokens: list[int], prefix: int, window: int) ->
 
 
 @torch.no_grad()
-def greedy_until(model, tokenizer, prompt: str) -> str:
-    """Greedy generation of one unpadded prompt, cut before the stop string."""
+def greedy_until(model, tokenizer, prompt: str, stops: list[str]) -> str:
+    """Greedy generation of one unpadded prompt, cut before the first stop string."""
     ids = torch.tensor([ids_of(tokenizer, prompt)])
     generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_GEN_TOKS,
                                do_sample=False, pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1] :]
-    return tokenizer.decode(generated, skip_special_tokens=True).split(STOP)[0]
+    text = tokenizer.decode(generated, skip_special_tokens=True)
+    return min((text.split(stop)[0] for stop in stops), key=len, default=text)
 
 
-def expected_scores(model, tokenizer) -> dict:
+def expected_scores(model, tokenizer, stops: list[str]) -> dict:
     """What the harness should report, computed directly with the model, one unpadded sequence at a time."""
     choices = [[loglikelihood(model, ids_of(tokenizer, doc["question"]), ids_of(tokenizer, " " + choice))
                 for choice in doc["choices"]] for doc in CHOICE_DOCS]
     rolling = [loglikelihood(model, [tokenizer.eos_token_id], ids_of(tokenizer, doc["text"])) for doc in ROLLING_DOCS]
-    generated = [greedy_until(model, tokenizer, doc["prompt"]) for doc in GENERATE_DOCS]
+    generated = [greedy_until(model, tokenizer, doc["prompt"], stops) for doc in GENERATE_DOCS]
     return {"m2rnn_choice": choices, "m2rnn_rolling": rolling, "m2rnn_generate": generated}
 
 
@@ -140,7 +152,8 @@ def assert_scores_match(samples: dict, expected: dict):
     ours = [ll for doc in expected["m2rnn_choice"] for ll in doc]
     assert max(abs(theirs - mine) for theirs, mine in zip(harness_choices, ours, strict=True)) < 1e-4
     harness_rolling = [doc[0] for doc in samples["m2rnn_rolling"]]
-    assert max(abs(theirs - mine) for theirs, mine in zip(harness_rolling, expected["m2rnn_rolling"], strict=True)) < 1e-4
+    ours = expected["m2rnn_rolling"]
+    assert max(abs(theirs - mine) for theirs, mine in zip(harness_rolling, ours, strict=True)) < 1e-4
     assert [doc[0] for doc in samples["m2rnn_generate"]] == expected["m2rnn_generate"]
 
 
@@ -170,11 +183,12 @@ def test_the_harness_scores_a_model_in_memory_like_our_own_computation(tmp_path)
     # the harness's context length is the config's max_position_embeddings unless max_length says otherwise
     assert lm.max_length == model.config.max_position_embeddings
 
-    samples = run_harness(lm, write_tasks(tmp_path))
+    stops = stop_strings(model, tokenizer)
+    samples = run_harness(lm, write_tasks(tmp_path, stops))
 
-    expected = expected_scores(model, tokenizer)
+    expected = expected_scores(model, tokenizer, stops)
     assert_scores_match(samples, expected)
-    assert all(len(text) < MAX_GEN_TOKS for text in expected["m2rnn_generate"])   # the stop string ended each one
+    assert all(len(text) <= 3 for text in expected["m2rnn_generate"])   # a stop string ended each one
 
 
 def test_rolling_loglikelihood_uses_windows_of_max_length():
@@ -199,8 +213,9 @@ def test_lm_eval_loads_a_saved_checkpoint_with_trust_remote_code(tmp_path):
     tokenizer.save_pretrained(tmp_path / "checkpoint")
 
     # what `lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True --device cpu` runs
-    samples = run_harness("hf", write_tasks(tmp_path), pretrained=str(tmp_path / "checkpoint"),
+    stops = stop_strings(model, tokenizer)
+    samples = run_harness("hf", write_tasks(tmp_path, stops), pretrained=str(tmp_path / "checkpoint"),
                           trust_remote_code=True, device="cpu")
 
-    assert_scores_match(samples, expected_scores(model, tokenizer))
+    assert_scores_match(samples, expected_scores(model, tokenizer, stops))
 
