@@ -65,7 +65,8 @@ def test_a_config_json_with_the_old_backend_field_name_loads_it_as_the_kernel_ba
     """`m2rnn_scan_backend` was the field's name before it chose the short conv's and the gated norm's kernels too."""
     M2RNNConfig(num_hidden_layers=2).save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
-    saved["m2rnn_scan_backend"] = saved.pop("m2rnn_kernel_backend") and "torch"
+    del saved["m2rnn_kernel_backend"]
+    saved["m2rnn_scan_backend"] = "torch"
     (tmp_path / "config.json").write_text(json.dumps(saved))
     config = AutoConfig.from_pretrained(tmp_path)
     assert config.m2rnn_kernel_backend == "torch" and "m2rnn_scan_backend" not in config.to_dict()
