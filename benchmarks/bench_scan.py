@@ -6,8 +6,8 @@
 3. One table: forward, forward+backward, decode step and peak extra memory at the paper's 400M shape
    (B=8, S=4096, Nq=Nk=1, K=64, N=84, V=16, bf16), the 7B shape (B=4, N=132) and B=1, beside the
    public reference kernel's figures (../shared/anchors), plus the torch reference loop at small S.
-Timings are triton.testing.do_bench medians on fresh non-zero random inputs. JSON goes to
-benchmarks/results/ (and $OUT when set).
+Timings are triton.testing.do_bench medians on fresh non-zero random inputs. JSON and the printed log go to
+benchmarks/results/bench_scan.{json,log} (and $OUT when set), replacing the previous run's.
 """
 
 import argparse
@@ -225,7 +225,7 @@ def main():
     text = table(report["shapes"], report["torch_reference_small"])
     log(text)
 
-    name = f"scan_{report['date']}.json"
+    name = "bench_scan.json"
     folders = [Path(__file__).parent / "results"] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
