@@ -27,7 +27,7 @@ from modeling_m2rnn import M2RNNConfig
 GiB = 2**30
 
 # LlamaForCausalLM at the paper's 400M dimensions on the H200, 2026-11-28, torch 2.11, transformers 5.17:
-# /work/shared/anchors/llama400m_h200_2026-11-28.json, "train".
+# benchmarks/results/anchors/llama400m_h200_2026-11-28.json, "train".
 LLAMA_ANCHOR = {
     (8, 4096): dict(tokens_per_s=77938, ms_per_step=420.4, peak_GiB=85.3),
     (32, 1024): dict(tokens_per_s=86105, ms_per_step=380.6, peak_GiB=85.3),
