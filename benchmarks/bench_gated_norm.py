@@ -5,7 +5,8 @@ Triton kernels (kernels.gated_rms_norm) at a few launch settings against the PyT
 
 Prints the GPU time of a forward and of a forward+backward call: the kernels' own time from torch.profiler, so that
 host time (the autograd of a custom op takes longer on the host than its kernels on the GPU here) does not count; in
-a training step the GPU is queued ahead of the host. JSON to $OUT when set.
+a training step the GPU is queued ahead of the host. JSON to benchmarks/results/bench_gated_norm.json (replacing the
+previous run's) and to $OUT when set.
 """
 
 import json
@@ -78,8 +79,10 @@ def main():
     print(f"{'gate and norm, 400M layer, B=8 S=4096, GPU time':<75} {'forward ms':>11} {'fwd+bwd ms':>11}")
     for name, result in results.items():
         print(f"{name:<75} {result['forward_ms']:>11.4f} {result['forward_backward_ms']:>11.4f}")
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "bench_gated_norm.json"), "w") as file:
+    folders = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")]
+    folders += [os.environ["OUT"]] if os.environ.get("OUT") else []
+    for folder in folders:
+        with open(os.path.join(folder, "bench_gated_norm.json"), "w") as file:
             json.dump(dict(shape=SHAPE, results=results), file, indent=1)
 
 

@@ -10,7 +10,7 @@ Random weights in bf16, greedy decoding of `--new-tokens` tokens after prompts o
 prompt length and batch size: prefill time (to the first token), ms per token after the prefill (the median
 interval between consecutive tokens, each timed when generate checks its stopping criteria, so a noisy prefill
 does not leak into it), tokens/s and peak memory. The same-size LlamaForCausalLM was measured on the same H200
-with the same settings (`shared/anchors/llama400m_h200_2026-11-28.json`); its figures are printed beside ours.
+with the same settings (`results/anchors/llama400m_h200_2026-11-28.json`); its figures are printed beside ours.
 Each ms per token is also put beside its memory-bandwidth floor: the bytes a decode step must read (weights, plus
 the KV cache of the attention layers, plus the M2RNN states read and written) over 4.2 TB/s.
 """
@@ -29,7 +29,7 @@ from transformers import CompileConfig, StoppingCriteria, StoppingCriteriaList
 from modeling_m2rnn import M2RNNConfig, M2RNNForCausalLM
 
 HBM_BYTES_PER_S = 4.2e12
-# shared/anchors/llama400m_h200_2026-11-28.json: same hidden size, layers and vocabulary, H200, bf16, greedy.
+# results/anchors/llama400m_h200_2026-11-28.json: same hidden size, layers and vocabulary, H200, bf16, greedy.
 LLAMA_EAGER_MS_PER_TOKEN = {(1, 512): 79.63, (1, 4096): 80.49, (1, 16384): 83.78,
                             (16, 512): 96.74, (16, 4096): 100.81, (16, 16384): 84.36}
 LLAMA_COMPILED_MS_PER_TOKEN = {(1, 16384): 3.55, (16, 16384): 11.83}

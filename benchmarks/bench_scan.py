@@ -7,9 +7,9 @@
 2. Launch settings compared at the 400M shape (forward, forward+backward, extra memory).
 3. One table: forward, forward+backward, decode step and peak extra memory at the paper's 400M shape
    (B=8, S=4096, Nq=Nk=1, K=64, N=84, V=16, bf16), the 7B shape (B=4, N=132) and B=1, beside the
-   public reference kernel's figures (../shared/anchors), plus the torch reference loop at small S.
-Timings are triton.testing.do_bench medians on fresh non-zero random inputs. JSON goes to
-benchmarks/results/ (and $OUT when set).
+   public reference kernel's figures (results/anchors), plus the torch reference loop at small S.
+Timings are triton.testing.do_bench medians on fresh non-zero random inputs. JSON and the printed log go to
+benchmarks/results/bench_scan.{json,log} (and $OUT when set), replacing the previous run's.
 """
 
 import argparse
@@ -28,7 +28,7 @@ from modeling_m2rnn.kernels.m2rnn_scan import triton_scan
 from modeling_m2rnn.kernels.m2rnn_scan.triton_scan import KernelConfig
 
 GiB = 2**30
-ANCHORS = {  # public reference kernel, H200 (anchors/reference_kernel_h200_2026-11-28.json): ms, ms, ms, GiB
+ANCHORS = {  # public reference kernel, H200 (results/anchors/reference_kernel_h200_2026-11-28.json): ms, ms, ms, GiB
     "400m_B8": dict(fwd=4.1006, fwdbwd=18.6037, decode=0.3021, fwdbwd_mem=5828.0 / 1024),
     "7b_B4": dict(fwd=3.9358, fwdbwd=16.1908, decode=0.2861, fwdbwd_mem=4628.3 / 1024),
     "400m_B1": dict(fwd=4.3932, fwdbwd=16.0407, decode=0.1149, fwdbwd_mem=952.6 / 1024),
@@ -239,7 +239,7 @@ def main():
     text = table(report["shapes"], report["torch_reference_small"])
     log(text)
 
-    name = f"scan_{report['date']}.json"
+    name = "bench_scan.json"
     folders = [Path(__file__).parent / "results"] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)

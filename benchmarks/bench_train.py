@@ -6,14 +6,14 @@ One full training step = forward and loss under bf16 autocast (float32 weights),
 zero_grad, exactly as the Llama anchor below was measured. Warm-up steps first (Triton autotuning and
 compilation happen there), then timed steps between CUDA events. Peak memory is
 torch.cuda.max_memory_allocated over the timed steps. A table is printed beside the anchor; JSON goes to
-benchmarks/results/ (and $OUT when set). --profile prints a torch.profiler table of one Hybrid step at
-B=8, S=4096 (where the time goes), compiled under --compile. --compile wraps every model in torch.compile (the
-M2RNN scan stays one custom op; the elementwise work around it fuses), --models and --shapes pick cases. --quick
-runs tiny configs on the CPU as a smoke check of this script.
+benchmarks/results/bench_train.json, replacing the previous run's (not under --quick), and to $OUT when set.
+--profile prints a torch.profiler table of one Hybrid step at B=8, S=4096 (where the time goes), compiled under
+--compile. --compile wraps every model in torch.compile (the M2RNN scan stays one custom op; the elementwise work
+around it fuses), --models and --shapes pick cases. --quick runs tiny configs on the CPU as a smoke check of this
+script.
 """
 
 import argparse
-import datetime
 import json
 import os
 import time
@@ -27,7 +27,7 @@ from modeling_m2rnn import M2RNNConfig
 GiB = 2**30
 
 # LlamaForCausalLM at the paper's 400M dimensions on the H200, 2026-11-28, torch 2.11, transformers 5.17:
-# /work/shared/anchors/llama400m_h200_2026-11-28.json, "train".
+# benchmarks/results/anchors/llama400m_h200_2026-11-28.json, "train".
 LLAMA_ANCHOR = {
     (8, 4096): dict(tokens_per_s=77938, ms_per_step=420.4, peak_GiB=85.3),
     (32, 1024): dict(tokens_per_s=86105, ms_per_step=380.6, peak_GiB=85.3),
@@ -154,8 +154,8 @@ def profile_one_step(config, batch, seq_len, device, compile: bool = False):
 
 
 def write_json(report: dict):
-    stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
-    paths = [Path(__file__).parent / "results" / f"bench_train_{stamp}.json"]
+    # a --quick smoke check on the CPU leaves the GPU figures that benchmarks/RESULTS.md cites in place
+    paths = [] if report["quick"] else [Path(__file__).parent / "results" / "bench_train.json"]
     if os.environ.get("OUT"):
         paths.append(Path(os.environ["OUT"]) / "bench_train.json")
     for path in paths:
