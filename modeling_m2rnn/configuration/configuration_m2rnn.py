@@ -345,12 +345,18 @@ class M2RNNConfig(PreTrainedConfig):
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "M2RNNConfig":
-        """One of the paper's models by name (see `PRESETS`), with any field overridden."""
+        """One of the paper's models by name (see `PRESETS`), with any field overridden. A smaller
+        `num_hidden_layers` keeps the preset's first layers (a slice of the model, its layer pattern cut to length)."""
         from .presets import PRESETS
 
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
+        fields = {**PRESETS[name], **overrides}
+        num_layers = overrides.get("num_hidden_layers")
+        for key in ("mixer_types", "mlp_layer_types"):
+            if num_layers is not None and key not in overrides:
+                fields[key] = fields[key][:num_layers]
+        return cls(**fields)
 
 
 __all__ = ["M2RNNConfig"]
