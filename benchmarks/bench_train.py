@@ -1,16 +1,18 @@
-"""Training throughput of the 400M Hybrid M2RNN, the 400M pure M2RNN and the same-size Llama (issue 6).
+"""Training throughput of the paper's models (any preset) beside the same-size Llama, in one process.
 
-Run from the repo root: PYTHONPATH=. python benchmarks/bench_train.py [--profile] [--quick]
+Run from the repo root: PYTHONPATH=. python benchmarks/bench_train.py [--models PRESET ... llama] [--layers N]
+[--profile] [--quick]
 
 One full training step = forward and loss under bf16 autocast (float32 weights), backward, fused AdamW step,
 zero_grad, exactly as the Llama anchor below was measured. Warm-up steps first (Triton autotuning and
 compilation happen there), then timed steps between CUDA events. Peak memory is
 torch.cuda.max_memory_allocated over the timed steps. A table is printed beside the anchor; JSON goes to
 benchmarks/results/bench_train.json, replacing the previous run's (not under --quick), and to $OUT when set.
---profile prints a torch.profiler table of one Hybrid step at B=8, S=4096 (where the time goes), compiled under
---compile. --compile wraps every model in torch.compile (the M2RNN scan stays one custom op; the elementwise work
-around it fuses), --models and --shapes pick cases. --quick runs tiny configs on the CPU as a smoke check of this
-script.
+--profile prints a torch.profiler table of one step of the first preset at the first shape (where the time goes),
+compiled under --compile. --compile wraps every model in torch.compile (the M2RNN scan stays one custom op; the
+elementwise work around it fuses), --models (preset names, and "llama") and --shapes pick cases; --layers N keeps
+the first N layers of each preset (a slice of a model too large for one GPU, e.g. the 7B MoE hybrids). --quick runs
+tiny versions of the same models on the CPU as a smoke check of this script.
 """
 
 import argparse
@@ -23,6 +25,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from modeling_m2rnn import M2RNNConfig
+from modeling_m2rnn.configuration import PRESETS
 
 GiB = 2**30
 
@@ -37,25 +40,23 @@ TARGET = "Hybrid M2RNN 400M >= 85% of Llama's tokens/s at B=8, S=4096"
 
 LLAMA_400M = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
                   intermediate_size=2752, vocab_size=100352, tie_word_embeddings=False, max_position_embeddings=4096)
-TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-            intermediate_size=128, vocab_size=256, tie_word_embeddings=False)
-TINY_M2RNN = dict(head_dim=16, m2rnn_k_head_dim=16, m2rnn_v_head_dim=8, m2rnn_num_v_heads=4, m2rnn_num_f_heads=4,
-                  m2rnn_num_g_heads=4, m2rnn_num_weight_heads=4)
+DEFAULT_MODELS = ["hybrid-m2rnn-400m", "m2rnn-400m", "llama"]
+TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, intermediate_size=128, vocab_size=256,
+            tie_word_embeddings=False)
+TINY_MIXERS = dict(head_dim=16, m2rnn_k_head_dim=16, m2rnn_v_head_dim=8, m2rnn_num_v_heads=4, m2rnn_num_f_heads=4,
+                   m2rnn_num_g_heads=4, m2rnn_num_weight_heads=4, gdn_num_heads=2, gdn_key_head_dim=16,
+                   gdn_value_head_dim=32, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                   shared_expert_intermediate_size=64, bos_token_id=None, eos_token_id=None, pad_token_id=None)
 
 
-def model_configs(quick: bool) -> dict:
-    """name -> config: the three 400M models, or tiny ones of the same kinds for --quick."""
+def model_config(name: str, quick: bool, layers: int | None):
+    """A preset (its first `layers` layers if given) or Llama at the 400M dimensions; tiny versions for --quick."""
+    if name == "llama":
+        return LlamaConfig(**TINY, num_hidden_layers=2) if quick else LlamaConfig(**LLAMA_400M)
     if quick:
-        return {
-            "hybrid_m2rnn": M2RNNConfig(**TINY, **TINY_M2RNN, layer_types=["m2rnn", "full_attention"]),
-            "m2rnn": M2RNNConfig(**TINY, **TINY_M2RNN, layer_types=["m2rnn", "m2rnn"]),
-            "llama": LlamaConfig(**TINY),
-        }
-    return {
-        "hybrid_m2rnn": M2RNNConfig.from_preset("hybrid-m2rnn-400m"),
-        "m2rnn": M2RNNConfig.from_preset("m2rnn-400m"),
-        "llama": LlamaConfig(**LLAMA_400M),
-    }
+        layers = layers or 6   # the first six layers of a hybrid hold an attention layer
+        return M2RNNConfig.from_preset(name, num_hidden_layers=layers, **TINY, **TINY_MIXERS)
+    return M2RNNConfig.from_preset(name, **({"num_hidden_layers": layers} if layers else {}))
 
 
 def build(config, device: torch.device, compile: bool = False):
@@ -117,24 +118,24 @@ def measure(name, config, batch, seq_len, device, warmup, steps, compile=False) 
 
 
 def print_table(results: list[dict], quick: bool):
-    print(f"\n{'model':<14}{'B':>4}{'S':>6}{'ms/step':>10}{'tokens/s':>11}{'peak GiB':>10}{'vs llama':>10}"
+    print(f"\n{'model':<38}{'B':>4}{'S':>6}{'ms/step':>10}{'tokens/s':>11}{'peak GiB':>10}{'vs llama':>10}"
           f"{'anchor llama tok/s':>20}")
     llama = {(r["B"], r["S"]): r.get("tokens_per_s") for r in results if r["model"] == "llama"}
     for r in results:
         shape = (r["B"], r["S"])
         anchor = f"{LLAMA_ANCHOR[shape]['tokens_per_s']:,}" if shape in LLAMA_ANCHOR and not quick else ""
         if "error" in r:
-            print(f"{r['model']:<14}{r['B']:>4}{r['S']:>6}  {r['error']}")
+            print(f"{r['model']:<38}{r['B']:>4}{r['S']:>6}  {r['error']}")
             continue
         ratio = f"{r['tokens_per_s'] / llama[shape]:.0%}" if llama.get(shape) else "-"
         peak = f"{r['peak_GiB']:.1f}" if "peak_GiB" in r else "-"
-        print(f"{r['model']:<14}{r['B']:>4}{r['S']:>6}{r['ms_per_step']:>10.1f}{r['tokens_per_s']:>11,.0f}{peak:>10}"
+        print(f"{r['model']:<38}{r['B']:>4}{r['S']:>6}{r['ms_per_step']:>10.1f}{r['tokens_per_s']:>11,.0f}{peak:>10}"
               f"{ratio:>10}{anchor:>20}")
     if not quick:
         print(f"target: {TARGET}; anchor: Llama 400M on the H200, 2026-11-28 (same step, torch 2.11)")
 
 
-def profile_one_step(config, batch, seq_len, device, compile: bool = False):
+def profile_one_step(name, config, batch, seq_len, device, compile: bool = False):
     """A torch.profiler table of one training step, after warm-up: which kernels take the time."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -149,7 +150,7 @@ def profile_one_step(config, batch, seq_len, device, compile: bool = False):
     sort_by = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     table = prof.key_averages().table(sort_by=sort_by, row_limit=70)
     mode = "compiled" if compile else "eager"
-    print(f"\nprofile of one {mode} hybrid_m2rnn step at B={batch}, S={seq_len}:\n{table}")
+    print(f"\nprofile of one {mode} {name} step at B={batch}, S={seq_len}:\n{table}")
     return table
 
 
@@ -167,12 +168,13 @@ def write_json(report: dict):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny configs on the CPU, a smoke check")
-    parser.add_argument("--profile", action="store_true", help="also profile one Hybrid step")
+    parser.add_argument("--profile", action="store_true", help="also profile one step of the first preset")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per case")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model")
-    parser.add_argument("--models", nargs="+", choices=["hybrid_m2rnn", "m2rnn", "llama"],
-                        default=["hybrid_m2rnn", "m2rnn", "llama"])
+    parser.add_argument("--models", nargs="+", choices=[*PRESETS, "llama"], default=DEFAULT_MODELS,
+                        help=f"presets and/or llama (default: {' '.join(DEFAULT_MODELS)})")
+    parser.add_argument("--layers", type=int, help="keep the first N layers of each preset (a slice of the model)")
     parser.add_argument("--shapes", nargs="+", help="BxS cases, e.g. 8x4096 (default: 8x4096 32x1024)")
     args = parser.parse_args()
 
@@ -184,7 +186,7 @@ def main():
     else:
         shapes = [(2, 64), (4, 32)] if args.quick else SHAPES
     warmup, steps = (1, 2) if args.quick else (args.warmup, args.steps)
-    configs = {name: config for name, config in model_configs(args.quick).items() if name in args.models}
+    configs = {name: model_config(name, args.quick, args.layers) for name in args.models}
 
     results = []
     for batch, seq_len in shapes:
@@ -201,8 +203,10 @@ def main():
         torch=torch.__version__, quick=args.quick, compiled=args.compile, warmup=warmup, steps=steps, results=results,
         llama_anchor={f"B{b}_S{s}": v for (b, s), v in LLAMA_ANCHOR.items()},
     )
-    if args.profile and "hybrid_m2rnn" in configs:
-        report["profile"] = profile_one_step(configs["hybrid_m2rnn"], *shapes[0], device, args.compile)
+    report["layers"] = args.layers
+    profiled = next((name for name in args.models if name != "llama"), None)
+    if args.profile and profiled is not None:
+        report["profile"] = profile_one_step(profiled, configs[profiled], *shapes[0], device, args.compile)
     write_json(report)
 
 
