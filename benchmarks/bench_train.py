@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from modeling_m2rnn import M2RNNConfig
 from modeling_m2rnn.configuration import PRESETS
+from modeling_m2rnn.kernels.gated_delta_rule.fla import fla_backward_refusal, fla_is_available
 
 GiB = 2**30
 
@@ -97,8 +98,21 @@ def time_steps(model, optimizer, ids, warmup: int, steps: int) -> float:
     return (time.perf_counter() - began) * 1e3 / steps
 
 
+def gated_deltanet_refusal(config, device: torch.device) -> str | None:
+    """Why a model with Gated DeltaNet layers cannot train on fla's kernels here, or None. Its PyTorch reference
+    loop would run instead, which is no training speed to report."""
+    if "gated_deltanet" not in getattr(config, "mixer_types", []) or device.type != "cuda":
+        return None
+    if not fla_is_available():
+        return "fla-core is not installed (pip install m2rnn[fla])"
+    return fla_backward_refusal(device)
+
+
 def measure(name, config, batch, seq_len, device, warmup, steps, compile=False) -> dict:
     result = dict(model=name, B=batch, S=seq_len, compiled=compile)
+    refusal = gated_deltanet_refusal(config, device)
+    if refusal:
+        return {**result, "error": refusal}
     model = optimizer = None
     try:
         model, optimizer = build(config, device, compile)
