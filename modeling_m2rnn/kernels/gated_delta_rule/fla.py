@@ -6,6 +6,8 @@ import importlib.util
 
 import torch
 
+from ..backend import needs_grad
+
 # lm-engine's switch between the two kernels: up to this many tokens without gradients, the fused recurrent one.
 FUSED_RECURRENT_MAX_TOKENS = 64
 
@@ -30,10 +32,6 @@ def fla_backward_refusal(device: torch.device) -> str | None:
         return None
     return (f"fla's gated delta rule backward refuses Triton {triton.__version__} on Hopper (fla issue #640); "
             "Triton >= 3.7.1 or the `tilelang` package lifts it")
-
-
-def needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
 
 
 def gated_delta_rule_fla(q, k, v, g, beta, scale: float, initial_state=None, cu_seqlens=None, qk_l2norm=False):

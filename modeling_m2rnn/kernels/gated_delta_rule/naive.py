@@ -1,6 +1,7 @@
 """The gated delta rule in plain PyTorch, a loop over time: the specification the fla kernels are checked against.
 
-Per sequence, head and time step t (the recurrent form of fla's `chunk_gated_delta_rule`; DESIGN.md §4a):
+Per sequence, head and time step t (the recurrent form of fla's `chunk_gated_delta_rule`;
+docs/design.md, "Gated DeltaNet"):
 
     S_t = exp(g_t) · S_{t-1}                        S: (K, V), g_t <= 0 the log decay
     S_t = S_t + β_t · k_t (v_t − S_tᵀ k_t)ᵀ          the delta rule reads the decayed state
