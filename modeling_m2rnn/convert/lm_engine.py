@@ -7,6 +7,7 @@ written the whole conversion is planned on shapes alone (meta tensors) and check
 builds, so a checkpoint that does not convert leaves no half-written folder behind.
 """
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -31,6 +32,27 @@ def check_destination(dst: Path, src: Path):
         raise ValueError(f"`dst` must differ from `src`, got {dst} for both")
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise ValueError(f"`dst` = {dst} must be an empty folder or not exist yet: the converter overwrites nothing")
+
+
+@contextlib.contextmanager
+def writing_into(dst: Path, src: Path):
+    """Yields the list of paths a conversion writes into `dst`, with the tokenizer files of `src` copied last; if
+    anything fails, every path on the list is removed again (and `dst` itself, when it was created here)."""
+    created = not dst.exists()
+    written = []
+    try:
+        dst.mkdir(parents=True, exist_ok=True)
+        yield written
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                written.append(dst / name)
+                shutil.copyfile(src / name, dst / name)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        if created and dst.exists() and not any(dst.iterdir()):
+            dst.rmdir()
+        raise
 
 
 def _open_source(src: Path, config, max_shard_size: int):
@@ -137,22 +159,9 @@ def convert_lm_engine_checkpoint(src, dst, *, config=None, max_shard_size: int =
     mapping = TensorMapping(lm_config)
     our_config.dtype = _plan(source, mapping, _expected_tensors(our_config))
 
-    created = not dst.exists()
-    written = []
-    try:
-        dst.mkdir(parents=True, exist_ok=True)
+    with writing_into(dst, src) as written:
         _write_shards(source, mapping, dst, progress, written)
         written.append(dst / "config.json")
         our_config.save_pretrained(dst)
         written.extend(export_remote_code(dst))
-        for name in TOKENIZER_FILES:
-            if (src / name).is_file():
-                written.append(dst / name)
-                shutil.copyfile(src / name, dst / name)
-    except BaseException:
-        for path in written:
-            path.unlink(missing_ok=True)
-        if created and dst.exists() and not any(dst.iterdir()):
-            dst.rmdir()
-        raise
     return dst

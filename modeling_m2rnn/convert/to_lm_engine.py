@@ -7,12 +7,11 @@ most one shard and one layer's parts are held at a time.
 """
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 
-from .lm_engine import OUTPUT_INDEX, TOKENIZER_FILES, check_destination
+from .lm_engine import OUTPUT_INDEX, check_destination, writing_into
 from .lm_engine_config import INVERSE_SQRT_HEAD_DIM, LM_ENGINE_MODEL_TYPE, M2RNN_G_NORM_EPS
 from .lm_engine_sources import SafetensorsSource
 from .lm_engine_tensors import CONV_NAMES, GATED_DELTANET_NAMES, M2RNN_NAMES
@@ -201,24 +200,11 @@ def export_lm_engine_checkpoint(src, dst, *, progress: bool = True) -> Path:
         raise ValueError(f"{src} holds tensors the lm-engine layout has no place for: {left_behind[:8]}")
     waiting_for = {name: target for target, (names, _) in recipes.items() for name in names}
 
-    created = not dst.exists()
-    written = []
-    try:
-        dst.mkdir(parents=True, exist_ok=True)
+    with writing_into(dst, src) as written:
         shards = _write_shards(source, recipes, waiting_for, dst, progress, written)
         _name_shards(shards, dst, written)
         written.append(dst / "config.json")
         (dst / "config.json").write_text(json.dumps(lm_config, indent=2) + "\n", encoding="utf-8")
-        for name in TOKENIZER_FILES:
-            if (src / name).is_file():
-                written.append(dst / name)
-                shutil.copyfile(src / name, dst / name)
-    except BaseException:
-        for path in written:
-            path.unlink(missing_ok=True)
-        if created and dst.exists() and not any(dst.iterdir()):
-            dst.rmdir()
-        raise
     return dst
 
 
