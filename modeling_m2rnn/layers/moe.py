@@ -1,5 +1,5 @@
-"""Sparse mixture-of-experts MLP (DESIGN.md §4a): a top-k router over SwiGLU experts stored as 3-D tensors and run
-through transformers' experts implementations, plus one ungated shared expert."""
+"""Sparse mixture-of-experts MLP (docs/design.md, "Mixture of experts"): a top-k router over SwiGLU experts stored as
+3-D tensors and run through transformers' experts implementations, plus one ungated shared expert."""
 
 import torch
 import torch.nn.functional as F
