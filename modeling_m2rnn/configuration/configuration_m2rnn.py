@@ -71,6 +71,7 @@ class M2RNNConfig(PreTrainedConfig):
     model_type = "m2rnn"
     keys_to_ignore_at_inference = ["past_key_values"]
     base_model_tp_plan = {
+        "layers.*.m2rnn": "m2rnn_heads",   # split by heads: distributed/tensor_parallel.py
         "layers.*.self_attn.q_proj": "colwise",
         "layers.*.self_attn.k_proj": "colwise",
         "layers.*.self_attn.v_proj": "colwise",

@@ -1,0 +1,17 @@
+"""Parallelism across processes: tensor parallelism by heads through transformers' TP machinery."""
+
+from .tensor_parallel import (
+    M2RNN_STYLE,
+    check_tensor_parallel_degree,
+    cut_to_local_heads,
+    gather_full_tensors,
+    is_split_by_heads,
+)
+
+__all__ = [
+    "M2RNN_STYLE",
+    "check_tensor_parallel_degree",
+    "cut_to_local_heads",
+    "gather_full_tensors",
+    "is_split_by_heads",
+]

@@ -1,0 +1,350 @@
+"""Tensor parallelism by heads, through transformers' TP machinery (docs/design.md, "Tensor parallelism").
+
+Under torchrun, `from_pretrained(path, distributed_config=DistributedConfig(tp_size=T))` applies the config's
+`base_model_tp_plan`: attention and the dense MLP take transformers' colwise / rowwise styles, the LM head its
+vocabulary-parallel one, and every M2RNN layer the style registered here as "m2rnn_heads" (topology-independent:
+the same math at every T):
+
+- the layer's N heads are split in T contiguous parts, rank r holding heads [r·N/T, (r+1)·N/T), and with them
+  their v, f (A_log, dt_bias), g, W, D, norm weights and the conv channels of v. A block indexed by one head
+  shared by all heads (the paper's q and k: Nq = Nk = 1) is held whole by every rank; each rank's gradient of it
+  covers its own heads' use, so the gradients are summed across the ranks.
+- a fused tensor splits each of its blocks by the block's own head count: in_proj's rows q | k | v | f | g,
+  conv_weight's rows q | k | v.
+- the gated RMSNorm is over all N heads: a token's mean square is averaged over the ranks (the norm's PyTorch
+  path; its Triton kernel normalises one rank's part only).
+- out_proj holds the columns of the local heads and the layer's output is summed across the ranks; the gradient
+  of its input is summed too.
+- the cache holds each rank's own heads' states and conv channels.
+
+Storage: a DTensor has one placement per mesh dimension, which cannot describe a tensor whose blocks are split
+differently (q | k whole beside v | f | g split), and transformers' loader reads a DTensor's shard by its
+placement. The layer's parameters therefore stay plain tensors: loaded whole, cut to this rank's part once
+loaded (`cut_to_local_heads`, called when `from_pretrained` finishes loading), and put back together for saving
+(`gather_full_tensors`, called by `save_pretrained`). A layer's full parameters are held on every rank during
+loading.
+"""
+
+import contextlib
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+from transformers.distributed.tensor_parallel import ParallelInterface, TensorParallelLayer
+
+from ..configuration.configuration_m2rnn import ATTENTION_LAYER, M2RNN_LAYER
+
+M2RNN_STYLE = "m2rnn_heads"
+_M2RNN_HEAD_FIELDS = {   # the layer's attribute → the config field of its head count
+    "num_q_heads": "m2rnn_num_q_heads",
+    "num_k_heads": "m2rnn_num_k_heads",
+    "num_v_heads": "m2rnn_num_v_heads",
+    "num_f_heads": "m2rnn_num_f_heads",
+    "num_g_heads": "m2rnn_num_g_heads",
+}
+
+
+def local_head_count(field: str, heads: int, tp_size: int, shareable: bool = True) -> int:
+    """This rank's heads of a block of `heads` heads: heads / T, or all of a single head shared by every head."""
+    if shareable and heads == 1:
+        return 1
+    if heads % tp_size:
+        shared = " 1 (one head shared by all, held whole by every rank) or" if shareable else ""
+        raise ValueError(
+            f"`{field}` = {heads} must be{shared} divisible by the tensor-parallel degree {tp_size}: heads are "
+            "split across the ranks whole"
+        )
+    return heads // tp_size
+
+
+def check_tensor_parallel_degree(config, tp_size: int) -> None:
+    """ValueError naming the field when `tp_size` ranks cannot split the heads of every layer of `config`."""
+    if M2RNN_LAYER in config.layer_types:
+        local_head_count("N = the largest M2RNN head count", config.m2rnn_num_heads, tp_size, shareable=False)
+        for field in (*_M2RNN_HEAD_FIELDS.values(), "m2rnn_num_weight_heads"):
+            local_head_count(field, getattr(config, field), tp_size)
+    if ATTENTION_LAYER in config.layer_types:
+        local_head_count("num_attention_heads", config.num_attention_heads, tp_size, shareable=False)
+        local_head_count("num_key_value_heads", config.num_key_value_heads, tp_size, shareable=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadBlock:
+    """`width` consecutive entries of a tensor along its split dimension, indexed by `heads` heads."""
+
+    field: str        # names the head count in errors
+    width: int
+    heads: int
+    shareable: bool = True   # a single head may be shared by all heads (held whole); else it must split
+
+    def is_whole(self, tp_size: int) -> bool:
+        return self.shareable and self.heads == 1
+
+    def local_width(self, tp_size: int) -> int:
+        return self.width if self.is_whole(tp_size) else self.width // tp_size
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitTensor:
+    """How a parameter is split by heads: its blocks, in order along dimension `dim`."""
+
+    dim: int
+    blocks: tuple[HeadBlock, ...]
+
+    def local_ranges(self, rank: int, tp_size: int) -> list[tuple[int, int]]:
+        """(start, end) of this rank's entries of each block, in the full tensor."""
+        ranges, start = [], 0
+        for block in self.blocks:
+            width = block.local_width(tp_size)
+            offset = 0 if block.is_whole(tp_size) else rank * width
+            ranges.append((start + offset, start + offset + width))
+            start += block.width
+        return ranges
+
+    def whole_ranges(self, tp_size: int) -> list[tuple[int, int]]:
+        """(start, end) of the blocks every rank holds whole, in the local tensor, adjacent ones merged."""
+        ranges, start = [], 0
+        for block in self.blocks:
+            width = block.local_width(tp_size)
+            if block.is_whole(tp_size):
+                if ranges and ranges[-1][1] == start:
+                    ranges[-1] = (ranges[-1][0], start + width)
+                else:
+                    ranges.append((start, start + width))
+            start += width
+        return ranges
+
+
+def m2rnn_layout(mixer: nn.Module) -> dict[str, SplitTensor]:
+    """The split of each parameter of an M2RNN layer (layers/m2rnn_mixer.py), from its full head counts."""
+    key_dim, value_dim = mixer.key_head_dim, mixer.value_head_dim
+
+    def block(attribute: str, head_width: int) -> HeadBlock:
+        heads = getattr(mixer, attribute)
+        return HeadBlock(_M2RNN_HEAD_FIELDS[attribute], heads * head_width, heads)
+
+    q, k, v = block("num_q_heads", key_dim), block("num_k_heads", key_dim), block("num_v_heads", value_dim)
+    f, g = block("num_f_heads", 1), block("num_g_heads", value_dim)
+    num_weight_heads = mixer.W.shape[0]
+    W = HeadBlock("m2rnn_num_weight_heads", num_weight_heads, num_weight_heads)
+
+    def all_heads(width: int) -> HeadBlock:
+        return HeadBlock("N = the largest M2RNN head count", width, mixer.num_heads, shareable=False)
+
+    layout = {
+        "in_proj.weight": SplitTensor(0, (q, k, v, f, g)),       # (Nq·K + Nk·K + Nv·V + Nf + Ng·V, hidden)
+        "A_log": SplitTensor(0, (f,)),                            # (Nf,)
+        "dt_bias": SplitTensor(0, (f,)),
+        "W": SplitTensor(0, (W,)),                                # (Nw, V, V)
+        "norm.weight": SplitTensor(0, (all_heads(mixer.num_heads * value_dim),)),        # (N·V,)
+        "out_proj.weight": SplitTensor(1, (all_heads(mixer.num_heads * value_dim),)),    # (hidden, N·V)
+    }
+    if mixer.conv_kernel_size is not None:
+        layout["conv_weight"] = SplitTensor(0, (q, k, v))         # (Nq·K + Nk·K + Nv·V, kernel)
+    if mixer.D is not None:
+        layout["D"] = SplitTensor(0, (all_heads(mixer.num_heads),))                      # (N, V)
+    return layout
+
+
+def _localise_m2rnn(mixer: nn.Module, tp_size: int, group) -> None:
+    """Makes the layer's head counts this rank's and its norm average over the ranks."""
+    for attribute in _M2RNN_HEAD_FIELDS:
+        heads = getattr(mixer, attribute)
+        setattr(mixer, attribute, 1 if heads == 1 else heads // tp_size)
+    mixer.num_heads //= tp_size
+    mixer.mean_over_head_shards = functools.partial(mean_across_ranks, group=group)
+
+
+class _SumGradient(torch.autograd.Function):
+    """Identity; the gradient is summed across the ranks (an input every rank uses for its own heads)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _SumGradientSlices(torch.autograd.Function):
+    """Identity; the gradient's slices [start, end) along `dim` are summed across the ranks (the blocks of a
+    parameter every rank holds whole)."""
+
+    @staticmethod
+    def forward(ctx, x, dim, ranges, group):
+        ctx.dim, ctx.ranges, ctx.group = dim, ranges, group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        for start, end in ctx.ranges:
+            piece = grad.narrow(ctx.dim, start, end - start).contiguous()
+            dist.all_reduce(piece, group=ctx.group)
+            grad.narrow(ctx.dim, start, end - start).copy_(piece)
+        return grad, None, None, None
+
+
+class _SumAcrossRanks(torch.autograd.Function):
+    """The sum of each rank's partial output; its gradient is every rank's already."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.contiguous().clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _MeanAcrossRanks(torch.autograd.Function):
+    """The mean over the ranks, which every rank then uses for its own heads: the gradient is averaged too."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.contiguous().clone()
+        dist.all_reduce(x, group=group)
+        return x / dist.get_world_size(group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad / dist.get_world_size(ctx.group), None
+
+
+def mean_across_ranks(x: torch.Tensor, group) -> torch.Tensor:
+    return _MeanAcrossRanks.apply(x, group)
+
+
+@dataclasses.dataclass
+class HeadSplit:
+    """What a layer split by heads keeps on the module as `_head_split`: its parameters' splits and this rank."""
+
+    layout: dict[str, SplitTensor]
+    rank: int
+    tp_size: int
+    group: object
+    is_cut: bool = False
+
+    def cut(self, full: torch.Tensor, split: SplitTensor) -> torch.Tensor:
+        ranges = split.local_ranges(self.rank, self.tp_size)
+        pieces = [full.narrow(split.dim, start, end - start) for start, end in ranges]
+        return torch.cat(pieces, dim=split.dim)
+
+    def gather(self, local: torch.Tensor, split: SplitTensor) -> torch.Tensor:
+        """The full tensor from every rank's part (a collective: every rank calls it, in the same order)."""
+        local = local.detach().contiguous()
+        parts = [torch.empty_like(local) for _ in range(self.tp_size)]
+        dist.all_gather(parts, local, group=self.group)
+        pieces, start = [], 0
+        for block in split.blocks:
+            width = block.local_width(self.tp_size)
+            ranks_parts = [local] if block.is_whole(self.tp_size) else parts
+            pieces.extend(part.narrow(split.dim, start, width) for part in ranks_parts)
+            start += width
+        return torch.cat(pieces, dim=split.dim)
+
+
+def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
+    path, _, parameter = name.rpartition(".")
+    return (module.get_submodule(path) if path else module), parameter
+
+
+@contextlib.contextmanager
+def _whole_blocks_sum_gradients(module: nn.Module, split: HeadSplit):
+    """During the forward, each parameter with whole blocks is read through `_SumGradientSlices`."""
+    swapped = []
+    if torch.is_grad_enabled():
+        for name, layout in split.layout.items():
+            owner, parameter_name = _owner(module, name)
+            parameter = owner._parameters.get(parameter_name)
+            ranges = layout.whole_ranges(split.tp_size)
+            if ranges and parameter is not None and parameter.requires_grad:
+                owner._parameters[parameter_name] = _SumGradientSlices.apply(parameter, layout.dim, ranges, split.group)
+                swapped.append((owner, parameter_name, parameter))
+    try:
+        yield
+    finally:
+        for owner, parameter_name, parameter in swapped:
+            owner._parameters[parameter_name] = parameter
+
+
+class HeadParallel(TensorParallelLayer):
+    """The style of a recurrent layer split by heads (see the module's docstring). `layout` gives the split of each
+    of the layer's parameters from its full head counts; `localise` makes the layer's head counts this rank's."""
+
+    def __init__(self, layout: Callable[[nn.Module], dict[str, SplitTensor]],
+                 localise: Callable[[nn.Module, int, object], None]):
+        self.layout = layout
+        self.localise = localise
+
+    def install_forward(self, module: nn.Module, mesh):
+        tp_size, group = mesh.size(), mesh.get_group()
+        layout = self.layout(module)
+        blocks = [block for split in layout.values() for block in split.blocks]
+        for block in sorted(blocks, key=lambda block: block.shareable):   # N, the count of every head, first
+            local_head_count(block.field, block.heads, tp_size, block.shareable)
+        self.localise(module, tp_size, group)
+        module._head_split = split = HeadSplit(layout, mesh.get_local_rank(), tp_size, group)
+        original_forward = module.forward
+
+        def forward(hidden_states, *args, **kwargs):
+            if not split.is_cut:
+                raise RuntimeError(f"{type(module).__name__} was split by heads but its parameters are still whole: "
+                                   "load the model with from_pretrained(..., distributed_config=...)")
+            hidden_states = _SumGradient.apply(hidden_states, group)
+            with _whole_blocks_sum_gradients(module, split):
+                output = original_forward(hidden_states, *args, **kwargs)
+            return _SumAcrossRanks.apply(output, group)
+
+        module.forward = forward
+        return module
+
+
+def cut_to_local_heads(model: nn.Module) -> None:
+    """Replaces the whole (just loaded) parameters of every layer split by heads with this rank's part."""
+    for module in model.modules():
+        split = getattr(module, "_head_split", None)
+        if split is None or split.is_cut:
+            continue
+        for name, layout in split.layout.items():
+            owner, parameter_name = _owner(module, name)
+            full = owner._parameters[parameter_name]
+            local = nn.Parameter(split.cut(full.detach(), layout).clone(), requires_grad=full.requires_grad)
+            local._is_hf_initialized = True
+            owner._parameters[parameter_name] = local
+        split.is_cut = True
+
+
+def is_split_by_heads(model: nn.Module) -> bool:
+    return any(getattr(module, "_head_split", None) is not None for module in model.modules())
+
+
+def gather_full_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tensors` named as in model.state_dict() (the parameters, or their gradients), each made whole: the parts of
+    the layers split by heads put together and DTensors gathered. A collective: every rank calls it."""
+    full = {name: tensor.full_tensor() if isinstance(tensor, DTensor) else tensor for name, tensor in tensors.items()}
+    for prefix, module in model.named_modules():
+        split = getattr(module, "_head_split", None)
+        if split is None or not split.is_cut:
+            continue
+        for name, layout in split.layout.items():
+            key = f"{prefix}.{name}" if prefix else name
+            if full.get(key) is not None:
+                full[key] = split.gather(full[key], layout)
+    return full
+
+
+ParallelInterface.register(M2RNN_STYLE, HeadParallel(m2rnn_layout, _localise_m2rnn))
