@@ -33,13 +33,14 @@ RTOL = 1e-5   # float32; the split model sums partial products in another order
 # odd head sizes; a vocabulary the LM head's vocabulary-parallel style can split; initializer_range larger than a
 # real model's, so that greedy decoding is far from ties
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, m2rnn_k_head_dim=6, m2rnn_v_head_dim=5,
-            m2rnn_num_q_heads=1, m2rnn_num_k_heads=1, m2rnn_num_v_heads=4, m2rnn_conv_kernel_size=3,
+            m2rnn_num_q_heads=1, m2rnn_num_k_heads=1, m2rnn_conv_kernel_size=3,
             initializer_range=0.2, pad_token_id=0)
-FAMILIES = {
-    "m2rnn": dict(num_hidden_layers=2, m2rnn_num_f_heads=2, m2rnn_num_g_heads=2, m2rnn_num_weight_heads=4),
-    "hybrid": dict(num_hidden_layers=3, layer_types=["m2rnn", "full_attention", "m2rnn"], num_attention_heads=4,
-                   num_key_value_heads=2, head_dim=8, m2rnn_num_f_heads=4, m2rnn_num_g_heads=4,
-                   m2rnn_num_weight_heads=1),
+FAMILIES = {   # head counts that 2 and 4 ranks split; g (and f) grouped, W shared by all heads in the hybrid
+    "m2rnn": dict(num_hidden_layers=2, m2rnn_num_v_heads=8, m2rnn_num_f_heads=4, m2rnn_num_g_heads=4,
+                  m2rnn_num_weight_heads=8),
+    "hybrid": dict(num_hidden_layers=3, layer_types=["m2rnn", "full_attention", "m2rnn"], num_attention_heads=8,
+                   num_key_value_heads=4, head_dim=4, m2rnn_num_v_heads=8, m2rnn_num_f_heads=8,
+                   m2rnn_num_g_heads=8, m2rnn_num_weight_heads=1),
 }
 
 
@@ -115,6 +116,8 @@ def failures(report: dict) -> list[str]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", type=Path, default=REPO / "outputs" / "check_tensor_parallel")
+    parser.add_argument("--kernel-backend", default="auto", help="m2rnn_kernel_backend of the models (default auto: "
+                        "Triton on CUDA; 'triton' on the CPU needs TRITON_INTERPRET=1)")
     args = parser.parse_args()
 
     device = torch.device("cpu")
@@ -124,12 +127,14 @@ def main():
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     torch.use_deterministic_algorithms(True, warn_only=True)
 
-    report = {name: check_family(name, M2RNNConfig(**TINY, **family), args.output_dir, device)
-              for name, family in FAMILIES.items()}
+    report = {}
+    for name, family in FAMILIES.items():
+        config = M2RNNConfig(**TINY, **family, m2rnn_kernel_backend=args.kernel_backend)
+        report[name] = check_family(name, config, args.output_dir, device)
     problems = failures(report)
     if dist.get_rank() == 0:
-        summary = {"world_size": dist.get_world_size(), "rtol": RTOL, "passed": not problems, "problems": problems,
-                   "families": report}
+        summary = {"world_size": dist.get_world_size(), "kernel_backend": args.kernel_backend, "rtol": RTOL,
+                   "passed": not problems, "problems": problems, "families": report}
         (args.output_dir / "check_tensor_parallel.json").write_text(json.dumps(summary, indent=2))
         for name, checks in report.items():
             errors = [checks[key] for key in ("logits_no_grad", "loss", "logits")] + list(checks["gradients"].values())
