@@ -81,11 +81,13 @@ class HeadBlock:
     heads: int
     shareable: bool = True   # a single head may be shared by all heads (held whole); else it must split
 
-    def is_whole(self, tp_size: int) -> bool:
+    @property
+    def is_whole(self) -> bool:
+        """Held whole by every rank: one head, shared by all heads."""
         return self.shareable and self.heads == 1
 
     def local_width(self, tp_size: int) -> int:
-        return self.width if self.is_whole(tp_size) else self.width // tp_size
+        return self.width if self.is_whole else self.width // tp_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +102,7 @@ class SplitTensor:
         ranges, start = [], 0
         for block in self.blocks:
             width = block.local_width(tp_size)
-            offset = 0 if block.is_whole(tp_size) else rank * width
+            offset = 0 if block.is_whole else rank * width
             ranges.append((start + offset, start + offset + width))
             start += block.width
         return ranges
@@ -110,7 +112,7 @@ class SplitTensor:
         ranges, start = [], 0
         for block in self.blocks:
             width = block.local_width(tp_size)
-            if block.is_whole(tp_size):
+            if block.is_whole:
                 if ranges and ranges[-1][1] == start:
                     ranges[-1] = (ranges[-1][0], start + width)
                 else:
@@ -239,6 +241,7 @@ class HeadSplit:
     is_cut: bool = False
 
     def cut(self, full: torch.Tensor, split: SplitTensor) -> torch.Tensor:
+        """This rank's part of a full tensor, in a buffer of its own."""
         ranges = split.local_ranges(self.rank, self.tp_size)
         pieces = [full.narrow(split.dim, start, end - start) for start, end in ranges]
         return torch.cat(pieces, dim=split.dim)
@@ -251,7 +254,7 @@ class HeadSplit:
         pieces, start = [], 0
         for block in split.blocks:
             width = block.local_width(self.tp_size)
-            ranks_parts = [local] if block.is_whole(self.tp_size) else parts
+            ranks_parts = [local] if block.is_whole else parts
             pieces.extend(part.narrow(split.dim, start, width) for part in ranks_parts)
             start += width
         return torch.cat(pieces, dim=split.dim)
@@ -322,7 +325,7 @@ def cut_to_local_heads(model: nn.Module) -> None:
         for name, layout in split.layout.items():
             owner, parameter_name = _owner(module, name)
             full = owner._parameters[parameter_name]
-            local = nn.Parameter(split.cut(full.detach(), layout).clone(), requires_grad=full.requires_grad)
+            local = nn.Parameter(split.cut(full.detach(), layout), requires_grad=full.requires_grad)
             local._is_hf_initialized = True
             owner._parameters[parameter_name] = local
         split.is_cut = True
