@@ -8,9 +8,10 @@ import subprocess
 import sys
 
 import pytest
+from transformers.distributed.tensor_parallel import ParallelInterface
 
 from modeling_m2rnn.distributed import M2RNN_STYLE, check_tensor_parallel_degree
-from modeling_m2rnn.distributed.tensor_parallel import ParallelInterface, m2rnn_layout
+from modeling_m2rnn.distributed.tensor_parallel import m2rnn_layout
 
 from helpers import REPO_ROOT, tiny_config, tiny_model
 
