@@ -5,10 +5,11 @@
 
 For each family (pure M2RNN; hybrid M2RNN + attention), the first rank saves a seeded float32 model; every rank
 loads it twice, whole and with `DistributedConfig(tp_size=WORLD_SIZE)`, and compares the two: the logits of a
-forward, the loss and every parameter's gradient (the sharded ones put together), the tokens of a greedy
-generation from a left-padded batch, and the checkpoint the split model saves (tensor for tensor, bit for bit,
-with the one it was loaded from). The tiny models share some head counts (q and k; g, f or W) to exercise the
-blocks every rank holds whole. Writes DIR/check_tensor_parallel.json and exits non-zero if a check fails.
+forward (also with two sequences packed in a row), the loss and every parameter's gradient (the split ones put
+together), the tokens of a greedy generation from a left-padded batch, and the checkpoint the split model saves
+(tensor for tensor, bit for bit, with the one it was loaded from). The tiny models share some head counts (q and
+k; g, f or W) to exercise the blocks every rank holds whole. Writes DIR/check_tensor_parallel.json and exits
+non-zero if a check fails.
 """
 
 import argparse
@@ -30,6 +31,7 @@ from modeling_m2rnn import M2RNNConfig, M2RNNForCausalLM  # noqa: E402
 from modeling_m2rnn.distributed import gather_full_tensors  # noqa: E402
 
 RTOL = 1e-5   # float32; the split model sums partial products in another order
+OUTPUTS = ("logits_no_grad", "logits_packed", "loss", "logits")
 # odd head sizes; a vocabulary the LM head's vocabulary-parallel style can split; initializer_range larger than a
 # real model's, so that greedy decoding is far from ties
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, m2rnn_k_head_dim=6, m2rnn_v_head_dim=5,
@@ -79,6 +81,10 @@ def check_family(name: str, config: M2RNNConfig, output_dir: Path, device: torch
 
     with torch.no_grad():
         report["logits_no_grad"] = relative_error(split(input_ids).logits, single(input_ids).logits)
+        # two sequences packed in each row: positions restart, and so do the recurrence and the conv
+        position_ids = torch.cat([torch.arange(5), torch.arange(6)]).expand(2, -1).to(device)
+        report["logits_packed"] = relative_error(split(input_ids, position_ids=position_ids).logits,
+                                                 single(input_ids, position_ids=position_ids).logits)
 
     loss, logits, gradients = forward_and_gradients(single, input_ids)
     split_loss, split_logits, split_gradients = forward_and_gradients(split, input_ids)
@@ -106,7 +112,7 @@ def check_family(name: str, config: M2RNNConfig, output_dir: Path, device: torch
 def failures(report: dict) -> list[str]:
     problems = []
     for name, checks in report.items():
-        errors = {key: checks[key] for key in ("logits_no_grad", "loss", "logits")} | checks["gradients"]
+        errors = {key: checks[key] for key in OUTPUTS} | checks["gradients"]
         problems += [f"{name}: {key} off by {error:.2e}" for key, error in errors.items() if not error <= RTOL]
         problems += [f"{name}: {key} failed" for key in ("split_by_heads", "generation_equal", "checkpoint_equal")
                      if not checks[key]]
@@ -137,7 +143,7 @@ def main():
                    "passed": not problems, "problems": problems, "families": report}
         (args.output_dir / "check_tensor_parallel.json").write_text(json.dumps(summary, indent=2))
         for name, checks in report.items():
-            errors = [checks[key] for key in ("logits_no_grad", "loss", "logits")] + list(checks["gradients"].values())
+            errors = [checks[key] for key in OUTPUTS] + list(checks["gradients"].values())
             worst = max(errors)
             print(f"{name}: largest relative error {worst:.2e} (logits, loss, {len(checks['gradients'])} gradients); "
                   f"generation equal: {checks['generation_equal']}; checkpoint equal: {checks['checkpoint_equal']}")
