@@ -5,11 +5,11 @@
 
 For each family (pure M2RNN; hybrid M2RNN + attention), the first rank saves a seeded float32 model; every rank
 loads it twice, whole and with `DistributedConfig(tp_size=WORLD_SIZE)`, and compares the two: the logits of a
-forward (also with two sequences packed in a row), the loss and every parameter's gradient (the split ones put
-together), the tokens of a greedy generation from a left-padded batch, and the checkpoint the split model saves
-(tensor for tensor, bit for bit, with the one it was loaded from). The tiny models share some head counts (q and
-k; g, f or W) to exercise the blocks every rank holds whole. Writes DIR/check_tensor_parallel.json and exits
-non-zero if a check fails.
+forward (also with two sequences packed in a row), the loss, the gradient norm and every parameter's gradient
+clipped to half of it (`distributed.clip_grad_norm_`; the split ones put together), the tokens of a greedy
+generation from a left-padded batch, and the checkpoint the split model saves (tensor for tensor, bit for bit,
+with the one it was loaded from). The tiny models share some head counts (q and k; g, f or W) to exercise the
+blocks every rank holds whole. Writes DIR/check_tensor_parallel.json and exits non-zero if a check fails.
 """
 
 import argparse
@@ -28,10 +28,10 @@ sys.path.insert(0, str(REPO))
 from transformers.distributed import DistributedConfig  # noqa: E402
 
 from modeling_m2rnn import M2RNNConfig, M2RNNForCausalLM  # noqa: E402
-from modeling_m2rnn.distributed import gather_full_tensors  # noqa: E402
+from modeling_m2rnn.distributed import clip_grad_norm_, gather_full_tensors  # noqa: E402
 
 RTOL = 1e-5   # float32; the split model sums partial products in another order
-OUTPUTS = ("logits_no_grad", "logits_packed", "loss", "logits")
+OUTPUTS = ("logits_no_grad", "logits_packed", "loss", "logits", "gradient_norm")
 # odd head sizes; a vocabulary the LM head's vocabulary-parallel style can split; initializer_range larger than a
 # real model's, so that greedy decoding is far from ties
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, m2rnn_k_head_dim=6, m2rnn_v_head_dim=5,
@@ -51,12 +51,15 @@ def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
     return ((value - reference).abs().max() / reference.abs().max().clamp_min(1e-30)).item()
 
 
-def forward_and_gradients(model, input_ids):
+def forward_and_gradients(model, input_ids, clip_grad_norm_):
+    """Loss, logits, the gradient norm before clipping and the gradients clipped to half of it."""
     model.zero_grad(set_to_none=True)
     out = model(input_ids=input_ids, labels=input_ids)
     out.loss.backward()
+    norm = clip_grad_norm_(model, float("inf")).detach()
+    clip_grad_norm_(model, 0.5 * norm.item())
     gradients = {name: p.grad for name, p in model.named_parameters()}
-    return out.loss.detach(), out.logits.detach(), gradients
+    return out.loss.detach(), out.logits.detach(), norm, gradients
 
 
 def check_family(name: str, config: M2RNNConfig, output_dir: Path, device: torch.device) -> dict:
@@ -86,11 +89,14 @@ def check_family(name: str, config: M2RNNConfig, output_dir: Path, device: torch
         report["logits_packed"] = relative_error(split(input_ids, position_ids=position_ids).logits,
                                                  single(input_ids, position_ids=position_ids).logits)
 
-    loss, logits, gradients = forward_and_gradients(single, input_ids)
-    split_loss, split_logits, split_gradients = forward_and_gradients(split, input_ids)
+    loss, logits, norm, gradients = forward_and_gradients(
+        single, input_ids, lambda model, max_norm: torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    )
+    split_loss, split_logits, split_norm, split_gradients = forward_and_gradients(split, input_ids, clip_grad_norm_)
     split_gradients = gather_full_tensors(split, split_gradients)
     report["loss"] = relative_error(split_loss, loss)
     report["logits"] = relative_error(split_logits, logits)
+    report["gradient_norm"] = relative_error(split_norm, norm)
     report["gradients"] = {key: relative_error(split_gradients[key], grad) for key, grad in gradients.items()}
 
     prompt = input_ids[:, :7].clone()

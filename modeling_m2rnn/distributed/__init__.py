@@ -3,6 +3,7 @@
 from .tensor_parallel import (
     M2RNN_STYLE,
     check_tensor_parallel_degree,
+    clip_grad_norm_,
     cut_to_local_heads,
     gather_full_tensors,
     is_split_by_heads,
@@ -11,6 +12,7 @@ from .tensor_parallel import (
 __all__ = [
     "M2RNN_STYLE",
     "check_tensor_parallel_degree",
+    "clip_grad_norm_",
     "cut_to_local_heads",
     "gather_full_tensors",
     "is_split_by_heads",

@@ -351,3 +351,56 @@ def gather_full_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> d
 
 
 ParallelInterface.register(M2RNN_STYLE, HeadParallel(m2rnn_layout, _localise_m2rnn))
+
+
+def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """`torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)` (2-norm) for a model split across ranks: the
+    norm of the whole model's gradient, the same on every rank (a collective: every rank calls it). Each rank's
+    part of a split gradient (the layers split by heads, transformers' sharded DTensors) counts once summed over
+    the ranks; a gradient every rank holds whole (replicated parameters, the whole blocks of a split layer) once.
+    Returns the norm before clipping."""
+    gradients = {id(p): p.grad for p in model.parameters() if p.grad is not None}
+    split_parts, whole_parts = [], []
+    for module in model.modules():
+        split = getattr(module, "_head_split", None)
+        if split is None or not split.is_cut:
+            continue
+        for name, layout in split.layout.items():
+            owner, parameter_name = _owner(module, name)
+            grad = gradients.pop(id(owner._parameters[parameter_name]), None)
+            if grad is None:
+                continue
+            whole = torch.zeros(grad.shape[layout.dim], dtype=torch.bool, device=grad.device)
+            for start, end in layout.whole_ranges(split.tp_size):
+                whole[start:end] = True
+            shape = [1] * grad.dim()
+            shape[layout.dim] = -1
+            whole = whole.view(shape).expand_as(grad)
+            whole_parts.append(grad[whole])
+            split_parts.append(grad[~whole])
+    for grad in gradients.values():
+        if isinstance(grad, DTensor):
+            is_split = any(not placement.is_replicate() for placement in grad.placements)
+            (split_parts if is_split else whole_parts).append(grad.to_local())
+        else:
+            whole_parts.append(grad)
+
+    def sum_of_squares(parts: list[torch.Tensor]) -> torch.Tensor:
+        return sum((part.float().pow(2).sum() for part in parts), torch.zeros((), device=device))
+
+    device = next(model.parameters()).device
+    split_squares = sum_of_squares(split_parts)
+    dist.all_reduce(split_squares, group=_tensor_parallel_group(model))
+    total_norm = (split_squares + sum_of_squares(whole_parts)).sqrt()
+    scale = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
+    for parameter in model.parameters():
+        if parameter.grad is not None:
+            grad = parameter.grad.to_local() if isinstance(parameter.grad, DTensor) else parameter.grad
+            grad.mul_(scale.to(grad.dtype))
+    return total_norm
+
+
+def _tensor_parallel_group(model: nn.Module):
+    """The process group of the model's tensor-parallel mesh (transformers keeps the mesh on the model)."""
+    mesh = model._device_mesh
+    return (mesh["tp"] if mesh.ndim > 1 else mesh).get_group()

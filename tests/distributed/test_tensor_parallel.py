@@ -19,10 +19,11 @@ LAUNCH_TIMEOUT = 240   # seconds; the launch takes ~30 s on 2 cores
 
 
 def test_two_ranks_on_gloo_give_the_logits_gradients_tokens_and_checkpoint_of_one_process(tmp_path):
-    """benchmarks/check_tensor_parallel.py under torchrun, 2 processes: for a pure M2RNN and a hybrid model, logits,
-    loss and every gradient within 1e-5 of one process (float32; seen <= 3.2e-6, on dt_bias, whose float32
-    gradient is 3.1e-6 off its float64 value in one process too), the same greedy tokens from a left-padded batch,
-    and the checkpoint the split model saves equal bit for bit to the one it loaded."""
+    """benchmarks/check_tensor_parallel.py under torchrun, 2 processes: for a pure M2RNN and a hybrid model, logits
+    (also of packed rows), loss, gradient norm and every gradient within 1e-5 of one process (float32; seen
+    <= 3.2e-6, on dt_bias, whose float32 gradient is 3.1e-6 off its float64 value in one process too), the same
+    greedy tokens from a left-padded batch, and the checkpoint the split model saves equal bit for bit to the one
+    it loaded."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
                CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     env.setdefault("GLOO_SOCKET_IFNAME", "lo")   # gloo otherwise binds to the host name's address
