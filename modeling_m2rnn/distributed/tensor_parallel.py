@@ -385,10 +385,11 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
         else:
             whole_parts.append(grad)
 
+    device = next(model.parameters()).device
+
     def sum_of_squares(parts: list[torch.Tensor]) -> torch.Tensor:
         return sum((part.float().pow(2).sum() for part in parts), torch.zeros((), device=device))
 
-    device = next(model.parameters()).device
     split_squares = sum_of_squares(split_parts)
     dist.all_reduce(split_squares, group=_tensor_parallel_group(model))
     total_norm = (split_squares + sum_of_squares(whole_parts)).sqrt()
