@@ -1,29 +1,13 @@
-"""Tensor parallelism by heads, through transformers' TP machinery (docs/design.md, "Tensor parallelism").
+"""Tensor parallelism by heads through transformers' TP machinery (docs/design.md, "Tensor parallelism").
 
-Under torchrun, `from_pretrained(path, distributed_config=DistributedConfig(tp_size=T))` applies the config's
-`base_model_tp_plan`: attention and the dense MLP take transformers' colwise / rowwise styles, the LM head its
-vocabulary-parallel one, and every M2RNN layer the style registered here as "m2rnn_heads" (topology-independent:
-the same math at every T):
-
-- the layer's N heads are split in T contiguous parts, rank r holding heads [r·N/T, (r+1)·N/T), and with them
-  their v, f (A_log, dt_bias), g, W, D, norm weights and the conv channels of v. A block indexed by one head
-  shared by all heads (the paper's q and k: Nq = Nk = 1) is held whole by every rank; each rank's gradient of it
-  covers its own heads' use, so the gradients are summed across the ranks.
-- a fused tensor splits each of its blocks by the block's own head count: in_proj's rows q | k | v | f | g,
-  conv_weight's rows q | k | v.
-- the gated RMSNorm is over all N heads: a token's mean square is averaged over the ranks (the norm's PyTorch
-  path; its Triton kernel normalises one rank's part only).
-- out_proj holds the columns of the local heads and the layer's output is summed across the ranks; the gradient
-  of its input is summed too.
-- the cache holds each rank's own heads' states and conv channels.
-
-Storage: a DTensor has one placement per mesh dimension, which cannot describe a tensor whose blocks are split
-differently (q | k whole beside v | f | g split), and transformers' loader reads a DTensor's shard by its
-placement. The layer's parameters therefore stay plain tensors: loaded whole, cut to this rank's part once
-loaded (`cut_to_local_heads`, called when `from_pretrained` finishes loading), and put back together for saving
-(`gather_full_tensors`, called by `save_pretrained`). A layer's full parameters are held on every rank during
-loading.
+The style "m2rnn_heads", registered with transformers' ParallelInterface on import and named by the config's
+`base_model_tp_plan`, splits an M2RNN layer by heads, topology-independently: each block of a parameter is split
+by its own head count (a block of one head shared by all is held whole, its gradient summed across the ranks),
+the gated norm's mean square is averaged over the ranks, and the layer's output summed. The layer's parameters
+are plain tensors, cut to this rank's part once loaded (`cut_to_local_heads`) and put back together for saving
+(`gather_full_tensors`): no DTensor placement describes a tensor whose blocks are split differently.
 """
+
 
 import contextlib
 import dataclasses
