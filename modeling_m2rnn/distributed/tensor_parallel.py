@@ -8,7 +8,6 @@ are plain tensors, cut to this rank's part once loaded (`cut_to_local_heads`) an
 (`gather_full_tensors`): no DTensor placement describes a tensor whose blocks are split differently.
 """
 
-
 import contextlib
 import dataclasses
 import functools
