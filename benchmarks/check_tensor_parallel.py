@@ -3,13 +3,14 @@
     torchrun --standalone --nproc-per-node 2 benchmarks/check_tensor_parallel.py --output-dir DIR
     (on the CPU: gloo; set GLOO_SOCKET_IFNAME=lo where the host name does not resolve to a local address)
 
-For each family (pure M2RNN; hybrid M2RNN + attention), the first rank saves a seeded float32 model; every rank
-loads it twice, whole and with `DistributedConfig(tp_size=WORLD_SIZE)`, and compares the two: the logits of a
-forward (also with two sequences packed in a row), the loss, the gradient norm and every parameter's gradient
-clipped to half of it (`distributed.clip_grad_norm_`; the split ones put together), the tokens of a greedy
-generation from a left-padded batch, and the checkpoint the split model saves (tensor for tensor, bit for bit,
-with the one it was loaded from). The tiny models share some head counts (q and k; g, f or W) to exercise the
-blocks every rank holds whole. Writes DIR/check_tensor_parallel.json and exits non-zero if a check fails.
+For each family (pure M2RNN; hybrid M2RNN + attention; Gated DeltaNet, M2RNN and attention layers with MoE
+MLPs), the first rank saves a seeded float32 model; every rank loads it twice, whole and with
+`DistributedConfig(tp_size=WORLD_SIZE)`, and compares the two: the logits of a forward (also with two sequences
+packed in a row), the loss, the gradient norm and every parameter's gradient clipped to half of it
+(`distributed.clip_grad_norm_`; the split ones put together), the tokens of a greedy generation from a left-padded
+batch, and the checkpoint the split model saves (tensor for tensor, bit for bit, with the one it was loaded from).
+The tiny models share some head counts (q and k; g, f or W; the GDN norm weight) to exercise the blocks every rank
+holds whole. Writes DIR/check_tensor_parallel.json and exits non-zero if a check fails.
 """
 
 import argparse
@@ -43,12 +44,38 @@ FAMILIES = {   # head counts that 2 and 4 ranks split; g (and f) grouped, W shar
     "hybrid": dict(num_hidden_layers=3, layer_types=["m2rnn", "full_attention", "m2rnn"], num_attention_heads=8,
                    num_key_value_heads=4, head_dim=4, m2rnn_num_v_heads=8, m2rnn_num_f_heads=8,
                    m2rnn_num_g_heads=8, m2rnn_num_weight_heads=1),
+    # Gated DeltaNet (one shared q and k head) beside M2RNN and attention, two MoE MLPs with a shared expert
+    "hybrid_gdn_moe": dict(num_hidden_layers=3, layer_types=["gated_deltanet", "m2rnn", "full_attention"],
+                           mlp_layer_types=["sparse", "dense", "sparse"], num_attention_heads=8,
+                           num_key_value_heads=4, head_dim=4, m2rnn_num_v_heads=8, m2rnn_num_f_heads=8,
+                           m2rnn_num_g_heads=8, m2rnn_num_weight_heads=8, gdn_num_heads=4, gdn_num_k_heads=1,
+                           gdn_key_head_dim=6, gdn_value_head_dim=5, gdn_conv_kernel_size=3, num_experts=4,
+                           num_experts_per_tok=2, moe_intermediate_size=12, shared_expert_intermediate_size=8),
 }
 
 
 def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
     value, reference = value.detach().double().cpu(), reference.detach().double().cpu()
     return ((value - reference).abs().max() / reference.abs().max().clamp_min(1e-30)).item()
+
+
+def is_split(model, config: M2RNNConfig, world_size: int) -> bool:
+    """Every layer holds its share: the M2RNN and GDN layers this rank's rows of their fused projections (the
+    shared q and k rows whole), the experts their part of the intermediate width."""
+    local_widths = []
+    for layer in model.model.layers:
+        if layer.mixer_type == "m2rnn":
+            value_rows = (config.m2rnn_num_v_heads + config.m2rnn_num_g_heads) * config.m2rnn_v_head_dim
+            expected = 2 * config.m2rnn_k_head_dim + (value_rows + config.m2rnn_num_f_heads) // world_size
+            local_widths.append((layer.m2rnn.in_proj.weight.shape[0], expected))
+        elif layer.mixer_type == "gated_deltanet":
+            value_rows = config.gdn_num_heads * config.gdn_value_head_dim
+            expected = 2 * config.gdn_key_head_dim + value_rows // world_size
+            local_widths.append((layer.gated_deltanet.qkv_proj.weight.shape[0], expected))
+        if hasattr(layer.mlp, "experts"):
+            local = layer.mlp.experts.gate_up_proj.to_local()
+            local_widths.append((local.shape[1], 2 * config.moe_intermediate_size // world_size))
+    return all(width == expected for width, expected in local_widths)
 
 
 def forward_and_gradients(model, input_ids, clip_grad_norm_):
@@ -75,12 +102,7 @@ def check_family(name: str, config: M2RNNConfig, output_dir: Path, device: torch
                                              distributed_config=DistributedConfig(tp_size=world_size))
     generator = torch.Generator().manual_seed(1)
     input_ids = torch.randint(1, config.vocab_size, (2, 11), generator=generator).to(device)
-    mixer = split.model.layers[0].m2rnn
-    rows = 2 * config.m2rnn_k_head_dim + (
-        (config.m2rnn_num_v_heads + config.m2rnn_num_g_heads) * config.m2rnn_v_head_dim + config.m2rnn_num_f_heads
-    ) // world_size
-    columns = config.m2rnn_num_heads * config.m2rnn_v_head_dim // world_size
-    report = {"split_by_heads": mixer.in_proj.weight.shape[0] == rows and mixer.out_proj.weight.shape[1] == columns}
+    report = {"split": is_split(split, config, world_size)}
 
     with torch.no_grad():
         report["logits_no_grad"] = relative_error(split(input_ids).logits, single(input_ids).logits)
@@ -120,7 +142,7 @@ def failures(report: dict) -> list[str]:
     for name, checks in report.items():
         errors = {key: checks[key] for key in OUTPUTS} | checks["gradients"]
         problems += [f"{name}: {key} off by {error:.2e}" for key, error in errors.items() if not error <= RTOL]
-        problems += [f"{name}: {key} failed" for key in ("split_by_heads", "generation_equal", "checkpoint_equal")
+        problems += [f"{name}: {key} failed" for key in ("split", "generation_equal", "checkpoint_equal")
                      if not checks[key]]
     return problems
 

@@ -1,6 +1,7 @@
-"""Parallelism across processes: tensor parallelism by heads through transformers' TP machinery."""
+"""Parallelism across processes: recurrent layers split by heads through transformers' TP machinery."""
 
 from .tensor_parallel import (
+    GATED_DELTANET_STYLE,
     M2RNN_STYLE,
     check_tensor_parallel_degree,
     clip_grad_norm_,
@@ -10,6 +11,7 @@ from .tensor_parallel import (
 )
 
 __all__ = [
+    "GATED_DELTANET_STYLE",
     "M2RNN_STYLE",
     "check_tensor_parallel_degree",
     "clip_grad_norm_",

@@ -19,9 +19,10 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from transformers.distributed.tensor_parallel import ParallelInterface, TensorParallelLayer
 
-from ..configuration.configuration_m2rnn import ATTENTION_LAYER, M2RNN_LAYER
+from ..configuration.configuration_m2rnn import ATTENTION_LAYER, SPARSE_MLP
 
 M2RNN_STYLE = "m2rnn_heads"
+GATED_DELTANET_STYLE = "gated_deltanet_heads"
 _M2RNN_HEAD_FIELDS = {   # the layer's attribute → the config field of its head count
     "num_q_heads": "m2rnn_num_q_heads",
     "num_k_heads": "m2rnn_num_k_heads",
@@ -45,14 +46,24 @@ def local_head_count(field: str, heads: int, tp_size: int, shareable: bool = Tru
 
 
 def check_tensor_parallel_degree(config, tp_size: int) -> None:
-    """ValueError naming the field when `tp_size` ranks cannot split the heads of every layer of `config`."""
-    if M2RNN_LAYER in config.layer_types:
+    """ValueError naming the field when `tp_size` ranks cannot split the heads (and expert widths) of every layer of
+    `config`."""
+    if "m2rnn" in config.mixer_types:
         local_head_count("N = the largest M2RNN head count", config.m2rnn_num_heads, tp_size, shareable=False)
         for field in (*_M2RNN_HEAD_FIELDS.values(), "m2rnn_num_weight_heads"):
             local_head_count(field, getattr(config, field), tp_size)
+    if "gated_deltanet" in config.mixer_types:
+        local_head_count("gdn_num_heads", config.gdn_num_heads, tp_size, shareable=False)
+        local_head_count("gdn_num_k_heads", config.gdn_num_k_heads or config.gdn_num_heads, tp_size)
     if ATTENTION_LAYER in config.layer_types:
         local_head_count("num_attention_heads", config.num_attention_heads, tp_size, shareable=False)
         local_head_count("num_key_value_heads", config.num_key_value_heads, tp_size, shareable=False)
+    if SPARSE_MLP in config.mlp_layer_types:
+        # the experts' and the shared expert's intermediate widths are split like heads of width 1
+        local_head_count("moe_intermediate_size", config.moe_intermediate_size, tp_size, shareable=False)
+        if config.shared_expert_intermediate_size > 0:
+            local_head_count("shared_expert_intermediate_size", config.shared_expert_intermediate_size, tp_size,
+                             shareable=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +153,30 @@ def _localise_m2rnn(mixer: nn.Module, tp_size: int, group) -> None:
         setattr(mixer, attribute, 1 if heads == 1 else heads // tp_size)
     mixer.num_heads //= tp_size
     mixer.mean_over_head_shards = functools.partial(mean_across_ranks, group=group)
+
+
+def gated_deltanet_layout(layer: nn.Module) -> dict[str, SplitTensor]:
+    """The split of each parameter of a Gated DeltaNet layer (layers/gated_deltanet.py), from its full head counts.
+    Its norm is per head, over V, with one weight shared by all heads: held whole, nothing to reduce."""
+    key_dim, value_dim, heads, k_heads = layer.key_head_dim, layer.value_head_dim, layer.num_heads, layer.num_k_heads
+    q = k = HeadBlock("gdn_num_k_heads", k_heads * key_dim, k_heads)
+    per_head = HeadBlock("gdn_num_heads", heads, heads, shareable=False)
+    values = HeadBlock("gdn_num_heads", heads * value_dim, heads, shareable=False)
+    return {
+        "qkv_proj.weight": SplitTensor(0, (q, k, values)),          # (2·Hk·K + H·V, hidden)
+        "ab_proj.weight": SplitTensor(0, (per_head, per_head) + ((values,) if layer.use_gate else ())),
+        "conv_weight": SplitTensor(0, (q, k, values)),               # (2·Hk·K + H·V, kernel)
+        "A_log": SplitTensor(0, (per_head,)),                        # (H,)
+        "dt_bias": SplitTensor(0, (per_head,)),
+        "norm.weight": SplitTensor(0, (HeadBlock("the norm weight every head shares", value_dim, 1),)),   # (V,)
+        "o_proj.weight": SplitTensor(1, (values,)),                  # (hidden, H·V)
+    }
+
+
+def _localise_gated_deltanet(layer: nn.Module, tp_size: int, group) -> None:
+    """Makes the layer's head counts this rank's."""
+    layer.num_heads //= tp_size
+    layer.num_k_heads = 1 if layer.num_k_heads == 1 else layer.num_k_heads // tp_size
 
 
 class _SumGradient(torch.autograd.Function):
@@ -334,6 +369,7 @@ def gather_full_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> d
 
 
 ParallelInterface.register(M2RNN_STYLE, HeadParallel(m2rnn_layout, _localise_m2rnn))
+ParallelInterface.register(GATED_DELTANET_STYLE, HeadParallel(gated_deltanet_layout, _localise_gated_deltanet))
 
 
 def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:

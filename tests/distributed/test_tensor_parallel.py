@@ -19,7 +19,8 @@ LAUNCH_TIMEOUT = 240   # seconds; the launch takes ~30 s on 2 cores
 
 
 def test_two_ranks_on_gloo_give_the_logits_gradients_tokens_and_checkpoint_of_one_process(tmp_path):
-    """benchmarks/check_tensor_parallel.py under torchrun, 2 processes: for a pure M2RNN and a hybrid model, logits
+    """benchmarks/check_tensor_parallel.py under torchrun, 2 processes: for a pure M2RNN model, a hybrid with
+    attention and one of Gated DeltaNet, M2RNN and attention layers with MoE MLPs, every layer split, logits
     (also of packed rows), loss, gradient norm and every gradient within 1e-5 of one process (float32; seen
     <= 3.2e-6, on dt_bias, whose float32 gradient is 3.1e-6 off its float64 value in one process too), the same
     greedy tokens from a left-padded batch, and the checkpoint the split model saves equal bit for bit to the one
@@ -39,7 +40,8 @@ def test_two_ranks_on_gloo_give_the_logits_gradients_tokens_and_checkpoint_of_on
             pytest.fail(f"the launch was still running after {LAUNCH_TIMEOUT} s:\n{output[-3000:]}")
     assert launch.returncode == 0, output[-5000:]
     report = json.loads((tmp_path / "check_tensor_parallel.json").read_text())
-    assert report["passed"] and report["world_size"] == 2 and set(report["families"]) == {"m2rnn", "hybrid"}
+    assert report["passed"] and report["world_size"] == 2
+    assert set(report["families"]) == {"m2rnn", "hybrid", "hybrid_gdn_moe"}
 
 
 class _Mesh:
@@ -75,6 +77,26 @@ def test_an_m2rnn_layer_refuses_a_degree_that_does_not_split_its_heads(overrides
     mixer = tiny_model("pure", **overrides).model.layers[0].m2rnn
     with pytest.raises(ValueError, match=f"`{field}`"):
         ParallelInterface()[M2RNN_STYLE].install_forward(mixer, _Mesh(tp_size))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "tp_size", "message"),
+    [
+        ({"gdn_num_heads": 6, "gdn_num_k_heads": 3}, 2, "`gdn_num_k_heads` = 3"),
+        ({"gdn_num_heads": 3, "gdn_num_k_heads": 1}, 2, "`gdn_num_heads` = 3"),
+        ({"mlp_layer_types": ["sparse"] * 3, "moe_intermediate_size": 6}, 4, "`moe_intermediate_size` = 6"),
+        ({"mlp_layer_types": ["sparse"] * 3, "shared_expert_intermediate_size": 6}, 4,
+         "`shared_expert_intermediate_size` = 6"),
+    ],
+)
+def test_a_degree_that_does_not_split_gated_deltanet_heads_or_expert_widths_is_refused(overrides, tp_size, message):
+    config = tiny_config("pure", **{"layer_types": ["gated_deltanet", "m2rnn", "m2rnn"], "m2rnn_num_v_heads": 4,
+                                    "m2rnn_num_f_heads": 4, "m2rnn_num_g_heads": 4, "m2rnn_num_weight_heads": 4,
+                                    "gdn_num_heads": 4, "gdn_num_k_heads": 1, "gdn_key_head_dim": 6,
+                                    "gdn_value_head_dim": 5, "num_experts": 4, "num_experts_per_tok": 2,
+                                    "moe_intermediate_size": 8, "shared_expert_intermediate_size": 8, **overrides})
+    with pytest.raises(ValueError, match=message):
+        check_tensor_parallel_degree(config, tp_size)
 
 
 def test_a_degree_that_does_not_split_the_attention_heads_is_refused():
