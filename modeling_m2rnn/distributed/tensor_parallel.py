@@ -1,11 +1,12 @@
 """Tensor parallelism by heads through transformers' TP machinery (docs/design.md, "Tensor parallelism").
 
-The style "m2rnn_heads", registered with transformers' ParallelInterface on import and named by the config's
-`base_model_tp_plan`, splits an M2RNN layer by heads, topology-independently: each block of a parameter is split
-by its own head count (a block of one head shared by all is held whole, its gradient summed across the ranks),
-the gated norm's mean square is averaged over the ranks, and the layer's output summed. The layer's parameters
-are plain tensors, cut to this rank's part once loaded (`cut_to_local_heads`) and put back together for saving
-(`gather_full_tensors`): no DTensor placement describes a tensor whose blocks are split differently.
+The styles "m2rnn_heads" and "gated_deltanet_heads", registered with transformers' ParallelInterface on import and
+named by the config's `base_model_tp_plan`, split a recurrent layer by heads, topology-independently: each block
+of a parameter is split by its own head count (a block of one head shared by all is held whole, its gradient
+summed across the ranks), the M2RNN gated norm's mean square is averaged over the ranks, and the layer's output
+summed. The layer's parameters are plain tensors, cut to this rank's part once loaded (`cut_to_local_heads`) and
+put back together for saving (`gather_full_tensors`): no DTensor placement describes a tensor whose blocks are
+split differently.
 """
 
 import contextlib
