@@ -8,9 +8,10 @@ MLPs), the first rank saves a seeded float32 model; every rank loads it twice, w
 `DistributedConfig(tp_size=WORLD_SIZE)`, and compares the two: the logits of a forward (also with two sequences
 packed in a row), the loss, the gradient norm and every parameter's gradient clipped to half of it
 (`distributed.clip_grad_norm_`; the split ones put together), the tokens of a greedy generation from a left-padded
-batch, and the checkpoint the split model saves (tensor for tensor, bit for bit, with the one it was loaded from).
-The tiny models share some head counts (q and k; g, f or W; the GDN norm weight) to exercise the blocks every rank
-holds whole. Writes DIR/check_tensor_parallel.json and exits non-zero if a check fails.
+batch (with the dynamic and the static cache), and the checkpoint the split model saves (tensor for tensor, bit
+for bit, with the one it was loaded from). The tiny models share some head counts (q and k; g, f or W; the GDN
+norm weight) to exercise the blocks every rank holds whole. Writes DIR/check_tensor_parallel.json and exits
+non-zero if a check fails.
 """
 
 import argparse
@@ -33,6 +34,7 @@ from modeling_m2rnn.distributed import clip_grad_norm_, gather_full_tensors  # n
 
 RTOL = 1e-5   # float32; the split model sums partial products in another order
 OUTPUTS = ("logits_no_grad", "logits_packed", "loss", "logits", "gradient_norm")
+EQUALITIES = ("split", "generation_equal", "static_cache_generation_equal", "checkpoint_equal")
 # odd head sizes; a vocabulary the LM head's vocabulary-parallel style can split; initializer_range larger than a
 # real model's, so that greedy decoding is far from ties
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, m2rnn_k_head_dim=6, m2rnn_v_head_dim=5,
@@ -127,6 +129,8 @@ def check_family(name: str, config: M2RNNConfig, output_dir: Path, device: torch
     generate = dict(attention_mask=attention_mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     tokens, split_tokens = single.generate(prompt, **generate), split.generate(prompt, **generate)
     report["generation_equal"] = torch.equal(tokens, split_tokens)
+    generate["cache_implementation"] = "static"
+    report["static_cache_generation_equal"] = torch.equal(tokens, split.generate(prompt, **generate))
 
     split.save_pretrained(split_dir)
     dist.barrier()
@@ -142,8 +146,7 @@ def failures(report: dict) -> list[str]:
     for name, checks in report.items():
         errors = {key: checks[key] for key in OUTPUTS} | checks["gradients"]
         problems += [f"{name}: {key} off by {error:.2e}" for key, error in errors.items() if not error <= RTOL]
-        problems += [f"{name}: {key} failed" for key in ("split", "generation_equal", "checkpoint_equal")
-                     if not checks[key]]
+        problems += [f"{name}: {key} failed" for key in EQUALITIES if not checks[key]]
     return problems
 
 

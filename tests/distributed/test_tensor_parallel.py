@@ -23,8 +23,8 @@ def test_two_ranks_on_gloo_give_the_logits_gradients_tokens_and_checkpoint_of_on
     attention and one of Gated DeltaNet, M2RNN and attention layers with MoE MLPs, every layer split, logits
     (also of packed rows), loss, gradient norm and every gradient within 1e-5 of one process (float32; seen
     <= 3.2e-6, on dt_bias, whose float32 gradient is 3.1e-6 off its float64 value in one process too), the same
-    greedy tokens from a left-padded batch, and the checkpoint the split model saves equal bit for bit to the one
-    it loaded."""
+    greedy tokens from a left-padded batch (dynamic and static cache), and the checkpoint the split model saves
+    equal bit for bit to the one it loaded."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
                CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     env.setdefault("GLOO_SOCKET_IFNAME", "lo")   # gloo otherwise binds to the host name's address
