@@ -71,6 +71,9 @@ class M2RNNConfig(PreTrainedConfig):
     model_type = "m2rnn"
     keys_to_ignore_at_inference = ["past_key_values"]
     base_model_tp_plan = {
+        # recurrent layers split by heads: distributed/tensor_parallel.py
+        "layers.*.m2rnn": "m2rnn_heads",
+        "layers.*.gated_deltanet": "gated_deltanet_heads",
         "layers.*.self_attn.q_proj": "colwise",
         "layers.*.self_attn.k_proj": "colwise",
         "layers.*.self_attn.v_proj": "colwise",
@@ -78,6 +81,13 @@ class M2RNNConfig(PreTrainedConfig):
         "layers.*.mlp.gate_proj": "colwise",
         "layers.*.mlp.up_proj": "colwise",
         "layers.*.mlp.down_proj": "rowwise",
+        # the mixture of experts: every expert split along its intermediate width, as transformers' MoE models do
+        "layers.*.mlp.experts.gate_up_proj": "packed_colwise",
+        "layers.*.mlp.experts.down_proj": "rowwise",
+        "layers.*.mlp.experts": "moe_tp_experts",
+        "layers.*.mlp.shared_expert.gate_proj": "colwise",
+        "layers.*.mlp.shared_expert.up_proj": "colwise",
+        "layers.*.mlp.shared_expert.down_proj": "rowwise",
     }
     base_model_pp_plan = {
         "embed_tokens": (["input_ids"], ["inputs_embeds"]),

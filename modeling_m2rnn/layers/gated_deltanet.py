@@ -29,17 +29,14 @@ class GatedDeltaNet(nn.Module):
         self.layer_idx = layer_idx
         self.num_heads = config.gdn_num_heads
         self.num_k_heads = config.gdn_num_k_heads or config.gdn_num_heads
+        # (tensor parallelism makes both counts this rank's: distributed/tensor_parallel.py)
         self.key_head_dim = config.gdn_key_head_dim
         self.value_head_dim = config.gdn_value_head_dim
         self.use_gate = config.gdn_use_gate
         self.allow_neg_eigval = config.gdn_allow_neg_eigval
         self.backend = config.gdn_backend
         self.conv_backend = config.m2rnn_kernel_backend   # the package's short-conv kernels, as in the M2RNN layers
-        key_size = self.num_k_heads * self.key_head_dim
-        value_size = self.num_heads * self.value_head_dim
-        self.qkv_sizes = [key_size, key_size, value_size]
         self.qkv_proj = Linear(config.hidden_size, sum(self.qkv_sizes), bias=False)
-        self.ab_sizes = [self.num_heads, self.num_heads] + ([value_size] if self.use_gate else [])
         self.ab_proj = Linear(config.hidden_size, sum(self.ab_sizes), bias=False)
 
         self.conv_kernel_size = config.gdn_conv_kernel_size
@@ -49,7 +46,18 @@ class GatedDeltaNet(nn.Module):
         self.dt_bias = nn.Parameter(torch.empty(self.num_heads, dtype=torch.float32))
 
         self.norm = RMSNorm(self.value_head_dim, eps=config.rms_norm_eps)   # one weight shared by the heads
-        self.o_proj = Linear(value_size, config.hidden_size, bias=False)
+        self.o_proj = Linear(self.num_heads * self.value_head_dim, config.hidden_size, bias=False)
+
+    @property
+    def qkv_sizes(self) -> list[int]:
+        """Widths of the q, k and v blocks of `qkv_proj` and of the conv channels."""
+        key_size = self.num_k_heads * self.key_head_dim
+        return [key_size, key_size, self.num_heads * self.value_head_dim]
+
+    @property
+    def ab_sizes(self) -> list[int]:
+        """Widths of the a, b (and gate) blocks of `ab_proj`."""
+        return [self.num_heads, self.num_heads] + ([self.num_heads * self.value_head_dim] if self.use_gate else [])
 
     def extra_repr(self) -> str:
         return (

@@ -35,13 +35,10 @@ class M2RNNMixer(nn.Module):
         self.num_g_heads = config.m2rnn_num_g_heads
         self.gradient_clipping = config.m2rnn_gradient_clipping
         self.kernel_backend = config.m2rnn_kernel_backend
-        self.qkv_sizes = [
-            self.num_q_heads * self.key_head_dim,
-            self.num_k_heads * self.key_head_dim,
-            self.num_v_heads * self.value_head_dim,
-        ]
+        # Set by tensor parallelism (distributed/tensor_parallel.py), which also makes the head counts above this
+        # rank's: averages the norm's mean square over the ranks that hold the other heads.
+        self.mean_over_head_shards = None
         qkv_size = sum(self.qkv_sizes)
-        self.projection_sizes = [qkv_size, self.num_f_heads, self.num_g_heads * self.value_head_dim]
         self.in_proj = Linear(config.hidden_size, sum(self.projection_sizes), bias=False)
 
         self.conv_kernel_size = config.m2rnn_conv_kernel_size
@@ -57,6 +54,17 @@ class M2RNNMixer(nn.Module):
 
         self.norm = RMSNorm(self.num_heads * self.value_head_dim, eps=config.rms_norm_eps)
         self.out_proj = Linear(self.num_heads * self.value_head_dim, config.hidden_size, bias=False)
+
+    @property
+    def qkv_sizes(self) -> list[int]:
+        """Widths of the q, k and v blocks of the projection and of the conv channels."""
+        return [self.num_q_heads * self.key_head_dim, self.num_k_heads * self.key_head_dim,
+                self.num_v_heads * self.value_head_dim]
+
+    @property
+    def projection_sizes(self) -> list[int]:
+        """Widths of the q·k·v, a and g blocks of the input projection."""
+        return [sum(self.qkv_sizes), self.num_f_heads, self.num_g_heads * self.value_head_dim]
 
     def forget_gate(self, a: torch.Tensor) -> torch.Tensor:
         """a (B, S, Nf) → f in (0, 1], float32: in bf16 every f above ~0.998 would round to 1 and freeze its head."""
@@ -98,9 +106,10 @@ class M2RNNMixer(nn.Module):
 
     def gate_and_norm(self, y: torch.Tensor, v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """RMSNorm((y + D ⊙ v) ⊙ silu(g)) over all heads: y (B, S, N, V), v (B, S, Nv, V), g (B, S, Ng, V) →
-        (B, S, N·V)."""
+        (B, S, N·V). With the heads split across ranks, over the heads of every rank (on the PyTorch path)."""
         v = v if self.D is not None else None
-        return gated_rms_norm(y, g, self.norm.weight, self.norm.eps, v, self.D, backend=self.kernel_backend)
+        return gated_rms_norm(y, g, self.norm.weight, self.norm.eps, v, self.D, backend=self.kernel_backend,
+                              mean_over_parts=self.mean_over_head_shards)
 
     def project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The q·k·v, a and g blocks of the input projection, each in a buffer of its own (see Linear.forward_blocks).

@@ -17,6 +17,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from ..configuration import M2RNNConfig
 from ..configuration.configuration_m2rnn import ATTENTION_LAYER, M2RNN_LAYER, SPARSE_MLP
+from ..distributed import check_tensor_parallel_degree, cut_to_local_heads, gather_full_tensors, is_split_by_heads
 from ..generation import CACHE_OUTPUT_FIELD, M2RNNCache, M2RNNGenerationMixin, M2RNNStaticCache
 from ..layers import (
     Attention,
@@ -159,10 +160,28 @@ class M2RNNPreTrainedModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Also writes the model's code beside the weights, so `trust_remote_code=True` loads the checkpoint
-        where this package is not installed."""
+        where this package is not installed. A model split by heads across ranks (tensor parallelism) is saved
+        whole: every rank calls this, the first writes."""
+        if is_split_by_heads(self) and kwargs.get("state_dict") is None:
+            kwargs["state_dict"] = gather_full_tensors(self, self.state_dict())
         super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
+        first_rank = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        if kwargs.get("is_main_process", True) and first_rank:
             export_remote_code(save_directory)
+
+    @classmethod
+    def maybe_distribute_model(cls, model, distributed_config, device_mesh):
+        """Checks that the tensor-parallel degree splits every layer's heads before transformers applies the plan."""
+        if distributed_config is not None and (distributed_config.tp_size or 1) > 1:
+            check_tensor_parallel_degree(model.config, distributed_config.tp_size)
+        return super().maybe_distribute_model(model, distributed_config, device_mesh)
+
+    @staticmethod
+    def _finalize_model_loading(model, *args, **kwargs):
+        """Once loaded, the M2RNN layers split by heads keep only this rank's part (distributed/tensor_parallel.py)."""
+        loading_info = PreTrainedModel._finalize_model_loading(model, *args, **kwargs)
+        cut_to_local_heads(model)
+        return loading_info
 
 
 def _init_decay(mixer, A_range, dt_range, dt_floor: float):

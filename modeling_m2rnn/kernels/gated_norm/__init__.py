@@ -8,7 +8,7 @@ import torch
 
 from ..backend import uses_triton
 from ..validation import validate_gated_norm_inputs
-from .naive import gated_rms_norm_reference, rms_norm
+from .naive import MeanOverParts, gated_rms_norm_reference, rms_norm
 
 __all__ = ["gated_rms_norm", "gated_rms_norm_reference", "rms_norm"]
 
@@ -22,6 +22,7 @@ def gated_rms_norm(
     D: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     backend: str = "auto",
+    mean_over_parts: MeanOverParts | None = None,
 ) -> torch.Tensor:
     """weight ⊙ RMSNorm((y + D ⊙ v) ⊙ silu(g)) over all heads: y (B, S, N, V), g (B, S, Ng, V), v (B, S, Nv, V),
     D (N, V), v and D both None without the residual, weight (N·V,); a v or g head is shared by its group of heads.
@@ -30,11 +31,14 @@ def gated_rms_norm(
     The Triton kernels (one launch each way) take one v and g per head on the Triton backend, with gradients for
     every tensor; they compute in float32 and write `out_dtype`, by default the autocast dtype under autocast (what
     the output projection would cast to) and the promoted dtype of the inputs otherwise. Everything else runs the
-    PyTorch reference, in the dtype it computes in unless `out_dtype` is given."""
+    PyTorch reference, in the dtype it computes in unless `out_dtype` is given.
+
+    `mean_over_parts` (heads split across tensor-parallel ranks: the N heads here are one of equal parts, and the
+    norm is over all of them) runs the PyTorch reference, which takes it; the kernels normalise one part only."""
     validate_gated_norm_inputs(y, g, weight, v, D)
     per_head = g.shape[2] == y.shape[2] and (v is None or v.shape[2] == y.shape[2])
-    if not (per_head and uses_triton(backend, y)):
-        out = gated_rms_norm_reference(y, g, weight, eps, v, D)
+    if mean_over_parts is not None or not (per_head and uses_triton(backend, y)):
+        out = gated_rms_norm_reference(y, g, weight, eps, v, D, mean_over_parts)
         return out if out_dtype is None else out.to(out_dtype)
     from .triton import gated_rms_norm_triton
 
