@@ -122,9 +122,11 @@ class M2RNNPreTrainedModel(PreTrainedModel):
             init.normal_(module.down_proj, mean=0.0, std=output_std)
 
     def _init_recurrence(self, mixer: M2RNNMixer):
-        """docs/design.md, "The layer": W = I, D = 1, A ~ U[A_init_range], dt log-uniform in dt_init_range, floored."""
+        """docs/design.md, "The layer": W = I, D = 1, A ~ U[A_init_min, A_init_max], dt log-uniform in [dt_min, dt_max],
+        floored."""
         config = self.config
-        _init_decay(mixer, config.m2rnn_A_init_range, config.m2rnn_dt_init_range, config.m2rnn_dt_init_floor)
+        A_range = (config.m2rnn_A_init_min, config.m2rnn_A_init_max)
+        _init_decay(mixer, A_range, (config.m2rnn_dt_min, config.m2rnn_dt_max), config.m2rnn_dt_init_floor)
         init.copy_(mixer.W, torch.eye(mixer.value_head_dim).expand_as(mixer.W))
         if mixer.D is not None:
             init.ones_(mixer.D)
