@@ -67,7 +67,8 @@ class M2RNNStaticCache(_TokenCount, StaticCache):
     def advance(self, num_tokens: int, device: torch.device) -> None:
         if not isinstance(self.seen_tokens, torch.Tensor):
             self.seen_tokens = torch.zeros((), dtype=torch.long, device=device)
-            torch._dynamo.mark_static_address(self.seen_tokens)
+            if not torch.compiler.is_compiling():   # a compiled prefill: dynamo cannot trace the marking
+                torch._dynamo.mark_static_address(self.seen_tokens)
         self.seen_tokens.add_(num_tokens)
 
     def reset(self) -> None:

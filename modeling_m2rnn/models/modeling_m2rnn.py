@@ -81,12 +81,14 @@ class M2RNNPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["M2RNNDecoderLayer"]
     _skip_keys_device_placement = ["past_key_values"]
-    _keep_in_fp32_modules = ["A_log", "dt_bias"]
+    # created in float32 and kept there on every load, bf16 included: a bf16 decay rounds f near 1 to 1
+    _keep_in_fp32_modules_strict = ["A_log", "dt_bias"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
     _is_stateful = True
+    _can_compile_fullgraph = True
     _can_record_outputs = {
         "hidden_states": M2RNNDecoderLayer,
         "attentions": Attention,
