@@ -1,6 +1,7 @@
 """The transformers classes: M2RNNModel, M2RNNForCausalLM, M2RNNForSequenceClassification."""
 
 import math
+import os
 
 import torch
 from torch import nn
@@ -12,6 +13,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 from transformers.utils import can_return_tuple
+from transformers.utils import hub as transformers_hub
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
@@ -29,7 +31,7 @@ from ..layers import (
     SparseMoeMLP,
     TopKRouter,
 )
-from ..remote_code import AUTO_MAP, export_remote_code
+from ..remote_code import AUTO_MAP, check_remote_code_targets, export_remote_code
 
 
 class M2RNNDecoderLayer(GradientCheckpointingLayer):
@@ -161,12 +163,35 @@ class M2RNNPreTrainedModel(PreTrainedModel):
         if name not in AUTO_MAP:
             raise ValueError(f"`auto_class` must be one of {sorted(AUTO_MAP)}, got {name!r}")
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
+    def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
         """Also writes the model's code beside the weights, so `trust_remote_code=True` loads the checkpoint
-        where this package is not installed."""
+        where this package is not installed. A file of the code's names that this package did not write raises a
+        ValueError before anything is saved. With `push_to_hub`, the upload holds the code and `auto_map` too: the
+        folder is saved first, then pushed as transformers pushes it (the files this save wrote)."""
+        is_main_process = kwargs.get("is_main_process", True)
+        if is_main_process:
+            os.makedirs(save_directory, exist_ok=True)
+            check_remote_code_targets(save_directory)
+        hub_kwargs = {name: kwargs.pop(name) for name in ("commit_message", "repo_id", "create_pr") if name in kwargs}
+        files_timestamps = self._get_files_timestamps(save_directory) if push_to_hub else None
         super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
-            export_remote_code(save_directory)
+        if not is_main_process:
+            return
+        export_remote_code(save_directory)
+        if push_to_hub:
+            token = kwargs.get("token")
+            repo_id = hub_kwargs.get("repo_id", os.path.basename(os.path.normpath(save_directory)))
+            repo_id = transformers_hub.hf_api().create_repo(repo_id, exist_ok=True, token=token).repo_id
+            model_card = transformers_hub.create_and_tag_model_card(repo_id, self.model_tags, token=token)
+            model_card.save(os.path.join(save_directory, "README.md"))
+            self._upload_modified_files(
+                save_directory,
+                repo_id,
+                files_timestamps,
+                commit_message=hub_kwargs.get("commit_message"),
+                token=token,
+                create_pr=hub_kwargs.get("create_pr", False),
+            )
 
 
 def _init_decay(mixer, A_range, dt_range, dt_floor: float):

@@ -142,7 +142,7 @@ def test_a_saved_checkpoint_loads_with_trust_remote_code_without_the_package(tmp
     model.register_for_auto_class("AutoModelForCausalLM")   # transformers' habit; the export needs no registration
     model.save_pretrained(tmp_path / "checkpoint")
     auto_map = json.loads((tmp_path / "checkpoint" / "config.json").read_text())["auto_map"]
-    assert auto_map["AutoModelForCausalLM"] == "models_modeling_m2rnn.M2RNNForCausalLM"
+    assert auto_map["AutoModelForCausalLM"] == "modeling_m2rnn.M2RNNForCausalLM"
     result = subprocess.run(
         [sys.executable, "-c", REMOTE_CODE_SCRIPT, str(tmp_path / "checkpoint"), str(tmp_path / "logits.pt")],
         capture_output=True, text=True, cwd=tmp_path, env={"HF_MODULES_CACHE": str(tmp_path / "modules"),
