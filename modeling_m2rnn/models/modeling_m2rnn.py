@@ -32,6 +32,7 @@ from ..layers import (
     TopKRouter,
 )
 from ..remote_code import AUTO_MAP, check_remote_code_targets, export_remote_code
+from .input_checks import check_inputs
 
 
 class M2RNNDecoderLayer(GradientCheckpointingLayer):
@@ -240,8 +241,18 @@ class M2RNNModel(M2RNNPreTrainedModel):
                 f"`inputs_embeds` must be (batch, seq_len, {self.config.hidden_size}), got {tuple(inputs_embeds.shape)}"
             )
         batch, seq_len = inputs_embeds.shape[:2]
+        check_inputs(inputs_embeds, attention_mask, position_ids, past_key_values)
+        packed = self._packed_sequences(position_ids, batch, seq_len) if position_ids is not None else None
+        # Sequences packed in a row (position_ids restarting, no mask) are kept apart in the attention layers only
+        # without a cache: transformers' masks ignore packing once there is one.
+        packed_attention = packed is not None and attention_mask is None and ATTENTION_LAYER in self.config.layer_types
+        if packed_attention and past_key_values is not None:
+            raise ValueError(
+                "`position_ids` restart within a row (packed sequences) and a cache was given: the attention layers "
+                "would attend across the sequences. Pass one sequence per row, or no cache (use_cache=False)"
+            )
 
-        if use_cache and past_key_values is None and not self.training:
+        if use_cache and past_key_values is None and not self.training and not packed_attention:
             # (in training a cache would only hide packed sequences from transformers' attention masks)
             past_key_values = M2RNNCache(config=self.config)
         if position_ids is None:
@@ -258,7 +269,6 @@ class M2RNNModel(M2RNNPreTrainedModel):
                 masks[ATTENTION_LAYER] = create_causal_mask(
                     self.config, inputs_embeds, attention_mask, past_key_values, position_ids=position_ids
                 )
-        packed = self._packed_sequences(position_ids, batch, seq_len)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids) if self.rotary_emb is not None else None
 
         hidden_states = inputs_embeds
