@@ -137,4 +137,5 @@ def test_a_model_loaded_from_its_checkpoints_code_saves_the_same_files_again(tmp
     assert {"configuration_m2rnn.py", "modeling_m2rnn.py"} <= resaved <= set(code_files(tmp_path / "first"))
     with torch.no_grad():
         expected = model(torch.tensor([[3, 1, 4, 1, 5]])).logits
-    assert torch.equal(torch.load(tmp_path / "logits.pt"), expected)
+    reloaded = torch.load(tmp_path / "logits.pt")
+    assert ((reloaded - expected).norm() / expected.norm()) < 1e-6   # (another process: other thread counts)
