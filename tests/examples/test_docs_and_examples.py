@@ -4,13 +4,13 @@ import ast
 import builtins
 import re
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from helpers import REPO_ROOT as ROOT
+
 sys.path.insert(0, str(ROOT / "examples"))
-import finetune  # (examples/ is not a package: imported from its folder)
+import finetune  # noqa: E402  (examples/ is not a package)
 
 
 def names_used_before_they_are_defined(source: str) -> list[str]:

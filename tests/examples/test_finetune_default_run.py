@@ -3,10 +3,11 @@ falls at every evaluation. It takes about 10 s of CPU time (one thread), well un
 
 import itertools
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
-import finetune  # (examples/ is not a package: imported from its folder)
+from helpers import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "examples"))
+import finetune  # noqa: E402  (examples/ is not a package)
 
 
 def test_the_default_run_lowers_the_eval_loss_at_every_evaluation(tmp_path):
