@@ -1,9 +1,10 @@
 """Fine-tune (or train from scratch) an M2RNN model with transformers.Trainer on a causal-LM objective.
 
 With no arguments it trains a small hybrid M2RNN on an embedded text with a byte-level tokenizer built in
-code, so nothing is downloaded; it runs in about a minute on two CPU cores.
+code, so nothing is downloaded; it runs in well under a minute on two CPU cores (30 steps of 8 × 32 tokens), and the
+eval loss falls at every evaluation.
 
-    python examples/finetune.py                                    # embedded text, small hybrid, 60 steps
+    python examples/finetune.py                                    # embedded text, small hybrid, 30 steps
     python examples/finetune.py --model path/to/checkpoint --data corpus.jsonl --text-field text
     python examples/finetune.py --preset hybrid-m2rnn-400m --data corpus.txt --bf16 --packing
     python examples/finetune.py --lora --model path/to/checkpoint     # PEFT LoRA adapters only
@@ -48,16 +49,28 @@ LORA_TARGET_MODULES = [
 
 EMBEDDED_DOCUMENTS = [
     "An M2RNN layer keeps a small matrix for every head and updates it at every token.",
-    "The old matrix is multiplied by a learned transition, the outer product of a key and a value is added, "
-    "and tanh folds the sum back into the unit box.",
+    ("The old matrix is multiplied by a learned transition, the outer product of a key and a value is added, "
+     "and tanh folds the sum back into the unit box."),
     "A forget gate blends the old matrix with the new one; a query then reads a vector out of the state.",
-    "Because the update is non-linear, the layer can track states that linear recurrences cannot, "
-    "such as the running product of permutations.",
+    ("Because the update is non-linear, the layer can track states that linear recurrences cannot, "
+     "such as the running product of permutations."),
     "A few attention layers among many recurrent ones give the hybrid model its recall of exact tokens.",
     "The state has a fixed size, so generating a token costs the same at the start and at the end of a book.",
-    "Packed sequences restart the state at every document boundary, and the short convolution never looks "
-    "across one.",
+    ("Packed sequences restart the state at every document boundary, and the short convolution never looks "
+     "across one."),
     "Training runs the recurrence over the whole sequence; decoding carries the state from one token to the next.",
+    "Each head reads its own query and writes its own key and value, and the heads never exchange their states.",
+    "The forget gate is computed in float32, because in bfloat16 a gate close to one would round to one.",
+    "A padded position leaves the state as it was: its forget gate is one and its input is zero.",
+    "The short convolution in front of the recurrence mixes each channel with the three tokens before it.",
+    "At the start of training the transition matrix is the identity and the residual weight is one.",
+    "The output of the recurrence is gated, normalised over all heads and projected back to the model width.",
+    "A prompt can be run once and its state saved to a file, so that later questions continue from it.",
+    "The cache of a hybrid holds a matrix per recurrent layer and the keys and values of every attention layer.",
+    "On a GPU the recurrence runs on Triton kernels; on a CPU the reference loop computes the same numbers.",
+    "The gradient reaching each state is clamped, which keeps long sequences from blowing up in training.",
+    "Left padding and right padding give each row what it would get alone, token for token.",
+    "A model of four layers with one attention layer learns the statistics of this text in a few dozen steps.",
 ]
 
 
@@ -129,6 +142,18 @@ def tokenize(documents: Dataset, text_field: str, tokenizer, seq_len: int, packi
     return tokens.map(truncate if packing else cut_into_blocks, batched=True, remove_columns=["input_ids"])
 
 
+def check_enough_blocks(blocks: Dataset, args) -> None:
+    """One block to train on and one to evaluate at the least; the sampler would fail with `num_samples=0`."""
+    if len(blocks) >= 2:
+        return
+    source = args.data if args.data is not None else "the embedded text"
+    if args.packing:
+        unit, remedy = "document(s)", "a --data file with more documents"
+    else:
+        unit, remedy = f"block(s) of --seq-len {args.seq_len} tokens", "a longer --data file or a smaller --seq-len"
+    raise ValueError(f"{source} gives {len(blocks)} {unit}; training and evaluation need at least 2: pass {remedy}")
+
+
 def build_model(args, tokenizer):
     if args.model is not None:
         model = AutoModelForCausalLM.from_pretrained(args.model)
@@ -191,8 +216,8 @@ def parse_args(argv=None):
     parser.add_argument("--text-field", default="text", help="the JSON field that holds the text")
     parser.add_argument("--tokenizer", type=Path, help="a local tokenizer directory (default: byte-level)")
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/finetune"))
-    parser.add_argument("--max-steps", type=int, default=60)
-    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--max-steps", type=int, default=30)
+    parser.add_argument("--seq-len", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8, help="per device")
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--eval-fraction", type=float, default=0.1)
@@ -214,6 +239,7 @@ def main(argv=None):
 
     documents = load_documents(args.data, args.text_field)
     blocks = tokenize(documents, args.text_field, tokenizer, args.seq_len, args.packing)
+    check_enough_blocks(blocks, args)
     split = blocks.train_test_split(test_size=args.eval_fraction, seed=args.seed)
     # every block has seq_len tokens without packing, so stacking them needs no padding
     collator = DataCollatorWithFlattening() if args.packing else default_data_collator

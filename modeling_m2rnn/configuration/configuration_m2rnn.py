@@ -1,8 +1,10 @@
 """M2RNNConfig: the hyper-parameters of an M2RNN or hybrid M2RNN / attention language model."""
 
+import math
+
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
-from transformers.configuration_utils import remap_legacy_layer_types
+from transformers.activations import ACT2FN
 
 from ..kernels import BACKENDS, GDN_BACKENDS
 
@@ -15,6 +17,11 @@ MIXER_TYPES = ("m2rnn", "gated_deltanet", "attention")
 _LAYER_TYPE_ALIASES = {"m2rnn": M2RNN_LAYER, "gated_deltanet": M2RNN_LAYER}
 # The backend field's name before it governed the short conv and the gated norm as well as the scan.
 _OLD_BACKEND_FIELD = "m2rnn_scan_backend"
+# Fields of configs saved before the scalar init fields, read on load and never written back.
+_LEGACY_INIT_RANGES = {
+    "m2rnn_A_init_range": ("m2rnn_A_init_min", "m2rnn_A_init_max"),
+    "m2rnn_dt_init_range": ("m2rnn_dt_min", "m2rnn_dt_max"),
+}
 # `mlp_layer_types`: a dense SwiGLU MLP or a sparse mixture of experts after the mixer, as transformers' MoE hybrids say
 DENSE_MLP = "dense"
 SPARSE_MLP = "sparse"
@@ -35,7 +42,9 @@ class M2RNNConfig(PreTrainedConfig):
         m2rnn_conv_kernel_size: depthwise causal convolution (+ SiLU) on q, k, v; `None` for none.
         m2rnn_use_residual: adds `D ⊙ v` to the recurrence output.
         m2rnn_gradient_clipping: clamps the gradient reaching each state to [-c, c]; `None` for no clamp.
-        m2rnn_A_init_range, m2rnn_dt_init_range, m2rnn_dt_init_floor: Mamba2-style forget-gate initialisation.
+        m2rnn_A_init_min, m2rnn_A_init_max: A ~ U[min, max] at init (Mamba2-style forget gate).
+        m2rnn_dt_min, m2rnn_dt_max, m2rnn_dt_init_floor: dt log-uniform in [min, max], floored, at init. (Configs
+            saved with the former `m2rnn_A_init_range` / `m2rnn_dt_init_range` pairs still load.)
         m2rnn_kernel_backend: the implementation of every M2RNN op (scan, short conv, gated norm): "auto" (Triton
             on CUDA, else the PyTorch references), "torch" or "triton". Configs that name it `m2rnn_scan_backend`
             load with it.
@@ -59,7 +68,8 @@ class M2RNNConfig(PreTrainedConfig):
     returns the router logits and transformers' load-balancing loss, added to the loss times `router_aux_loss_coef`.
 
     Attention layers: `num_attention_heads`, `num_key_value_heads` (GQA), `head_dim`; no positional encoding
-    (NoPE, as in the paper) unless `use_rope=True`, with transformers' `rope_parameters` (e.g. `{"rope_theta": 1e4}`).
+    (NoPE, as in the paper) unless `use_rope=True`, with transformers' `rope_parameters` (e.g. `{"rope_theta": 1e4}`);
+    without RoPE `rope_parameters` is None: there is nothing for them to act on.
 
     ```python
     >>> from modeling_m2rnn import M2RNNConfig, M2RNNForCausalLM
@@ -127,9 +137,11 @@ class M2RNNConfig(PreTrainedConfig):
     m2rnn_conv_kernel_size: int | None = 4
     m2rnn_use_residual: bool = True
     m2rnn_gradient_clipping: float | None = 1.0
-    m2rnn_A_init_range: list[float] | tuple[float, float] = (0.0, 16.0)
-    m2rnn_dt_init_range: list[float] | tuple[float, float] = (1e-3, 0.1)
-    m2rnn_dt_init_floor: float = 1e-4
+    m2rnn_A_init_min: float | int = 0.0
+    m2rnn_A_init_max: float | int = 16.0
+    m2rnn_dt_min: float | int = 1e-3
+    m2rnn_dt_max: float | int = 0.1
+    m2rnn_dt_init_floor: float | int = 1e-4
     m2rnn_kernel_backend: str = "auto"
     mixer_types: list[str] | None = None
     gdn_num_heads: int = 2
@@ -164,9 +176,16 @@ class M2RNNConfig(PreTrainedConfig):
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None and self.num_attention_heads:
             self.head_dim = self.hidden_size // self.num_attention_heads
-        self.m2rnn_A_init_range = list(self.m2rnn_A_init_range)
-        self.m2rnn_dt_init_range = list(self.m2rnn_dt_init_range)
+        for legacy_name, (low_name, high_name) in _LEGACY_INIT_RANGES.items():
+            if legacy_name in kwargs:
+                bounds = kwargs.pop(legacy_name)
+                if not isinstance(bounds, (list, tuple)) or len(bounds) != 2:
+                    raise ValueError(f"`{legacy_name}` must be [low, high], got {bounds!r}")
+                setattr(self, low_name, float(bounds[0]))
+                setattr(self, high_name, float(bounds[1]))
         super().__post_init__(**kwargs)
+        if not self.use_rope:
+            self.rope_parameters = None
 
     def _resolve_layer_and_mixer_types(self):
         """Fill in whichever of `layer_types` and `mixer_types` is missing from the other. A `layer_types` alias
@@ -178,7 +197,8 @@ class M2RNNConfig(PreTrainedConfig):
             fits = mixers is not None and len(mixers) == self.num_hidden_layers
             implied = mixers if fits else ["m2rnn"] * self.num_hidden_layers
             self.layer_types = [ATTENTION_LAYER if m == "attention" else M2RNN_LAYER for m in implied]
-        layer_types = remap_legacy_layer_types(self.layer_types)
+        # Only our own aliases: transformers' legacy names ("mamba", "conv") are other layers, refused by the validator.
+        layer_types = list(self.layer_types) if isinstance(self.layer_types, tuple) else self.layer_types
         if self.mixer_types is None:
             self.mixer_types = [
                 t if t in _LAYER_TYPE_ALIASES else "attention" if t == ATTENTION_LAYER else "m2rnn" for t in layer_types
@@ -214,8 +234,8 @@ class M2RNNConfig(PreTrainedConfig):
         known = (*allowed, *_LAYER_TYPE_ALIASES)   # an alias left here contradicts `mixer_types`: reported there
         if not isinstance(self.layer_types, list) or any(t not in known for t in self.layer_types):
             raise ValueError(
-                f"`layer_types` entries must be one of {allowed} (or the aliases {tuple(_LAYER_TYPE_ALIASES)}), got "
-                f"{self.layer_types}"
+                f"`layer_types` entries must be one of {allowed} (or the aliases {tuple(_LAYER_TYPE_ALIASES)}; no "
+                f"other recurrent layer, such as 'mamba' or 'conv', is implemented), got {self.layer_types}"
             )
         if len(self.layer_types) != self.num_hidden_layers:
             raise ValueError(
@@ -293,20 +313,34 @@ class M2RNNConfig(PreTrainedConfig):
         if kernel is not None and kernel < 2:
             raise ValueError(f"`m2rnn_conv_kernel_size` must be >= 2 (or None for no convolution), got {kernel}")
         clip = self.m2rnn_gradient_clipping
-        if clip is not None and clip <= 0:
-            raise ValueError(f"`m2rnn_gradient_clipping` must be positive (or None for no clipping), got {clip}")
-        low, high = self.m2rnn_A_init_range
-        if not 0 <= low < high:
-            raise ValueError(f"`m2rnn_A_init_range` must be [low, high] with 0 <= low < high, got {[low, high]}")
-        dt_low, dt_high = self.m2rnn_dt_init_range
-        if not 0 < dt_low <= dt_high:
-            raise ValueError(f"`m2rnn_dt_init_range` must be [low, high] with 0 < low <= high, got {[dt_low, dt_high]}")
+        if clip is not None and not (math.isfinite(clip) and clip > 0):
+            raise ValueError(f"`m2rnn_gradient_clipping` must be finite and positive (or None for none), got {clip}")
         if self.m2rnn_kernel_backend not in BACKENDS:
             raise ValueError(f"`m2rnn_kernel_backend` must be one of {BACKENDS}, got {self.m2rnn_kernel_backend!r}")
         if ATTENTION_LAYER in self.layer_types:
             self._validate_attention()
         if isinstance(self.mixer_types, list) and "gated_deltanet" in self.mixer_types:
             self._validate_gated_deltanet()
+
+    def validate_numerics(self):
+        """The floats the layers compute with: a NaN or a sign error here gives NaN logits, not an error."""
+        if not (math.isfinite(self.rms_norm_eps) and self.rms_norm_eps > 0):
+            raise ValueError(f"`rms_norm_eps` must be finite and positive, got {self.rms_norm_eps}")
+        if not (math.isfinite(self.initializer_range) and self.initializer_range >= 0):
+            raise ValueError(f"`initializer_range` must be finite and >= 0, got {self.initializer_range}")
+        if self.hidden_act not in ACT2FN:
+            raise ValueError(f"`hidden_act` must be one of transformers' ACT2FN, got {self.hidden_act!r}")
+        low, high = self.m2rnn_A_init_min, self.m2rnn_A_init_max
+        if not (math.isfinite(high) and 0 <= low < high):
+            raise ValueError(
+                f"`m2rnn_A_init_min`, `m2rnn_A_init_max` must satisfy 0 <= min < max (finite), got {low}, {high}"
+            )
+        low, high = self.m2rnn_dt_min, self.m2rnn_dt_max
+        if not (math.isfinite(high) and 0 < low <= high):
+            raise ValueError(f"`m2rnn_dt_min`, `m2rnn_dt_max` must satisfy 0 < min <= max (finite), got {low}, {high}")
+        floor = self.m2rnn_dt_init_floor
+        if not (math.isfinite(floor) and floor >= 0):
+            raise ValueError(f"`m2rnn_dt_init_floor` must be finite and >= 0, got {floor}")
 
     def _validate_gated_deltanet(self):
         for name in ("gdn_num_heads", "gdn_key_head_dim", "gdn_value_head_dim"):

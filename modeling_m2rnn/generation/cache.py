@@ -67,7 +67,8 @@ class M2RNNStaticCache(_TokenCount, StaticCache):
     def advance(self, num_tokens: int, device: torch.device) -> None:
         if not isinstance(self.seen_tokens, torch.Tensor):
             self.seen_tokens = torch.zeros((), dtype=torch.long, device=device)
-            torch._dynamo.mark_static_address(self.seen_tokens)
+            if not torch.compiler.is_compiling():   # a compiled prefill: dynamo cannot trace the marking
+                torch._dynamo.mark_static_address(self.seen_tokens)
         self.seen_tokens.add_(num_tokens)
 
     def reset(self) -> None:
@@ -130,3 +131,26 @@ def update_recurrent_state(cache, layer_idx: int, state: torch.Tensor) -> None:
     nothing else would mark it."""
     cache.update_recurrent_state(state, layer_idx)
     cache.layers[layer_idx].has_previous_state[0] = True
+
+
+def cached_tokens(cache) -> int | None:
+    """The number of tokens a cache has seen (0 for no cache), None where reading it would break a compiled graph or
+    the cache does not count them."""
+    if cache is None:
+        return 0
+    seen = getattr(cache, "seen_tokens", None)
+    if seen is None or torch.compiler.is_compiling():
+        return None
+    return int(seen)
+
+
+def cache_batch_size(cache) -> int | None:
+    """The batch size a cache holds state for, or None while it holds none."""
+    for layer_idx, layer in enumerate(getattr(cache, "layers", ())):
+        if isinstance(layer, LinearAttentionLayer):
+            state = recurrent_state(cache, layer_idx)
+            if state is not None:
+                return state.shape[0]
+        elif getattr(layer, "is_initialized", False):
+            return layer.keys.shape[0]
+    return None

@@ -7,13 +7,28 @@ from transformers import DynamicCache, StaticCache
 from transformers.masking_utils import create_masks_for_generate
 
 from ..configuration.configuration_m2rnn import ATTENTION_LAYER, M2RNN_LAYER
-from .cache import CACHE_ARGUMENT_NAMES, M2RNNCache, M2RNNStaticCache
+from .cache import CACHE_ARGUMENT_NAMES, M2RNNCache, M2RNNStaticCache, cached_tokens
 from .decode_graphs import DecodeGraphs, graph_free_compile_kwargs
 
 
 class M2RNNGenerationMixin:
     """Overrides of transformers' generate hooks; it goes before the PreTrainedModel in the bases of a model class
     (PreTrainedModel defines `get_compiled_call` too), which keeps GenerationMixin among its bases as well."""
+
+    def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):
+        """On the first step of a generate that continues a cache, the input must be the cached tokens followed by new
+        ones (or only the new ones with an attention mask over both): generate trims the cached tokens off it."""
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        if kwargs.get("is_first_iteration") and cache is not None and kwargs.get("inputs_embeds") is None:
+            cached = cached_tokens(cache)
+            mask = kwargs.get("attention_mask")
+            covered = mask.shape[-1] if isinstance(mask, torch.Tensor) and mask.dim() == 2 else input_ids.shape[1]
+            if cached and covered <= cached:
+                raise ValueError(
+                    f"the cache holds {cached} tokens, and `input_ids` must start with those {cached} tokens and add "
+                    f"at least one: got {input_ids.shape[1]} tokens. Pass the prompt followed by the new tokens"
+                )
+        return super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
 
     def create_masks_for_generate(self, config, inputs_embeds, attention_mask, past_key_values=None, **kwargs):
         """The masks generate hands a compiled forward, built on the host before every decode step while the GPU

@@ -1,10 +1,12 @@
 """A prompt's state in a file: run a long prompt once, save the cache, and continue generation from it later."""
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers.cache_utils import LinearAttentionLayer
 
 from .cache import M2RNNCache, conv_state, recurrent_state, update_conv_state, update_recurrent_state
+from .prompt_state_checks import check_prompt_state
 
 
 def save_prompt_state(cache: M2RNNCache, path) -> None:
@@ -30,12 +32,20 @@ def save_prompt_state(cache: M2RNNCache, path) -> None:
 
 def load_prompt_state(path, config, device=None) -> M2RNNCache:
     """A fresh `M2RNNCache` holding the state `save_prompt_state` wrote; generation continues from it exactly as
-    it would have from the original cache (pass the prompt plus the new tokens as `input_ids`)."""
+    it would have from the original cache (pass the prompt plus the new tokens as `input_ids`).
+
+    `config`: the config of the model that continues, or the model itself (then its dtype is checked too and its
+    device is the default). A state of another model raises a ValueError naming what differs."""
+    dtype = getattr(config, "dtype", None)
+    if isinstance(config, torch.nn.Module):
+        device = device or config.device
+        config = config.config
     with safe_open(str(path), framework="pt", device=str(device or "cpu")) as file:
         metadata = file.metadata() or {}
         if metadata.get("format") != "m2rnn-prompt-state-1":
             raise ValueError(f"{path} is not a prompt state written by save_prompt_state")
         tensors = {name: file.get_tensor(name) for name in file.keys()}
+    check_prompt_state(path, tensors, int(metadata["seen_tokens"]), config, dtype)
     cache = M2RNNCache(config)
     for i, layer_type in enumerate(config.layer_types):
         if layer_type == "full_attention":

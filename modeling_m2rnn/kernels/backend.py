@@ -1,5 +1,7 @@
 """Which implementation of an op runs: the backends, and the one rule every op applies to choose among them."""
 
+import os
+
 import torch
 
 BACKENDS = ("auto", "torch", "triton")
@@ -21,6 +23,11 @@ def uses_triton(backend: str, x: torch.Tensor) -> bool:
         raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
     if backend == "triton" and not triton_is_available():
         raise ValueError("backend='triton' needs the `triton` package")
+    if backend == "triton" and not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        # (Triton itself would fail with "0 active drivers"; the interpreter reads the variable when Triton is
+        # imported, so it must be set before that)
+        raise ValueError(f"backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 to interpret the kernels; got "
+                         f"tensors on {x.device}")
     if x.dtype == torch.float64:
         return False
     if backend == "auto":

@@ -66,6 +66,17 @@ class M2RNNMixer(nn.Module):
         """Widths of the q·k·v, a and g blocks of the input projection."""
         return [sum(self.qkv_sizes), self.num_f_heads, self.num_g_heads * self.value_head_dim]
 
+    def extra_repr(self) -> str:
+        """The layer's shape in `print(model)`, as nn.Linear shows its sizes."""
+        head_counts = (self.num_q_heads, self.num_k_heads, self.num_v_heads, self.num_f_heads, self.num_g_heads,
+                       self.W.shape[0])
+        per_input = ", ".join(f"{name} {count}" for name, count in zip(("q", "k", "v", "f", "g", "W"), head_counts))
+        return (
+            f"heads={self.num_heads} ({per_input}), K={self.key_head_dim}, V={self.value_head_dim}, "
+            f"conv_kernel_size={self.conv_kernel_size}, gradient_clipping={self.gradient_clipping}, "
+            f"residual={self.D is not None}, kernel_backend={self.kernel_backend!r}"
+        )
+
     def forget_gate(self, a: torch.Tensor) -> torch.Tensor:
         """a (B, S, Nf) → f in (0, 1], float32: in bf16 every f above ~0.998 would round to 1 and freeze its head."""
         return torch.exp(-torch.exp(self.A_log.float()) * F.softplus(a.float() + self.dt_bias.float()))

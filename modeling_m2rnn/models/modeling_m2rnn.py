@@ -1,6 +1,7 @@
 """The transformers classes: M2RNNModel, M2RNNForCausalLM, M2RNNForSequenceClassification."""
 
 import math
+import os
 
 import torch
 from torch import nn
@@ -12,6 +13,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 from transformers.utils import can_return_tuple
+from transformers.utils import hub as transformers_hub
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
@@ -30,7 +32,8 @@ from ..layers import (
     SparseMoeMLP,
     TopKRouter,
 )
-from ..remote_code import AUTO_MAP, export_remote_code
+from ..remote_code import AUTO_MAP, check_remote_code_targets, export_remote_code
+from .input_checks import check_inputs
 
 
 class M2RNNDecoderLayer(GradientCheckpointingLayer):
@@ -82,12 +85,14 @@ class M2RNNPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["M2RNNDecoderLayer"]
     _skip_keys_device_placement = ["past_key_values"]
-    _keep_in_fp32_modules = ["A_log", "dt_bias"]
+    # created in float32 and kept there on every load, bf16 included: a bf16 decay rounds f near 1 to 1
+    _keep_in_fp32_modules_strict = ["A_log", "dt_bias"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
     _is_stateful = True
+    _can_compile_fullgraph = True
     _can_record_outputs = {
         "hidden_states": M2RNNDecoderLayer,
         "attentions": Attention,
@@ -123,9 +128,11 @@ class M2RNNPreTrainedModel(PreTrainedModel):
             init.normal_(module.down_proj, mean=0.0, std=output_std)
 
     def _init_recurrence(self, mixer: M2RNNMixer):
-        """docs/design.md, "The layer": W = I, D = 1, A ~ U[A_init_range], dt log-uniform in dt_init_range, floored."""
+        """docs/design.md, "The layer": W = I, D = 1, A ~ U[A_init_min, A_init_max], dt log-uniform in [dt_min, dt_max],
+        floored."""
         config = self.config
-        _init_decay(mixer, config.m2rnn_A_init_range, config.m2rnn_dt_init_range, config.m2rnn_dt_init_floor)
+        A_range = (config.m2rnn_A_init_min, config.m2rnn_A_init_max)
+        _init_decay(mixer, A_range, (config.m2rnn_dt_min, config.m2rnn_dt_max), config.m2rnn_dt_init_floor)
         init.copy_(mixer.W, torch.eye(mixer.value_head_dim).expand_as(mixer.W))
         if mixer.D is not None:
             init.ones_(mixer.D)
@@ -158,16 +165,40 @@ class M2RNNPreTrainedModel(PreTrainedModel):
         if name not in AUTO_MAP:
             raise ValueError(f"`auto_class` must be one of {sorted(AUTO_MAP)}, got {name!r}")
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
+    def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
         """Also writes the model's code beside the weights, so `trust_remote_code=True` loads the checkpoint
-        where this package is not installed. A model split by heads across ranks (tensor parallelism) is saved
-        whole: every rank calls this, the first writes."""
+        where this package is not installed. A file of the code's names that this package did not write raises a
+        ValueError before anything is saved. With `push_to_hub`, the upload holds the code and `auto_map` too: the
+        folder is saved first, then pushed as transformers pushes it (the files this save wrote). A model split by
+        heads across ranks (tensor parallelism) is saved whole: every rank calls this, the first writes."""
+        is_main_process = kwargs.get("is_main_process", True)
+        if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+            is_main_process = False
         if is_split_by_heads(self) and kwargs.get("state_dict") is None:
             kwargs["state_dict"] = gather_full_tensors(self, self.state_dict())
+        if is_main_process:
+            os.makedirs(save_directory, exist_ok=True)
+            check_remote_code_targets(save_directory)
+        hub_kwargs = {name: kwargs.pop(name) for name in ("commit_message", "repo_id", "create_pr") if name in kwargs}
+        files_timestamps = self._get_files_timestamps(save_directory) if push_to_hub else None
         super().save_pretrained(save_directory, *args, **kwargs)
-        first_rank = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-        if kwargs.get("is_main_process", True) and first_rank:
-            export_remote_code(save_directory)
+        if not is_main_process:
+            return
+        export_remote_code(save_directory)
+        if push_to_hub:
+            token = kwargs.get("token")
+            repo_id = hub_kwargs.get("repo_id", os.path.basename(os.path.normpath(save_directory)))
+            repo_id = transformers_hub.hf_api().create_repo(repo_id, exist_ok=True, token=token).repo_id
+            model_card = transformers_hub.create_and_tag_model_card(repo_id, self.model_tags, token=token)
+            model_card.save(os.path.join(save_directory, "README.md"))
+            self._upload_modified_files(
+                save_directory,
+                repo_id,
+                files_timestamps,
+                commit_message=hub_kwargs.get("commit_message"),
+                token=token,
+                create_pr=hub_kwargs.get("create_pr", False),
+            )
 
     @classmethod
     def maybe_distribute_model(cls, model, distributed_config, device_mesh):
@@ -230,8 +261,18 @@ class M2RNNModel(M2RNNPreTrainedModel):
                 f"`inputs_embeds` must be (batch, seq_len, {self.config.hidden_size}), got {tuple(inputs_embeds.shape)}"
             )
         batch, seq_len = inputs_embeds.shape[:2]
+        check_inputs(inputs_embeds, attention_mask, position_ids, past_key_values)
+        packed = self._packed_sequences(position_ids, batch, seq_len) if position_ids is not None else None
+        # Sequences packed in a row (position_ids restarting, no mask) are kept apart in the attention layers only
+        # without a cache: transformers' masks ignore packing once there is one.
+        packed_attention = packed is not None and attention_mask is None and ATTENTION_LAYER in self.config.layer_types
+        if packed_attention and past_key_values is not None:
+            raise ValueError(
+                "`position_ids` restart within a row (packed sequences) and a cache was given: the attention layers "
+                "would attend across the sequences. Pass one sequence per row, or no cache (use_cache=False)"
+            )
 
-        if use_cache and past_key_values is None and not self.training:
+        if use_cache and past_key_values is None and not self.training and not packed_attention:
             # (in training a cache would only hide packed sequences from transformers' attention masks)
             past_key_values = M2RNNCache(config=self.config)
         if position_ids is None:
@@ -248,7 +289,6 @@ class M2RNNModel(M2RNNPreTrainedModel):
                 masks[ATTENTION_LAYER] = create_causal_mask(
                     self.config, inputs_embeds, attention_mask, past_key_values, position_ids=position_ids
                 )
-        packed = self._packed_sequences(position_ids, batch, seq_len)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids) if self.rotary_emb is not None else None
 
         hidden_states = inputs_embeds

@@ -23,7 +23,7 @@ def test_presets_are_the_papers_400m_models():
 
 
 def test_auto_config_and_layer_type_aliases(tmp_path):
-    config = AutoConfig.for_model("m2rnn", num_hidden_layers=3, layer_types=["m2rnn", "attention", "mamba"])
+    config = AutoConfig.for_model("m2rnn", num_hidden_layers=3, layer_types=["m2rnn", "full_attention", "m2rnn"])
     assert isinstance(config, modeling_m2rnn.M2RNNConfig)
     assert config.layer_types == ["linear_attention", "full_attention", "linear_attention"]
     config.save_pretrained(tmp_path)

@@ -116,9 +116,9 @@ def test_parameters_missing_from_a_checkpoint_are_initialised_not_garbage(tmp_pa
         assert torch.equal(mixer.W, torch.eye(5).expand(2, 5, 5))
         assert torch.equal(mixer.D, torch.ones(4, 5))
         A = mixer.A_log.exp()
-        assert ((A >= 1e-4 * 0.999) & (A <= config.m2rnn_A_init_range[1])).all()
+        assert ((A >= 1e-4 * 0.999) & (A <= config.m2rnn_A_init_max)).all()
         dt = torch.nn.functional.softplus(mixer.dt_bias)
-        assert ((dt >= config.m2rnn_dt_init_floor * 0.999) & (dt <= config.m2rnn_dt_init_range[1] * 1.001)).all()
+        assert ((dt >= config.m2rnn_dt_init_floor * 0.999) & (dt <= config.m2rnn_dt_max * 1.001)).all()
         bound = 1 / 3**0.5
         assert mixer.conv_weight.abs().max() <= bound and mixer.conv_weight.std() > 0.1
     # what was in the checkpoint is loaded as saved
@@ -142,7 +142,7 @@ def test_a_saved_checkpoint_loads_with_trust_remote_code_without_the_package(tmp
     model.register_for_auto_class("AutoModelForCausalLM")   # transformers' habit; the export needs no registration
     model.save_pretrained(tmp_path / "checkpoint")
     auto_map = json.loads((tmp_path / "checkpoint" / "config.json").read_text())["auto_map"]
-    assert auto_map["AutoModelForCausalLM"] == "models_modeling_m2rnn.M2RNNForCausalLM"
+    assert auto_map["AutoModelForCausalLM"] == "modeling_m2rnn.M2RNNForCausalLM"
     result = subprocess.run(
         [sys.executable, "-c", REMOTE_CODE_SCRIPT, str(tmp_path / "checkpoint"), str(tmp_path / "logits.pt")],
         capture_output=True, text=True, cwd=tmp_path, env={"HF_MODULES_CACHE": str(tmp_path / "modules"),

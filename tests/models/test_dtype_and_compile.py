@@ -1,0 +1,60 @@
+"""What the model class declares to transformers matches what it does: float32 decay parameters on every load, and
+a forward that compiles as one graph."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from modeling_m2rnn import M2RNNForCausalLM, M2RNNStaticCache
+
+from helpers import random_ids, tiny_model
+
+FLOAT32_PARAMETERS = ("A_log", "dt_bias")
+
+
+def test_the_decay_parameters_are_declared_float32_on_every_load():
+    """`_keep_in_fp32_modules` means float32 on a float16 load only; the decay parameters stay float32 under bf16
+    too, which is what `_keep_in_fp32_modules_strict` declares (as transformers' nemotron_h does)."""
+    assert set(M2RNNForCausalLM._keep_in_fp32_modules_strict) == set(FLOAT32_PARAMETERS)
+    assert not set(M2RNNForCausalLM._keep_in_fp32_modules or ()) & set(FLOAT32_PARAMETERS)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_load_keeps_the_decay_in_float32_and_casts_the_rest(dtype, tmp_path):
+    tiny_model("hybrid").save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dtype)
+    for name, parameter in model.named_parameters():
+        expected = torch.float32 if name.endswith(FLOAT32_PARAMETERS) else dtype
+        assert parameter.dtype == expected, name
+    assert sum(name.endswith(FLOAT32_PARAMETERS) for name, _ in model.named_parameters()) == 4   # two M2RNN layers
+
+
+def test_the_model_declares_a_fullgraph_compile():
+    assert M2RNNForCausalLM._can_compile_fullgraph
+
+
+@pytest.mark.parametrize("kind", ["pure", "hybrid"])
+def test_prefill_and_decode_on_a_static_cache_compile_as_one_graph_each(kind):
+    """fullgraph=True fails at any graph break; the eager backend traces with dynamo without compiling kernels."""
+    torch._dynamo.reset()
+    model = tiny_model(kind)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    prompt, new_token = random_ids(2, 7, seed=1), random_ids(2, 1, seed=2)
+    eager_cache = M2RNNStaticCache(model.config, max_cache_len=11)
+    compiled_cache = M2RNNStaticCache(model.config, max_cache_len=11)
+    with torch.no_grad():
+        for ids in (prompt, new_token):
+            expected = model(ids, past_key_values=eager_cache).logits
+            got = compiled(ids, past_key_values=compiled_cache).logits
+            assert ((got - expected).norm() / expected.norm()) < 1e-5
+    assert int(compiled_cache.seen_tokens) == 8
+
+
+def test_a_training_forward_compiles_as_one_graph():
+    torch._dynamo.reset()
+    model = tiny_model("hybrid").train()
+    ids = random_ids(2, 9, seed=3)
+    loss = torch.compile(model, fullgraph=True, backend="eager")(ids, labels=ids).loss
+    loss.backward()
+    expected = model(ids, labels=ids).loss
+    assert abs(loss.item() - expected.item()) < 1e-5 * expected.item()
