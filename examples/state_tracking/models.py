@@ -73,8 +73,8 @@ def m2rnn_config(
         m2rnn_num_g_heads=heads,
         m2rnn_num_weight_heads=heads,
         max_position_embeddings=size.max_length,
-        m2rnn_dt_min=0.5,
-        m2rnn_dt_max=2.0,   # fast heads at init (f mostly near 0): the state is rewritten every step
+        m2rnn_dt_init_min=0.5,
+        m2rnn_dt_init_max=2.0,   # fast heads at init (f mostly near 0): the state is rewritten every step
         # The recurrence alone, as in the paper's equations: no short convolution, no D ⊙ v skip, no clamp on the
         # state gradient. On the H200 (S3, train length 128, lr 1e-2, 330 s) the full layer fitted 0.44 of the
         # positions at length 128, this one 0.90 (and 1.000 at every length up to 1024 with lr 2e-2): the conv and

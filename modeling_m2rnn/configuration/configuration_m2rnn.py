@@ -20,7 +20,7 @@ _OLD_BACKEND_FIELD = "m2rnn_scan_backend"
 # Fields of configs saved before the scalar init fields, read on load and never written back.
 _LEGACY_INIT_RANGES = {
     "m2rnn_A_init_range": ("m2rnn_A_init_min", "m2rnn_A_init_max"),
-    "m2rnn_dt_init_range": ("m2rnn_dt_min", "m2rnn_dt_max"),
+    "m2rnn_dt_init_range": ("m2rnn_dt_init_min", "m2rnn_dt_init_max"),
 }
 # `mlp_layer_types`: a dense SwiGLU MLP or a sparse mixture of experts after the mixer, as transformers' MoE hybrids say
 DENSE_MLP = "dense"
@@ -43,8 +43,8 @@ class M2RNNConfig(PreTrainedConfig):
         m2rnn_use_residual: adds `D ⊙ v` to the recurrence output.
         m2rnn_gradient_clipping: clamps the gradient reaching each state to [-c, c]; `None` for no clamp.
         m2rnn_A_init_min, m2rnn_A_init_max: A ~ U[min, max] at init (Mamba2-style forget gate).
-        m2rnn_dt_min, m2rnn_dt_max, m2rnn_dt_init_floor: dt log-uniform in [min, max], floored, at init. (Configs
-            saved with the former `m2rnn_A_init_range` / `m2rnn_dt_init_range` pairs still load.)
+        m2rnn_dt_init_min, m2rnn_dt_init_max, m2rnn_dt_init_floor: dt log-uniform in [min, max], floored, at init.
+            (Configs saved with the former `m2rnn_A_init_range` / `m2rnn_dt_init_range` pairs still load.)
         m2rnn_kernel_backend: the implementation of every M2RNN op (scan, short conv, gated norm): "auto" (Triton
             on CUDA, else the PyTorch references), "torch" or "triton". Configs that name it `m2rnn_scan_backend`
             load with it.
@@ -139,8 +139,8 @@ class M2RNNConfig(PreTrainedConfig):
     m2rnn_gradient_clipping: float | None = 1.0
     m2rnn_A_init_min: float | int = 0.0
     m2rnn_A_init_max: float | int = 16.0
-    m2rnn_dt_min: float | int = 1e-3
-    m2rnn_dt_max: float | int = 0.1
+    m2rnn_dt_init_min: float | int = 1e-3
+    m2rnn_dt_init_max: float | int = 0.1
     m2rnn_dt_init_floor: float | int = 1e-4
     m2rnn_kernel_backend: str = "auto"
     mixer_types: list[str] | None = None
@@ -335,9 +335,11 @@ class M2RNNConfig(PreTrainedConfig):
             raise ValueError(
                 f"`m2rnn_A_init_min`, `m2rnn_A_init_max` must satisfy 0 <= min < max (finite), got {low}, {high}"
             )
-        low, high = self.m2rnn_dt_min, self.m2rnn_dt_max
+        low, high = self.m2rnn_dt_init_min, self.m2rnn_dt_init_max
         if not (math.isfinite(high) and 0 < low <= high):
-            raise ValueError(f"`m2rnn_dt_min`, `m2rnn_dt_max` must satisfy 0 < min <= max (finite), got {low}, {high}")
+            raise ValueError(
+                f"`m2rnn_dt_init_min`, `m2rnn_dt_init_max` must satisfy 0 < min <= max (finite), got {low}, {high}"
+            )
         floor = self.m2rnn_dt_init_floor
         if not (math.isfinite(floor) and floor >= 0):
             raise ValueError(f"`m2rnn_dt_init_floor` must be finite and >= 0, got {floor}")

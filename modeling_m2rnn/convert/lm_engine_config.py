@@ -152,8 +152,8 @@ def _m2rnn_fields(blocks: list[tuple[int, dict]], config: dict) -> dict:
         "m2rnn_gradient_clipping": None if (clip := shared("gradient_clipping")) is None else abs(clip),
         "m2rnn_A_init_min": shared("A_init_min"),
         "m2rnn_A_init_max": shared("A_init_max"),
-        "m2rnn_dt_min": shared("dt_init_min"),
-        "m2rnn_dt_max": shared("dt_init_max"),
+        "m2rnn_dt_init_min": shared("dt_init_min"),
+        "m2rnn_dt_init_max": shared("dt_init_max"),
         "m2rnn_dt_init_floor": shared("dt_init_floor"),
     }
 

@@ -38,7 +38,7 @@ def _m2rnn_block(config) -> dict:
     if config.rms_norm_eps != M2RNN_G_NORM_EPS:
         _refuse("rms_norm_eps", config.rms_norm_eps, f"lm-engine's M2RNN output norm always uses {M2RNN_G_NORM_EPS}")
     a_min, a_max = config.m2rnn_A_init_min, config.m2rnn_A_init_max
-    dt_min, dt_max = config.m2rnn_dt_min, config.m2rnn_dt_max
+    dt_min, dt_max = config.m2rnn_dt_init_min, config.m2rnn_dt_init_max
     kernel = config.m2rnn_conv_kernel_size
     return {
         "sequence_mixer_type": "m2rnn", "k_head_dim": config.m2rnn_k_head_dim, "v_head_dim": config.m2rnn_v_head_dim,

@@ -132,7 +132,7 @@ class M2RNNPreTrainedModel(PreTrainedModel):
         floored."""
         config = self.config
         A_range = (config.m2rnn_A_init_min, config.m2rnn_A_init_max)
-        _init_decay(mixer, A_range, (config.m2rnn_dt_min, config.m2rnn_dt_max), config.m2rnn_dt_init_floor)
+        _init_decay(mixer, A_range, (config.m2rnn_dt_init_min, config.m2rnn_dt_init_max), config.m2rnn_dt_init_floor)
         init.copy_(mixer.W, torch.eye(mixer.value_head_dim).expand_as(mixer.W))
         if mixer.D is not None:
             init.ones_(mixer.D)

@@ -39,10 +39,12 @@ def test_the_test_mixins_zero_init_config_validates_and_builds_a_model():
 
 
 def test_the_forget_gate_init_fields_are_scalars_like_mamba2s():
-    config = M2RNNConfig(**TINY, m2rnn_A_init_min=1, m2rnn_A_init_max=8.0, m2rnn_dt_min=0.01, m2rnn_dt_max=0.2)
+    config = M2RNNConfig(
+        **TINY, m2rnn_A_init_min=1, m2rnn_A_init_max=8.0, m2rnn_dt_init_min=0.01, m2rnn_dt_init_max=0.2
+    )
     saved = config.to_dict()
     assert (saved["m2rnn_A_init_min"], saved["m2rnn_A_init_max"]) == (1, 8.0)
-    assert (saved["m2rnn_dt_min"], saved["m2rnn_dt_max"], saved["m2rnn_dt_init_floor"]) == (0.01, 0.2, 1e-4)
+    assert (saved["m2rnn_dt_init_min"], saved["m2rnn_dt_init_max"], saved["m2rnn_dt_init_floor"]) == (0.01, 0.2, 1e-4)
     assert not any(key.endswith("_init_range") for key in saved)
 
     torch.manual_seed(0)
@@ -54,12 +56,12 @@ def test_the_forget_gate_init_fields_are_scalars_like_mamba2s():
 
 def test_a_config_saved_with_the_former_init_range_lists_loads_and_is_not_written_back(tmp_path):
     old = {**M2RNNConfig(**TINY).to_dict(), "m2rnn_A_init_range": [1.0, 8.0], "m2rnn_dt_init_range": [0.01, 0.2]}
-    for key in ("m2rnn_A_init_min", "m2rnn_A_init_max", "m2rnn_dt_min", "m2rnn_dt_max"):
+    for key in ("m2rnn_A_init_min", "m2rnn_A_init_max", "m2rnn_dt_init_min", "m2rnn_dt_init_max"):
         del old[key]
     (tmp_path / "config.json").write_text(json.dumps(old))
     config = M2RNNConfig.from_pretrained(tmp_path)
     assert (config.m2rnn_A_init_min, config.m2rnn_A_init_max) == (1.0, 8.0)
-    assert (config.m2rnn_dt_min, config.m2rnn_dt_max) == (0.01, 0.2)
+    assert (config.m2rnn_dt_init_min, config.m2rnn_dt_init_max) == (0.01, 0.2)
     config.save_pretrained(tmp_path / "again")
     written = json.loads((tmp_path / "again" / "config.json").read_text())
     assert "m2rnn_A_init_range" not in written and "m2rnn_dt_init_range" not in written
@@ -85,9 +87,9 @@ def test_a_former_init_range_of_three_numbers_names_the_field(legacy_field):
         ({"m2rnn_A_init_min": -1.0}, "m2rnn_A_init_min"),
         ({"m2rnn_A_init_min": 4.0, "m2rnn_A_init_max": 2.0}, "m2rnn_A_init_max"),
         ({"m2rnn_A_init_max": math.inf}, "m2rnn_A_init_max"),
-        ({"m2rnn_dt_min": 0.0}, "m2rnn_dt_min"),
-        ({"m2rnn_dt_min": 0.5, "m2rnn_dt_max": 0.1}, "m2rnn_dt_max"),
-        ({"m2rnn_dt_max": math.nan}, "m2rnn_dt_max"),
+        ({"m2rnn_dt_init_min": 0.0}, "m2rnn_dt_init_min"),
+        ({"m2rnn_dt_init_min": 0.5, "m2rnn_dt_init_max": 0.1}, "m2rnn_dt_init_max"),
+        ({"m2rnn_dt_init_max": math.nan}, "m2rnn_dt_init_max"),
         ({"m2rnn_dt_init_floor": -1e-4}, "m2rnn_dt_init_floor"),
         ({"initializer_range": -0.02}, "initializer_range"),
     ],

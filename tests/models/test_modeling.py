@@ -118,7 +118,7 @@ def test_parameters_missing_from_a_checkpoint_are_initialised_not_garbage(tmp_pa
         A = mixer.A_log.exp()
         assert ((A >= 1e-4 * 0.999) & (A <= config.m2rnn_A_init_max)).all()
         dt = torch.nn.functional.softplus(mixer.dt_bias)
-        assert ((dt >= config.m2rnn_dt_init_floor * 0.999) & (dt <= config.m2rnn_dt_max * 1.001)).all()
+        assert ((dt >= config.m2rnn_dt_init_floor * 0.999) & (dt <= config.m2rnn_dt_init_max * 1.001)).all()
         bound = 1 / 3**0.5
         assert mixer.conv_weight.abs().max() <= bound and mixer.conv_weight.std() > 0.1
     # what was in the checkpoint is loaded as saved
