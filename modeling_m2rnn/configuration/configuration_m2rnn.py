@@ -183,7 +183,10 @@ class M2RNNConfig(PreTrainedConfig):
                     raise ValueError(f"`{legacy_name}` must be [low, high], got {bounds!r}")
                 setattr(self, low_name, float(bounds[0]))
                 setattr(self, high_name, float(bounds[1]))
+        layer_types = self.layer_types
         super().__post_init__(**kwargs)
+        # Later transformers remap legacy names ("mamba", "attention") in there; this model refuses them instead.
+        self.layer_types = layer_types
         if not self.use_rope:
             self.rope_parameters = None
 

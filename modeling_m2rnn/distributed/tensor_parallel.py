@@ -312,7 +312,7 @@ class HeadParallel(TensorParallelLayer):
         self.layout = layout
         self.localise = localise
 
-    def install_forward(self, module: nn.Module, mesh):
+    def install_forward(self, module: nn.Module, mesh, **kwargs):   # (later transformers also pass config=...)
         tp_size, group = mesh.size(), mesh.get_group()
         layout = self.layout(module)
         blocks = [block for split in layout.values() for block in split.blocks]

@@ -31,7 +31,8 @@ class _TokenCount:
         # Newer transformers (5.24) does not trim the tokens a cache already holds off generate's input when every
         # layer is recurrent, since such a cache has no length. This one has, so it asks for the trimming that
         # every other cache gets: continuing from a cache takes the full sequence, as with attention.
-        return super().is_linear if self.has_attention_layers else [False] * len(self.layers)
+        # (Spelled out rather than read from super(): torch.compile cannot call a parent's property.)
+        return [self.has_attention_layers and isinstance(layer, LinearAttentionLayer) for layer in self.layers]
 
 
 class M2RNNCache(_TokenCount, DynamicCache):
