@@ -305,6 +305,12 @@ class M2RNNConfig(PreTrainedConfig):
                      "m2rnn_v_head_dim"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}")
+        # the embedding row of the padding token is kept at zero: it must exist
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(
+                f"`pad_token_id` must be None or a token id below `vocab_size` = {self.vocab_size}, got "
+                f"{self.pad_token_id}"
+            )
         counts = self._m2rnn_head_counts()
         num_heads = max(counts.values())
         for name, count in counts.items():

@@ -139,3 +139,16 @@ def test_with_rope_the_rope_parameters_default_as_transformers_does():
     scaled = M2RNNConfig(**TINY, use_rope=True, rope_parameters={"rope_type": "linear", "factor": 2.0,
                                                                  "rope_theta": 100.0})
     assert scaled.rope_parameters["factor"] == 2.0
+
+
+@pytest.mark.parametrize("offset", [0, 5])
+def test_a_padding_token_outside_the_vocabulary_names_the_field(offset):
+    # (nn.Embedding would fail with an AssertionError instead)
+    for pad_token_id in (TINY["vocab_size"] + offset, -1 - offset):
+        with pytest.raises(StrictDataclassClassValidationError, match="`pad_token_id`"):
+            M2RNNConfig(**{**TINY, "pad_token_id": pad_token_id})
+
+
+def test_a_padding_token_inside_the_vocabulary_builds_a_model():
+    config = M2RNNConfig(**{**TINY, "pad_token_id": 0})
+    assert M2RNNForCausalLM(config).model.embed_tokens.padding_idx == 0

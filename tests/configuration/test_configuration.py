@@ -17,7 +17,7 @@ def test_presets_are_the_papers_400m_models():
         assert config.m2rnn_conv_kernel_size == 4 and config.num_hidden_layers == 24
     assert set(pure.layer_types) == {"linear_attention"}
     assert [i for i, t in enumerate(hybrid.layer_types) if t == "full_attention"] == [4, 12, 20]
-    assert M2RNNConfig.from_preset("m2rnn-400m", vocab_size=1000).vocab_size == 1000
+    assert M2RNNConfig.from_preset("m2rnn-400m", vocab_size=1000, pad_token_id=None).vocab_size == 1000
     with pytest.raises(ValueError, match="unknown preset"):
         M2RNNConfig.from_preset("m2rnn-7b-typo")
 
