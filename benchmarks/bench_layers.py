@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 import transformers
 import triton
+from bench_scan import peak_extra_gib  # (benchmarks/ is the script's folder, on sys.path)
 from transformers import AutoModelForCausalLM
 
 from modeling_m2rnn import M2RNNConfig
 from modeling_m2rnn.kernels.gated_delta_rule.fla import fla_backward_refusal, fla_is_available
 
-GiB = 2**30
 LAYERS = {   # name -> (the 400M preset it is taken from, its mixer type)
     "m2rnn": ("m2rnn-400m", "m2rnn"),
     "gated_deltanet": ("hybrid-gated-deltanet-400m", "gated_deltanet"),
@@ -39,15 +39,6 @@ def build_mixer(preset: str, mixer_type: str) -> tuple[torch.nn.Module, int]:
     with torch.device("cuda"):
         layer = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").model.layers[index]
     return (layer.self_attn if mixer_type == "attention" else getattr(layer, mixer_type)), config.hidden_size
-
-
-def peak_extra_gib(fn) -> float:
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / GiB
 
 
 def measure(mixer, batch: int, seq_len: int, hidden: int, backward: bool) -> dict:

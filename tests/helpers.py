@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from modeling_m2rnn import M2RNNConfig, M2RNNForCausalLM
+from modeling_m2rnn import M2RNNCache, M2RNNConfig, M2RNNForCausalLM
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -73,3 +73,58 @@ def left_pad(prompts, pad_id=0):
         ids[row, width - len(prompt):] = prompt
         mask[row, width - len(prompt):] = 1
     return ids, mask
+
+
+@torch.no_grad()
+def decode_in_pieces(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, M2RNNCache]:
+    """ids (B, 13): one full forward's logits, and the logits of the same tokens fed through a cache as a 4-token
+    prefill, five one-token decode steps and a 4-token continuation, concatenated; and that cache."""
+    full = model(ids, use_cache=False).logits
+    cache = M2RNNCache(model.config)
+    pieces = [model(ids[:, :4], past_key_values=cache, use_cache=True).logits]                # prefill
+    pieces += [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(4, 9)]   # decode steps
+    pieces.append(model(ids[:, 9:], past_key_values=cache).logits)                            # continuation
+    return full, torch.cat(pieces, dim=1), cache
+
+
+@torch.no_grad()
+def assert_packed_rows_equal_sequences_alone(model) -> None:
+    """Two rows of packed sequences (position ids restarting at 0) give each sequence the logits it gets alone."""
+    lengths = [[4, 1, 6], [3, 8]]
+    sequences = [[random_ids(n, seed=10 * r + i) for i, n in enumerate(row)] for r, row in enumerate(lengths)]
+    ids = torch.stack([torch.cat(row) for row in sequences])
+    position_ids = torch.stack([torch.cat([torch.arange(len(s)) for s in row]) for row in sequences])
+    packed = model(ids, position_ids=position_ids, use_cache=False).logits
+    for r, row in enumerate(sequences):
+        start = 0
+        for sequence in row:
+            alone = model(sequence[None], use_cache=False).logits[0]
+            assert (packed[r, start : start + len(sequence)] - alone).abs().max() < 1e-5
+            start += len(sequence)
+
+
+REMOTE_CODE_INPUT = [[3, 1, 4, 1, 5, 9, 2, 6]]
+REMOTE_CODE_SCRIPT = f"""
+import sys, torch
+sys.modules["modeling_m2rnn"] = None   # the package must not be importable: only the checkpoint's code may run
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+assert eval(sys.argv[3]), sys.argv[3]
+with torch.no_grad():
+    torch.save(model(torch.tensor({REMOTE_CODE_INPUT})).logits, sys.argv[2])
+"""
+
+
+def logits_through_remote_code(checkpoint: Path, tmp_path: Path, check: str = "True") -> torch.Tensor:
+    """The logits for REMOTE_CODE_INPUT of `checkpoint` loaded with trust_remote_code in a fresh process in which the
+    package cannot be imported; `check`, a Python expression about `model`, must hold there."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", REMOTE_CODE_SCRIPT, str(checkpoint), str(tmp_path / "logits.pt"), check],
+        check=False, capture_output=True, text=True, cwd=tmp_path,
+        env={"HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(tmp_path / "logits.pt")

@@ -3,9 +3,7 @@
 import pytest
 import torch
 
-from modeling_m2rnn import M2RNNCache
-
-from helpers import KINDS, random_ids, tiny_model
+from helpers import KINDS, decode_in_pieces, random_ids, tiny_model
 
 
 @pytest.mark.parametrize(
@@ -16,15 +14,9 @@ from helpers import KINDS, random_ids, tiny_model
 )
 def test_cached_decoding_matches_one_full_forward(kind, overrides):
     model = tiny_model(kind, **overrides)
-    ids = random_ids(2, 13)
-    with torch.no_grad():
-        full = model(ids, use_cache=False).logits
-        cache = M2RNNCache(model.config)
-        pieces = [model(ids[:, :4], past_key_values=cache, use_cache=True).logits]          # prefill
-        pieces += [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(4, 9)]   # decode steps
-        pieces.append(model(ids[:, 9:], past_key_values=cache).logits)                       # multi-token continuation
+    full, pieces, cache = decode_in_pieces(model, random_ids(2, 13))
     assert [cache.get_seq_length(i) for i in range(len(cache.layers))] == [13] * len(cache.layers)
-    assert (torch.cat(pieces, dim=1) - full).abs().max() < 1e-4
+    assert (pieces - full).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -1,13 +1,13 @@
 """Models with Gated DeltaNet layers end to end on the CPU: config, cache, generation, padding, packing, checkpoints."""
 
-import subprocess
-import sys
 
 import pytest
 import torch
 from huggingface_hub.errors import StrictDataclassClassValidationError
 
 from modeling_m2rnn import M2RNNCache, M2RNNConfig, M2RNNForCausalLM, load_prompt_state, save_prompt_state
+
+from helpers import REMOTE_CODE_INPUT, decode_in_pieces, logits_through_remote_code
 
 MIXER_LETTERS = {"G": "gated_deltanet", "M": "m2rnn", "A": "full_attention"}
 
@@ -80,16 +80,10 @@ def test_a_gdn_config_that_cannot_work_names_the_field(fields, field_named):
 @pytest.mark.parametrize("pattern", ["GMA", "GG"])
 def test_cached_decoding_matches_one_full_forward(pattern):
     model = tiny_model(pattern)
-    ids = random_ids(2, 13)
-    with torch.no_grad():
-        full = model(ids, use_cache=False).logits
-        cache = M2RNNCache(model.config)
-        pieces = [model(ids[:, :4], past_key_values=cache, use_cache=True).logits]            # prefill
-        pieces += [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(4, 9)]   # decode steps
-        pieces.append(model(ids[:, 9:], past_key_values=cache).logits)                        # continuation
+    full, pieces, cache = decode_in_pieces(model, random_ids(2, 13))
     assert cache.layers[0].recurrent_states[0].shape == (2, 2, 8, 16)                         # (B, H, K, V)
     assert cache.layers[0].recurrent_states[0].dtype == torch.float32
-    assert (torch.cat(pieces, dim=1) - full).abs().max() < 1e-4
+    assert (pieces - full).abs().max() < 1e-4
 
 
 def test_generate_is_the_same_with_and_without_the_cache_and_beam_search_runs():
@@ -180,25 +174,10 @@ def test_the_triton_conv_kernels_give_the_pytorch_conv_in_training_and_decoding(
     assert (torch.cat(pieces, dim=1) - full).abs().max() < 1e-4
 
 
-REMOTE_CODE_SCRIPT = """
-import sys, torch
-sys.modules["modeling_m2rnn"] = None   # the package must not be importable: only the checkpoint's code may run
-from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
-with torch.no_grad():
-    torch.save(model(torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])).logits, sys.argv[2])
-"""
-
-
 def test_a_gdn_checkpoint_loads_with_trust_remote_code_without_the_package_or_fla(tmp_path):
     model = tiny_model("GMA", seed=6)
     model.save_pretrained(tmp_path / "checkpoint")
-    result = subprocess.run(
-        [sys.executable, "-c", REMOTE_CODE_SCRIPT, str(tmp_path / "checkpoint"), str(tmp_path / "logits.pt")],
-        check=False, capture_output=True, text=True, cwd=tmp_path,
-        env={"HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    got = logits_through_remote_code(tmp_path / "checkpoint", tmp_path)
     with torch.no_grad():
-        expected = model(torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])).logits
-    assert torch.equal(torch.load(tmp_path / "logits.pt"), expected)
+        expected = model(torch.tensor(REMOTE_CODE_INPUT)).logits
+    assert torch.equal(got, expected)

@@ -11,7 +11,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceCl
 
 from modeling_m2rnn import M2RNNCache, M2RNNForCausalLM
 
-from helpers import KINDS, left_pad, random_ids, tiny_config, tiny_model
+from helpers import KINDS, assert_packed_rows_equal_sequences_alone, left_pad, random_ids, tiny_config, tiny_model
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -46,19 +46,7 @@ def test_padding_inside_a_continuation_leaves_the_state_untouched():
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_packed_rows_equal_their_sequences_run_alone(kind):
-    model = tiny_model(kind)
-    lengths = [[4, 1, 6], [3, 8]]
-    sequences = [[random_ids(n, seed=10 * r + i) for i, n in enumerate(row)] for r, row in enumerate(lengths)]
-    ids = torch.stack([torch.cat(row) for row in sequences])
-    position_ids = torch.stack([torch.cat([torch.arange(len(s)) for s in row]) for row in sequences])
-    with torch.no_grad():
-        packed = model(ids, position_ids=position_ids, use_cache=False).logits
-        for r, row in enumerate(sequences):
-            start = 0
-            for sequence in row:
-                alone = model(sequence[None], use_cache=False).logits[0]
-                assert (packed[r, start : start + len(sequence)] - alone).abs().max() < 1e-5
-                start += len(sequence)
+    assert_packed_rows_equal_sequences_alone(tiny_model(kind))
 
 
 def test_save_and_load_round_trip_bit_exactly(tmp_path):

@@ -8,8 +8,6 @@ tests/test_modeling.py and tests/test_training.py: logits within 1e-5 (1e-4 for 
 """
 
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,7 +18,15 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 from modeling_m2rnn import M2RNNCache, M2RNNConfig, M2RNNForCausalLM
 from modeling_m2rnn.layers import GatedMLP, SparseMoeMLP
 
-from helpers import left_pad, random_ids, tiny_config, tiny_model
+from helpers import (
+    REMOTE_CODE_INPUT,
+    assert_packed_rows_equal_sequences_alone,
+    left_pad,
+    logits_through_remote_code,
+    random_ids,
+    tiny_config,
+    tiny_model,
+)
 
 MOE = {"mlp_layer_types": ["sparse", "dense", "sparse"], "num_experts": 5, "num_experts_per_tok": 2,
        "moe_intermediate_size": 12, "shared_expert_intermediate_size": 16}
@@ -156,19 +162,7 @@ def test_left_padded_batch_equals_each_prompt_alone():
 
 
 def test_packed_rows_equal_their_sequences_run_alone():
-    model = moe_model()
-    lengths = [[4, 1, 6], [3, 8]]
-    sequences = [[random_ids(n, seed=10 * r + i) for i, n in enumerate(row)] for r, row in enumerate(lengths)]
-    ids = torch.stack([torch.cat(row) for row in sequences])
-    position_ids = torch.stack([torch.cat([torch.arange(len(s)) for s in row]) for row in sequences])
-    with torch.no_grad():
-        packed = model(ids, position_ids=position_ids, use_cache=False).logits
-        for r, row in enumerate(sequences):
-            start = 0
-            for sequence in row:
-                alone = model(sequence[None], use_cache=False).logits[0]
-                assert (packed[r, start : start + len(sequence)] - alone).abs().max() < 1e-5
-                start += len(sequence)
+    assert_packed_rows_equal_sequences_alone(moe_model())
 
 
 def hand_load_balancing_loss(router_logits, mask, num_experts, top_k) -> float:
@@ -275,26 +269,12 @@ def test_the_trainer_takes_steps_with_the_router_aux_loss(tmp_path):
     assert not torch.equal(model.model.layers[0].mlp.experts.gate_up_proj, before)
 
 
-REMOTE_CODE_SCRIPT = """
-import sys, torch
-sys.modules["modeling_m2rnn"] = None   # the package must not be importable: only the checkpoint's code may run
-from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
-assert model.config._experts_implementation == "grouped_mm", model.config._experts_implementation
-with torch.no_grad():
-    torch.save(model(torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])).logits, sys.argv[2])
-"""
-
-
 def test_a_moe_checkpoint_loads_with_trust_remote_code_on_grouped_mm(tmp_path):
     model = moe_model()
     model.save_pretrained(tmp_path / "checkpoint")
-    result = subprocess.run(
-        [sys.executable, "-c", REMOTE_CODE_SCRIPT, str(tmp_path / "checkpoint"), str(tmp_path / "logits.pt")],
-        capture_output=True, text=True, check=False, cwd=tmp_path,
-        env={"HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
+    got = logits_through_remote_code(
+        tmp_path / "checkpoint", tmp_path, check="model.config._experts_implementation == 'grouped_mm'"
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     with torch.no_grad():
-        expected = model(torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])).logits
-    assert torch.equal(torch.load(tmp_path / "logits.pt"), expected)
+        expected = model(torch.tensor(REMOTE_CODE_INPUT)).logits
+    assert torch.equal(got, expected)
