@@ -2,6 +2,7 @@
 
 import importlib
 import math
+import sys
 
 import pytest
 import torch
@@ -160,3 +161,49 @@ def test_auto_leaves_fla_for_the_reference_only_where_flas_backward_refuses_and_
     with pytest.warns(UserWarning, match="refused on this GPU; running the PyTorch reference"):
         op.gated_delta_rule(**inputs)
     assert fla_calls == [1]
+
+
+def test_flas_backward_is_refused_only_on_hopper_with_an_affected_triton_and_no_usable_tilelang(monkeypatch):
+    fla_backend = importlib.import_module("modeling_m2rnn.kernels.gated_delta_rule.fla")
+    refusal = fla_backend.fla_backward_refusal.__wrapped__   # uncached: the cases below change what it reads
+    triton = pytest.importorskip("triton")
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(fla_backend, "fla_tilelang_is_usable", lambda: False)
+    assert "fla issue #640" in refusal(cuda)
+    assert refusal(torch.device("cpu")) is None
+
+    monkeypatch.setattr(fla_backend, "fla_tilelang_is_usable", lambda: True)
+    assert refusal(cuda) is None
+    monkeypatch.setattr(fla_backend, "fla_tilelang_is_usable", lambda: False)
+    monkeypatch.setattr(triton, "__version__", "3.7.1")
+    assert refusal(cuda) is None
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert refusal(cuda) is None
+
+
+@pytest.mark.parametrize("tilelang, nvcc, switch, usable", [
+    (True, True, None, True),
+    (True, True, "1", True),
+    (True, True, "0", False),     # FLA_TILELANG=0 switches fla's TileLang backend off
+    (True, False, None, False),   # TileLang compiles with nvcc
+    (False, True, None, False),
+])
+def test_tilelang_counts_as_usable_by_flas_own_tests(monkeypatch, tilelang, nvcc, switch, usable):
+    fla_backend = importlib.import_module("modeling_m2rnn.kernels.gated_delta_rule.fla")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: (object() if tilelang else None) if name == "tilelang"
+                        else real_find_spec(name, *args))
+    fla_env = type(importlib)("fla.utils.env")   # fla's module that holds its nvcc test, stubbed
+    fla_env.has_usable_nvcc = lambda: nvcc
+    for name, module in (("fla", type(importlib)("fla")), ("fla.utils", type(importlib)("fla.utils")),
+                         ("fla.utils.env", fla_env)):
+        monkeypatch.setitem(sys.modules, name, module)
+    if switch is None:
+        monkeypatch.delenv("FLA_TILELANG", raising=False)
+    else:
+        monkeypatch.setenv("FLA_TILELANG", switch)
+    assert fla_backend.fla_tilelang_is_usable() is usable

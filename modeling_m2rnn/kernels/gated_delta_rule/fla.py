@@ -3,6 +3,7 @@ training and prefill, the fused recurrent one (no backward) for a few tokens wit
 
 import functools
 import importlib.util
+import os
 
 import torch
 
@@ -22,16 +23,26 @@ def fla_is_available() -> bool:
 def fla_backward_refusal(device: torch.device) -> str | None:
     """Why fla's chunked backward refuses to run on `device`, or None. Triton from 3.4.0 up to 3.7.1 miscompiles its
     gated `chunk_bwd_dqkwg` kernel on Hopper (wrong dk, db, dg: fla issue #640, fixed in Triton 3.7.1), and fla then
-    raises in the backward unless its TileLang backend (the `tilelang` package) takes that kernel over."""
+    raises in the backward unless its TileLang backend takes that kernel over."""
     import triton
     from packaging.version import Version
 
     hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
     affected = Version("3.4.0") <= Version(triton.__version__) < Version("3.7.1")
-    if not (hopper and affected) or importlib.util.find_spec("tilelang") is not None:
+    if not (hopper and affected) or fla_tilelang_is_usable():
         return None
     return (f"fla's gated delta rule backward refuses Triton {triton.__version__} on Hopper (fla issue #640); "
-            "Triton >= 3.7.1 or the `tilelang` package lifts it")
+            "Triton >= 3.7.1, or the `tilelang` package with CUDA's nvcc (and FLA_TILELANG unset or 1), lifts it")
+
+
+def fla_tilelang_is_usable() -> bool:
+    """Whether fla hands the kernel to its TileLang backend, by fla's own tests: the `tilelang` package, an nvcc that
+    TileLang can compile with, and the backend not switched off (FLA_TILELANG=0)."""
+    if os.environ.get("FLA_TILELANG", "1") == "0" or importlib.util.find_spec("tilelang") is None:
+        return False
+    from fla.utils.env import has_usable_nvcc
+
+    return has_usable_nvcc()
 
 
 def gated_delta_rule_fla(q, k, v, g, beta, scale: float, initial_state=None, cu_seqlens=None, qk_l2norm=False):
