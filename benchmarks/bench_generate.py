@@ -19,11 +19,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
+from run_info import run_info  # (benchmarks/ is the script's folder, on sys.path)
 from transformers import CompileConfig, StoppingCriteria, StoppingCriteriaList
 
 from modeling_m2rnn import M2RNNConfig, M2RNNForCausalLM
@@ -187,9 +187,7 @@ def main():
                              "goes")
     args = parser.parse_args()
     args.output.mkdir(parents=True, exist_ok=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    report = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, commit=commit,
-                  date=time.strftime("%Y-%m-%d"), new_tokens=args.new_tokens, results={})
+    report = dict(**run_info(), new_tokens=args.new_tokens, results={})
     compile_config = decode_compile_config(args.compile_mode)
     report["compile"] = dict(mode=args.compile_mode)
     report["attn_implementation"] = args.attn_implementation
@@ -235,7 +233,7 @@ def main():
         del model
         torch.cuda.empty_cache()
 
-    print(f"\n{report['gpu']}, torch {report['torch']}, commit {commit}, {report['date']}, "
+    print(f"\n{report['gpu']}, torch {report['torch']}, commit {report['commit']}, {report['date']}, "
           f"greedy, {args.new_tokens} new tokens, bf16")
     print(f"{'model':20} {'mode':16} {'B':>3} {'prompt':>6} {'ms/tok':>8} {'floor':>7} {'tok/s':>8} "
           f"{'prefill ms':>10} {'peak GiB':>8} {'Llama ms/tok':>12}")

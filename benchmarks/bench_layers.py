@@ -13,13 +13,12 @@ times the forward only. JSON goes to benchmarks/results/bench_layers.json (and $
 import argparse
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import torch
-import transformers
 import triton
 from bench_scan import peak_extra_gib  # (benchmarks/ is the script's folder, on sys.path)
+from run_info import run_info
 from transformers import AutoModelForCausalLM
 
 from modeling_m2rnn import M2RNNConfig
@@ -74,9 +73,7 @@ def main():
     if not fla_is_available():
         parser.error("the Gated DeltaNet row needs fla-core: pip install m2rnn[fla]")
 
-    commit = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], capture_output=True, text=True).stdout.strip()
-    report = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                  transformers=transformers.__version__, commit=commit or None, B=batch, S=seq_len, layers={})
+    report = dict(**run_info(), B=batch, S=seq_len, layers={})
     refusal = fla_backward_refusal(torch.device("cuda"))
     header = f"{'layer':<16}{'fwd ms':>10}{'fwd+bwd ms':>12}{'fwd GiB':>10}{'fwd+bwd GiB':>13}"
     lines = [f"{header}   B={batch}, S={seq_len}, {report['gpu']}"]

@@ -14,14 +14,13 @@ benchmarks/results/bench_scan.{json,log} (and $OUT when set), replacing the prev
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import torch
 import triton
+from run_info import run_info  # (benchmarks/ is the script's folder, on sys.path)
 
 from modeling_m2rnn.kernels import m2rnn_scan, m2rnn_scan_reference
 from modeling_m2rnn.kernels.m2rnn_scan import triton_scan
@@ -101,12 +100,6 @@ def check_correctness(log) -> dict:
         if not case["passed"]:
             log(f"FAILED {name}: error above {bound}")
     return errors
-
-
-def git_commit():
-    """HEAD's hash, or None where the tree is no git checkout with commits (the device machine's copy)."""
-    result = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], capture_output=True, text=True)
-    return result.stdout.strip() if result.returncode == 0 else None
 
 
 def timed(fn) -> float:
@@ -217,11 +210,7 @@ def main():
 
     torch.manual_seed(0)
     report = {
-        "date": datetime.date.today().isoformat(),
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "commit": git_commit(),
+        **run_info(),
         "config": dataclasses.asdict(triton_scan.CONFIG),
         "correctness": check_correctness(log),
     }

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from run_info import run_info  # (benchmarks/ is the script's folder, on sys.path)
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from modeling_m2rnn import M2RNNConfig
@@ -120,6 +121,8 @@ def measure(name, config, batch, seq_len, device, warmup, steps, compile=False) 
         ms = time_steps(model, optimizer, ids, warmup, steps)
         result.update(ms_per_step=ms, tokens_per_s=batch * seq_len / ms * 1e3,
                       params_M=sum(p.numel() for p in model.parameters()) / 1e6)
+        if getattr(config, "num_experts", 0):
+            result["experts_implementation"] = config._experts_implementation
         if device.type == "cuda":
             result["peak_GiB"] = torch.cuda.max_memory_allocated() / GiB
     except torch.cuda.OutOfMemoryError:
@@ -213,8 +216,7 @@ def main():
     report = dict(
         what="training step: bf16 autocast forward+loss, backward, fused AdamW, zero_grad; "
              "ms per step over timed steps",
-        device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        torch=torch.__version__, quick=args.quick, compiled=args.compile, warmup=warmup, steps=steps, results=results,
+        **run_info(), quick=args.quick, compiled=args.compile, warmup=warmup, steps=steps, results=results,
         llama_anchor={f"B{b}_S{s}": v for (b, s), v in LLAMA_ANCHOR.items()},
     )
     report["layers"] = args.layers
