@@ -7,6 +7,7 @@ from torch import nn
 
 from ..generation.cache import recurrent_state, update_recurrent_state
 from ..kernels import gated_delta_rule
+from .decay import softplus_log_decay
 from .linear import Linear
 from .norm import RMSNorm, rms_norm
 from .packing import PackedSequences
@@ -68,7 +69,7 @@ class GatedDeltaNet(nn.Module):
 
     def log_decay(self, a: torch.Tensor) -> torch.Tensor:
         """a (B, S, H) → g = −exp(A_log)·softplus(a + dt_bias) <= 0, float32."""
-        return -torch.exp(self.A_log.float()) * F.softplus(a.float() + self.dt_bias.float())
+        return softplus_log_decay(a, self.A_log, self.dt_bias)
 
     def forward(
         self,

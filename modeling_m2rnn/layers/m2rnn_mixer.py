@@ -2,11 +2,11 @@
 gated norm."""
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..generation.cache import recurrent_state, update_recurrent_state
 from ..kernels import gated_rms_norm, m2rnn_scan
+from .decay import softplus_log_decay
 from .linear import Linear
 from .norm import RMSNorm
 from .packing import PackedSequences
@@ -79,7 +79,7 @@ class M2RNNMixer(nn.Module):
 
     def forget_gate(self, a: torch.Tensor) -> torch.Tensor:
         """a (B, S, Nf) → f in (0, 1], float32: in bf16 every f above ~0.998 would round to 1 and freeze its head."""
-        return torch.exp(-torch.exp(self.A_log.float()) * F.softplus(a.float() + self.dt_bias.float()))
+        return torch.exp(softplus_log_decay(a, self.A_log, self.dt_bias))
 
     def forward(
         self,
