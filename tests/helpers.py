@@ -1,8 +1,13 @@
-"""Helpers shared by the tests: tiny models, random token ids, padding, and the error measure of the kernel tests.
-Imported as `helpers` (tests/conftest.py puts this directory on sys.path)."""
+"""Helpers shared by the tests: tiny models, random token ids, padding, the error measure of the kernel tests, and
+a torchrun launch. Imported as `helpers` (tests/conftest.py puts this directory on sys.path)."""
 
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from modeling_m2rnn import M2RNNCache, M2RNNConfig, M2RNNForCausalLM
@@ -128,3 +133,24 @@ def logits_through_remote_code(checkpoint: Path, tmp_path: Path, check: str = "T
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return torch.load(tmp_path / "logits.pt")
+
+
+def run_on_two_gloo_ranks(script: Path, *args: str, timeout: int = 240) -> str:
+    """`script` under torchrun with 2 CPU processes on gloo (one thread each); its output. Fails the test with the
+    output's end if it exits non-zero or still runs after `timeout` seconds (a launch takes ~10-30 s on 2 cores)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+               CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    env.setdefault("GLOO_SOCKET_IFNAME", "lo")   # gloo otherwise binds to the host name's address
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+               *args]
+    with subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, start_new_session=True) as launch:
+        try:
+            output, _ = launch.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(launch.pid, signal.SIGKILL)   # torchrun's workers are in its session
+            output, _ = launch.communicate()
+            pytest.fail(f"the launch was still running after {timeout} s:\n{output[-3000:]}")
+    if launch.returncode != 0:
+        pytest.fail(output[-5000:])
+    return output

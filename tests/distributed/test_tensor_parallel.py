@@ -2,10 +2,6 @@
 and the degrees that cannot split the heads."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
 
 import pytest
 from transformers.distributed.tensor_parallel import ParallelInterface
@@ -13,9 +9,7 @@ from transformers.distributed.tensor_parallel import ParallelInterface
 from modeling_m2rnn.distributed import M2RNN_STYLE, check_tensor_parallel_degree
 from modeling_m2rnn.distributed.tensor_parallel import m2rnn_layout
 
-from helpers import REPO_ROOT, tiny_config, tiny_model
-
-LAUNCH_TIMEOUT = 240   # seconds; the launch takes ~30 s on 2 cores
+from helpers import REPO_ROOT, run_on_two_gloo_ranks, tiny_config, tiny_model
 
 
 def test_two_ranks_on_gloo_give_the_logits_gradients_tokens_and_checkpoint_of_one_process(tmp_path):
@@ -25,20 +19,7 @@ def test_two_ranks_on_gloo_give_the_logits_gradients_tokens_and_checkpoint_of_on
     <= 3.2e-6, on dt_bias, whose float32 gradient is 3.1e-6 off its float64 value in one process too), the same
     greedy tokens from a left-padded batch (dynamic and static cache), and the checkpoint the split model saves
     equal bit for bit to the one it loaded."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
-               CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    env.setdefault("GLOO_SOCKET_IFNAME", "lo")   # gloo otherwise binds to the host name's address
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               str(REPO_ROOT / "benchmarks" / "check_tensor_parallel.py"), "--output-dir", str(tmp_path)]
-    with subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, start_new_session=True) as launch:
-        try:
-            output, _ = launch.communicate(timeout=LAUNCH_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            os.killpg(launch.pid, signal.SIGKILL)   # torchrun's workers are in its session
-            output, _ = launch.communicate()
-            pytest.fail(f"the launch was still running after {LAUNCH_TIMEOUT} s:\n{output[-3000:]}")
-    assert launch.returncode == 0, output[-5000:]
+    run_on_two_gloo_ranks(REPO_ROOT / "benchmarks" / "check_tensor_parallel.py", "--output-dir", str(tmp_path))
     report = json.loads((tmp_path / "check_tensor_parallel.json").read_text())
     assert report["passed"] and report["world_size"] == 2
     assert set(report["families"]) == {"m2rnn", "hybrid", "hybrid_gdn_moe"}
