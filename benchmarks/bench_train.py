@@ -121,7 +121,7 @@ def measure(name, config, batch, seq_len, device, warmup, steps, compile=False) 
         ms = time_steps(model, optimizer, ids, warmup, steps)
         result.update(ms_per_step=ms, tokens_per_s=batch * seq_len / ms * 1e3,
                       params_M=sum(p.numel() for p in model.parameters()) / 1e6)
-        if getattr(config, "num_experts", 0):
+        if "sparse" in getattr(config, "mlp_layer_types", []):
             result["experts_implementation"] = config._experts_implementation
         if device.type == "cuda":
             result["peak_GiB"] = torch.cuda.max_memory_allocated() / GiB

@@ -4,16 +4,27 @@ software versions and the commit (`benchmarks/RESULTS.md` cites them)."""
 import datetime
 import importlib.metadata
 import subprocess
+from pathlib import Path
 
 import torch
 import transformers
 import triton
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def git_commit() -> str | None:
-    """HEAD's hash, or None where the tree is no git checkout with commits."""
-    result = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], capture_output=True, text=True)
-    return result.stdout.strip() if result.returncode == 0 else None
+    """HEAD's hash of the checkout these scripts are in, "-dirty" appended where its files differ from HEAD; None
+    where they are no git checkout of their own (a copy of the tree inside another repository records nothing
+    rather than that repository's commit)."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True)
+
+    toplevel = git("rev-parse", "--show-toplevel")
+    if toplevel.returncode != 0 or Path(toplevel.stdout.strip()).resolve() != REPO:
+        return None
+    commit = git("rev-parse", "--verify", "HEAD").stdout.strip() or None
+    return commit and commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no").stdout else "")
 
 
 def installed_version(distribution: str) -> str | None:
