@@ -122,14 +122,13 @@ with torch.no_grad():
 
 def logits_through_remote_code(checkpoint: Path, tmp_path: Path, check: str = "True") -> torch.Tensor:
     """The logits for REMOTE_CODE_INPUT of `checkpoint` loaded with trust_remote_code in a fresh process in which the
-    package cannot be imported; `check`, a Python expression about `model`, must hold there."""
-    import subprocess
-    import sys
-
+    package cannot be imported; `check`, a Python expression about `model`, must hold there. The process computes
+    with as many threads as this one, so that its sums run in the same order and the logits can be compared exactly."""
     result = subprocess.run(
         [sys.executable, "-c", REMOTE_CODE_SCRIPT, str(checkpoint), str(tmp_path / "logits.pt"), check],
         check=False, capture_output=True, text=True, cwd=tmp_path,
-        env={"HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
+        env={"HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1",
+             "OMP_NUM_THREADS": str(torch.get_num_threads())},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return torch.load(tmp_path / "logits.pt")
