@@ -42,6 +42,7 @@ class M2RNNCache(_TokenCount, DynamicCache):
         super().__init__(config=config, **kwargs)
         self._init_token_count(config)
         self.seen_tokens = 0
+        self.prompt_ids = None   # (batch, tokens) the state was built from, where a prompt-state file kept them
 
     def advance(self, num_tokens: int, device: torch.device) -> None:
         self.seen_tokens += num_tokens
@@ -54,6 +55,7 @@ class M2RNNCache(_TokenCount, DynamicCache):
     def reset(self) -> None:
         super().reset()
         self.seen_tokens = 0
+        self.prompt_ids = None
 
 
 class M2RNNStaticCache(_TokenCount, StaticCache):

@@ -28,6 +28,7 @@ class M2RNNGenerationMixin:
                     f"the cache holds {cached} tokens, and `input_ids` must start with those {cached} tokens and add "
                     f"at least one: got {input_ids.shape[1]} tokens. Pass the prompt followed by the new tokens"
                 )
+            check_starts_with_prompt(input_ids, getattr(cache, "prompt_ids", None))
         return super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
 
     def create_masks_for_generate(self, config, inputs_embeds, attention_mask, past_key_values=None, **kwargs):
@@ -95,3 +96,17 @@ def _static_decode_masks(config, inputs_embeds, attention_mask, cache) -> dict |
         padding_mask = F.pad(attention_mask.bool(), (0, cache_len - attention_mask.shape[1]))
         masks[ATTENTION_LAYER] = padding_mask[:, None, None, :]
     return masks
+
+
+def check_starts_with_prompt(input_ids: torch.Tensor, prompt_ids: torch.Tensor | None) -> None:
+    """The first generate step on a loaded prompt state whose file kept the prompt's ids: the input must begin with
+    them (each row repeated for beams or samples), or the state would continue another text without a word."""
+    if prompt_ids is None or input_ids.shape[1] < prompt_ids.shape[1] or input_ids.shape[0] % prompt_ids.shape[0]:
+        return   # (a short input or another batch size is refused with its own message)
+    expected = prompt_ids.to(input_ids.device).repeat_interleave(input_ids.shape[0] // prompt_ids.shape[0], dim=0)
+    differs = (input_ids[:, : expected.shape[1]] != expected).any(dim=0).nonzero()
+    if len(differs):
+        raise ValueError(
+            f"`input_ids` must start with the {expected.shape[1]} prompt tokens the prompt state was saved after; "
+            f"they differ first at position {int(differs[0])}"
+        )

@@ -29,8 +29,10 @@ def expected_shapes(config, layer_idx: int) -> dict[str, tuple[int, ...]]:
     }
 
 
-def check_prompt_state(path, tensors: dict[str, torch.Tensor], seen_tokens: int, config, dtype=None) -> None:
-    """tensors: the file's, by name; dtype: the model's activations dtype, None when unknown."""
+def check_prompt_state(path, tensors: dict[str, torch.Tensor], seen_tokens: int, config, dtype=None,
+                       prompt_ids: torch.Tensor | None = None) -> None:
+    """tensors: the file's states, by name; dtype: the model's activations dtype, None when unknown; prompt_ids: the
+    prompt's token ids the file holds, if any."""
     by_layer: dict[int, dict[str, torch.Tensor]] = {}
     for name, tensor in tensors.items():
         match = _TENSOR_NAME.fullmatch(name)
@@ -83,5 +85,10 @@ def check_prompt_state(path, tensors: dict[str, torch.Tensor], seen_tokens: int,
                     f"{path}: layer {i} {name} is {tensor.dtype}, where the model expects {expected_dtype}: load the "
                     "model in the dtype the prompt state was saved from"
                 )
+    if prompt_ids is not None:
+        batch_sizes.add(prompt_ids.shape[0])
+        if prompt_ids.dim() != 2 or prompt_ids.shape[1] != seen_tokens:
+            raise ValueError(f"{path}: its input_ids have shape {tuple(prompt_ids.shape)}, where the state has seen "
+                             f"{seen_tokens} tokens")
     if len(batch_sizes) > 1:
         raise ValueError(f"{path}: the layers hold states of different batch sizes {sorted(batch_sizes)}")

@@ -3,6 +3,8 @@ prompt, raises a ValueError that says what differs."""
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from modeling_m2rnn import M2RNNCache, load_prompt_state, save_prompt_state
 
@@ -62,3 +64,51 @@ def test_generate_with_a_prompt_state_for_another_batch_size_is_refused(hybrid_p
     cache = load_prompt_state(hybrid_prompt_state, model)
     with pytest.raises(ValueError, match="a batch of 2 rows, the input has 1"):
         model.generate(random_ids(1, 12, seed=7), past_key_values=cache, max_new_tokens=2)
+
+
+@pytest.fixture(scope="module")
+def prompt_state_with_ids(tmp_path_factory):
+    """A hybrid's state after a prompt of 2 rows × 9 tokens, saved with those tokens; and the prompt."""
+    model, prompt = tiny_model("hybrid"), random_ids(2, 9, seed=6)
+    cache = M2RNNCache(model.config)
+    with torch.no_grad():
+        model(prompt, past_key_values=cache)
+    path = tmp_path_factory.mktemp("prompt_ids") / "prompt.safetensors"
+    save_prompt_state(cache, path, input_ids=prompt)
+    return path, prompt
+
+
+def test_a_prompt_state_saved_with_its_tokens_continues_only_an_input_that_starts_with_them(prompt_state_with_ids):
+    path, prompt = prompt_state_with_ids
+    model = tiny_model("hybrid")
+    question = random_ids(2, 4, seed=8)
+    expected = model.generate(torch.cat([prompt, question], dim=1), max_new_tokens=3, do_sample=False)
+    continued = model.generate(torch.cat([prompt, question], dim=1), past_key_values=load_prompt_state(path, model),
+                               max_new_tokens=3, do_sample=False)
+    assert torch.equal(continued, expected)
+
+    other_prompt = prompt.clone()
+    other_prompt[1, 5] = other_prompt[1, 5] % 60 + 1   # another token at position 5 of the second row
+    with pytest.raises(ValueError, match="must start with the 9 prompt tokens .* differ first at position 5"):
+        model.generate(torch.cat([other_prompt, question], dim=1), past_key_values=load_prompt_state(path, model),
+                       max_new_tokens=3)
+
+
+def test_the_tokens_saved_with_a_prompt_state_must_be_the_ones_the_cache_has_seen(tmp_path):
+    model = tiny_model("hybrid")
+    cache = M2RNNCache(model.config)
+    with torch.no_grad():
+        model(random_ids(2, 9, seed=6), past_key_values=cache)
+    with pytest.raises(ValueError, match=r"\(batch, 9\) token ids: got shape \(2, 8\)"):
+        save_prompt_state(cache, tmp_path / "state.safetensors", input_ids=random_ids(2, 8))
+    assert not (tmp_path / "state.safetensors").exists()
+
+
+def test_a_prompt_state_whose_tokens_do_not_fit_its_state_is_refused_at_load(prompt_state_with_ids, tmp_path):
+    path, _ = prompt_state_with_ids
+    with safe_open(str(path), framework="pt") as file:
+        metadata, tensors = file.metadata(), {name: file.get_tensor(name) for name in file.keys()}
+    tensors["input_ids"] = tensors["input_ids"][:, :7].contiguous()
+    save_file(tensors, str(tmp_path / "edited.safetensors"), metadata=metadata)
+    with pytest.raises(ValueError, match=r"input_ids have shape \(2, 7\), where the state has seen 9 tokens"):
+        load_prompt_state(tmp_path / "edited.safetensors", tiny_model("hybrid"))
