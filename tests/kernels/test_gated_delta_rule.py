@@ -207,3 +207,11 @@ def test_tilelang_counts_as_usable_by_flas_own_tests(monkeypatch, tilelang, nvcc
     else:
         monkeypatch.setenv("FLA_TILELANG", switch)
     assert fla_backend.fla_tilelang_is_usable() is usable
+
+
+def test_a_compiled_graph_can_ask_whether_fla_is_installed():
+    """uses_fla asks it for CUDA tensors inside a compiled decode step; a lookup dynamo cannot trace breaks the graph,
+    which a fullgraph compile (generate's compiled decoding) refuses."""
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: x + fla_is_available(), fullgraph=True, backend="eager")
+    assert compiled(torch.zeros(1)).item() == float(fla_is_available())

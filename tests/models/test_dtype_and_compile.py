@@ -33,11 +33,16 @@ def test_the_model_declares_a_fullgraph_compile():
     assert M2RNNForCausalLM._can_compile_fullgraph
 
 
-@pytest.mark.parametrize("kind", ["pure", "hybrid"])
+GDN_MOE = dict(layer_types=["gated_deltanet", "full_attention", "m2rnn"], mlp_layer_types=["sparse", "dense", "sparse"],
+               num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, shared_expert_intermediate_size=8,
+               gdn_num_heads=2, gdn_key_head_dim=6, gdn_value_head_dim=5, gdn_conv_kernel_size=3)
+
+
+@pytest.mark.parametrize("kind", ["pure", "hybrid", "gdn_moe"])
 def test_prefill_and_decode_on_a_static_cache_compile_as_one_graph_each(kind):
     """fullgraph=True fails at any graph break; the eager backend traces with dynamo without compiling kernels."""
     torch._dynamo.reset()
-    model = tiny_model(kind)
+    model = tiny_model("hybrid", **GDN_MOE) if kind == "gdn_moe" else tiny_model(kind)
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     prompt, new_token = random_ids(2, 7, seed=1), random_ids(2, 1, seed=2)
     eager_cache = M2RNNStaticCache(model.config, max_cache_len=11)

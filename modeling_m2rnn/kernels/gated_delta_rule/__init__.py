@@ -8,7 +8,7 @@ import torch
 
 from ..backend import needs_grad
 from ..validation import validate_gated_delta_rule_inputs
-from .fla import fla_backward_refusal, fla_is_available, gated_delta_rule_fla
+from .fla import FUSED_RECURRENT_MAX_TOKENS, fla_backward_refusal, fla_is_available, gated_delta_rule_fla
 from .naive import gated_delta_rule_reference
 
 __all__ = ["GDN_BACKENDS", "fla_is_available", "gated_delta_rule", "gated_delta_rule_reference", "uses_fla"]
@@ -27,13 +27,20 @@ def uses_fla(backend: str, x: torch.Tensor) -> bool:
     if backend not in GDN_BACKENDS:
         _fail(f"`backend` must be one of {GDN_BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return x.is_cuda and x.dtype != torch.float64 and fla_is_available()
+        return x.is_cuda and x.dtype != torch.float64 and fla_is_available() and not compiled_decode_step(x)
     if backend == "fla":
         if not fla_is_available():
             _fail("backend='fla' needs fla-core (`pip install m2rnn[fla]`)")
         if not x.is_cuda or x.dtype == torch.float64:
             _fail(f"backend='fla' runs on CUDA tensors of 16 or 32 bits, got {x.dtype} on {x.device}")
     return backend == "fla"
+
+
+def compiled_decode_step(x: torch.Tensor) -> bool:
+    """A few tokens without gradients inside a graph being compiled (a compiled decode step): "auto" gives them the
+    reference, a handful of small products that the compiler fuses into the step's graph, because fla's Python
+    wrapper of its kernels cannot be traced into one graph."""
+    return torch.compiler.is_compiling() and not torch.is_grad_enabled() and x.shape[1] <= FUSED_RECURRENT_MAX_TOKENS
 
 
 def gated_delta_rule(
@@ -58,7 +65,8 @@ def gated_delta_rule(
     Returns o (B, S, H, V) in the dtype of `v` and the final state (N, H, K, V) in float32 (float64 for float64
     inputs), N = B or the number of packed sequences. `backend`: "torch" (the reference loop), "fla" (fla-core's
     kernels, CUDA) or "auto" (fla for CUDA tensors when installed and not float64, else the reference; the reference
-    too where gradients are needed and fla's backward refuses the GPU and Triton, with a warning saying why).
+    too in a compiled decode step, and where gradients are needed and fla's backward refuses the GPU and Triton, with
+    a warning saying why).
     """
     validate_gated_delta_rule_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens)
     scale = q.shape[-1] ** -0.5 if scale is None else scale

@@ -13,10 +13,14 @@ from ..backend import needs_grad
 FUSED_RECURRENT_MAX_TOKENS = 64
 
 
-@functools.cache
+# Looked up once, without importing fla (its import queries the GPU and takes seconds); a constant, so that a compiled
+# graph can read it (dynamo refuses to trace importlib's find_spec).
+FLA_FOUND = importlib.util.find_spec("fla") is not None
+
+
 def fla_is_available() -> bool:
-    """Whether fla-core is installed, found without importing it (its import queries the GPU and takes seconds)."""
-    return importlib.util.find_spec("fla") is not None
+    """Whether fla-core is installed."""
+    return FLA_FOUND
 
 
 @functools.cache
