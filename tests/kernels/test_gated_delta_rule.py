@@ -209,9 +209,16 @@ def test_tilelang_counts_as_usable_by_flas_own_tests(monkeypatch, tilelang, nvcc
     assert fla_backend.fla_tilelang_is_usable() is usable
 
 
-def test_a_compiled_graph_can_ask_whether_fla_is_installed():
-    """uses_fla asks it for CUDA tensors inside a compiled decode step; a lookup dynamo cannot trace breaks the graph,
-    which a fullgraph compile (generate's compiled decoding) refuses."""
+
+def test_auto_gives_a_compiled_decode_step_the_reference_and_leaves_training_and_prefill_to_fla():
+    """fla's Python wrapper breaks a graph, which generate's compiled decoding (fullgraph) refuses: inside a compiled
+    graph, a no-gradient call of at most FUSED_RECURRENT_MAX_TOKENS tokens runs the reference instead."""
+    op = importlib.import_module("modeling_m2rnn.kernels.gated_delta_rule")
     torch._dynamo.reset()
-    compiled = torch.compile(lambda x: x + fla_is_available(), fullgraph=True, backend="eager")
-    assert compiled(torch.zeros(1)).item() == float(fla_is_available())
+    decide = torch.compile(op.compiled_decode_step, fullgraph=True, backend="eager")
+    one_token, long_prompt = torch.zeros(1, 1, 2, 4), torch.zeros(1, op.FUSED_RECURRENT_MAX_TOKENS + 1, 2, 4)
+    with torch.no_grad():
+        assert decide(one_token) is True
+        assert decide(long_prompt) is False
+        assert op.compiled_decode_step(one_token) is False   # not compiling: fla's fused recurrent kernel
+    assert decide(one_token) is False                        # gradients: a compiled training step keeps fla
