@@ -17,18 +17,19 @@ class M2RNNGenerationMixin:
 
     def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):
         """On the first step of a generate that continues a cache, the input must be the cached tokens followed by new
-        ones (or only the new ones with an attention mask over both): generate trims the cached tokens off it."""
+        ones (or only the new ones with an attention mask over both): generate trims the cached tokens off it. Where
+        the cache came from a prompt-state file that kept the prompt's ids, the cached tokens must be those."""
         cache = kwargs.get("past_key_values", kwargs.get("cache"))
         if kwargs.get("is_first_iteration") and cache is not None and kwargs.get("inputs_embeds") is None:
             cached = cached_tokens(cache)
-            mask = kwargs.get("attention_mask")
-            covered = mask.shape[-1] if isinstance(mask, torch.Tensor) and mask.dim() == 2 else input_ids.shape[1]
-            if cached and covered <= cached:
+            new = new_tokens_of_first_input(input_ids, cached or 0, kwargs)
+            if cached and new <= 0:
                 raise ValueError(
                     f"the cache holds {cached} tokens, and `input_ids` must start with those {cached} tokens and add "
                     f"at least one: got {input_ids.shape[1]} tokens. Pass the prompt followed by the new tokens"
                 )
-            check_starts_with_prompt(input_ids, getattr(cache, "prompt_ids", None))
+            if new < input_ids.shape[1]:   # the input holds the cached tokens too
+                check_starts_with_prompt(input_ids, getattr(cache, "prompt_ids", None))
         return super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
 
     def create_masks_for_generate(self, config, inputs_embeds, attention_mask, past_key_values=None, **kwargs):
@@ -96,6 +97,18 @@ def _static_decode_masks(config, inputs_embeds, attention_mask, cache) -> dict |
         padding_mask = F.pad(attention_mask.bool(), (0, cache_len - attention_mask.shape[1]))
         masks[ATTENTION_LAYER] = padding_mask[:, None, None, :]
     return masks
+
+
+def new_tokens_of_first_input(input_ids: torch.Tensor, cached: int, kwargs: dict) -> int:
+    """How many of the first input's tokens the cache has not seen. Newer transformers say it in
+    `next_sequence_length` (None: the whole input, under an attention mask that covers the cached tokens too; it drops
+    an all-ones mask before this hook); before that, the attention mask's length tells."""
+    if "next_sequence_length" in kwargs:
+        new = kwargs["next_sequence_length"]
+        return input_ids.shape[1] if new is None else new
+    mask = kwargs.get("attention_mask")
+    covered = mask.shape[-1] if isinstance(mask, torch.Tensor) and mask.dim() == 2 else input_ids.shape[1]
+    return covered - cached
 
 
 def check_starts_with_prompt(input_ids: torch.Tensor, prompt_ids: torch.Tensor | None) -> None:

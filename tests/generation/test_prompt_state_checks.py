@@ -112,3 +112,16 @@ def test_a_prompt_state_whose_tokens_do_not_fit_its_state_is_refused_at_load(pro
     save_file(tensors, str(tmp_path / "edited.safetensors"), metadata=metadata)
     with pytest.raises(ValueError, match=r"input_ids have shape \(2, 7\), where the state has seen 9 tokens"):
         load_prompt_state(tmp_path / "edited.safetensors", tiny_model("hybrid"))
+
+
+@pytest.mark.parametrize("new_tokens", [5, 12])
+def test_only_the_new_tokens_under_a_mask_over_both_continue_a_prompt_state(prompt_state_with_ids, new_tokens):
+    """Fewer or more new tokens than the prompt's 9: transformers 5.25 drops the all-ones mask before the generate
+    hooks see it, and says in `next_sequence_length` that the whole input is new."""
+    path, prompt = prompt_state_with_ids
+    model = tiny_model("hybrid")
+    question = random_ids(2, new_tokens, seed=8)
+    expected = model.generate(torch.cat([prompt, question], dim=1), max_new_tokens=3, do_sample=False)
+    continued = model.generate(question, attention_mask=torch.ones(2, 9 + new_tokens, dtype=torch.long),
+                               past_key_values=load_prompt_state(path, model), max_new_tokens=3, do_sample=False)
+    assert torch.equal(continued[:, -3:], expected[:, -3:])
