@@ -81,6 +81,14 @@ def left_pad(prompts, pad_id=0):
 
 
 @torch.no_grad()
+def cache_after(model, prompt: torch.Tensor) -> M2RNNCache:
+    """A fresh M2RNNCache holding `model`'s state after `prompt` (batch, tokens), run without gradients."""
+    cache = M2RNNCache(model.config)
+    with torch.no_grad():
+        model(prompt, past_key_values=cache)
+    return cache
+
+
 def decode_in_pieces(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, M2RNNCache]:
     """ids (B, 13): one full forward's logits, and the logits of the same tokens fed through a cache as a 4-token
     prefill, five one-token decode steps and a 4-token continuation, concatenated; and that cache."""

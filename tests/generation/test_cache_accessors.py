@@ -11,7 +11,7 @@ from modeling_m2rnn.generation.cache import (
     update_recurrent_state,
 )
 
-from helpers import random_ids, tiny_model
+from helpers import cache_after, random_ids, tiny_model
 
 
 def test_accessors_read_nothing_before_the_prompt_and_the_layer_state_after_it():
@@ -42,9 +42,7 @@ def test_writes_are_in_place_so_a_static_cache_keeps_its_addresses():
     assert has_previous_state(cache, 1) and conv_state(cache, 1) is None   # no conv: the state alone marks it
 
     model = tiny_model("pure")
-    cache = M2RNNCache(model.config)
-    with torch.no_grad():
-        model(random_ids(1, 4), past_key_values=cache)
+    cache = cache_after(model, random_ids(1, 4))
     window = conv_state(cache, 0)
     new_window = torch.randn_like(window)
     set_conv_state(cache, 0, new_window)

@@ -14,7 +14,7 @@ from modeling_m2rnn import M2RNNCache, M2RNNStaticCache, load_prompt_state, save
 from modeling_m2rnn.generation.decode_graphs import DecodeGraphs, graph_free_compile_kwargs
 from modeling_m2rnn.generation.mixin import _static_decode_masks
 
-from helpers import left_pad, random_ids, tiny_model
+from helpers import cache_after, left_pad, random_ids, tiny_model
 
 KINDS = ["pure", "hybrid"]
 ALPHABET = "_?abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRSTUVW"   # as many as the tiny model's vocabulary
@@ -201,9 +201,7 @@ def test_decode_graphs_take_the_cuda_graphs_out_of_the_compile_config():
 def test_a_saved_prompt_state_continues_like_the_original(kind, tmp_path):
     model = tiny_model(kind)
     prompt = random_ids(2, 9, seed=6)
-    cache = M2RNNCache(model.config)
-    with torch.no_grad():
-        model(prompt, past_key_values=cache)
+    cache = cache_after(model, prompt)
     save_prompt_state(cache, tmp_path / "prompt.safetensors")
     loaded = load_prompt_state(tmp_path / "prompt.safetensors", model.config)
     assert loaded.get_seq_length() == 9

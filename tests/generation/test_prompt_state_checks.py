@@ -6,18 +6,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from modeling_m2rnn import M2RNNCache, load_prompt_state, save_prompt_state
+from modeling_m2rnn import load_prompt_state, save_prompt_state
 
-from helpers import random_ids, tiny_model
+from helpers import cache_after, random_ids, tiny_model
 
 
 @pytest.fixture(scope="module")
 def hybrid_prompt_state(tmp_path_factory):
     """A hybrid's state after a prompt of 2 rows × 9 tokens."""
     model = tiny_model("hybrid")
-    cache = M2RNNCache(model.config)
-    with torch.no_grad():
-        model(random_ids(2, 9, seed=6), past_key_values=cache)
+    cache = cache_after(model, random_ids(2, 9, seed=6))
     path = tmp_path_factory.mktemp("prompt") / "prompt.safetensors"
     save_prompt_state(cache, path)
     return path
@@ -70,9 +68,7 @@ def test_generate_with_a_prompt_state_for_another_batch_size_is_refused(hybrid_p
 def prompt_state_with_ids(tmp_path_factory):
     """A hybrid's state after a prompt of 2 rows × 9 tokens, saved with those tokens; and the prompt."""
     model, prompt = tiny_model("hybrid"), random_ids(2, 9, seed=6)
-    cache = M2RNNCache(model.config)
-    with torch.no_grad():
-        model(prompt, past_key_values=cache)
+    cache = cache_after(model, prompt)
     path = tmp_path_factory.mktemp("prompt_ids") / "prompt.safetensors"
     save_prompt_state(cache, path, input_ids=prompt)
     return path, prompt
@@ -96,9 +92,7 @@ def test_a_prompt_state_saved_with_its_tokens_continues_only_an_input_that_start
 
 def test_the_tokens_saved_with_a_prompt_state_must_be_the_ones_the_cache_has_seen(tmp_path):
     model = tiny_model("hybrid")
-    cache = M2RNNCache(model.config)
-    with torch.no_grad():
-        model(random_ids(2, 9, seed=6), past_key_values=cache)
+    cache = cache_after(model, random_ids(2, 9, seed=6))
     with pytest.raises(ValueError, match=r"\(batch, 9\) token ids: got shape \(2, 8\)"):
         save_prompt_state(cache, tmp_path / "state.safetensors", input_ids=random_ids(2, 8))
     assert not (tmp_path / "state.safetensors").exists()

@@ -7,7 +7,7 @@ from huggingface_hub.errors import StrictDataclassClassValidationError
 
 from modeling_m2rnn import M2RNNCache, M2RNNConfig, M2RNNForCausalLM, load_prompt_state, save_prompt_state
 
-from helpers import REMOTE_CODE_INPUT, decode_in_pieces, logits_through_remote_code
+from helpers import REMOTE_CODE_INPUT, cache_after, decode_in_pieces, logits_through_remote_code
 
 MIXER_LETTERS = {"G": "gated_deltanet", "M": "m2rnn", "A": "full_attention"}
 
@@ -144,9 +144,7 @@ def test_save_and_load_are_bit_identical_and_keep_the_decay_in_float32(tmp_path)
 def test_a_saved_prompt_state_continues_generation(tmp_path):
     model = tiny_model("GMA", seed=4)
     prompt = random_ids(2, 6, seed=6)
-    cache = M2RNNCache(model.config)
-    with torch.no_grad():
-        model(prompt, past_key_values=cache)
+    cache = cache_after(model, prompt)
     save_prompt_state(cache, tmp_path / "state.safetensors")
     loaded = load_prompt_state(tmp_path / "state.safetensors", model.config)
     question = torch.cat([prompt, random_ids(2, 3, seed=7)], dim=1)   # the prompt, then new tokens
