@@ -6,7 +6,7 @@
    y, final state and every gradient, ‖out − ref‖ / ‖ref‖ against stated bounds. Stops on a failure.
 2. Launch settings compared at the 400M shape (forward, forward+backward, extra memory).
 3. One table: forward, forward+backward, decode step and peak extra memory at the paper's 400M shape
-   (B=8, S=4096, Nq=Nk=1, K=64, N=84, V=16, bf16), the 7B shape (B=4, N=132) and B=1, beside the
+   (B=8, S=4096, Nq=Nk=1, K=64, N=84, V=16, bf16), the 7B shape (B=4, N=132), B=1 and B=32 at S=1024, beside the
    public reference kernel's figures (results/anchors), plus the torch reference loop at small S.
 Timings are triton.testing.do_bench medians on fresh non-zero random inputs. JSON and the printed log go to
 benchmarks/results/bench_scan.{json,log} (and $OUT when set), replacing the previous run's.
@@ -32,14 +32,17 @@ ANCHORS = {  # public reference kernel, H200 (results/anchors/reference_kernel_h
     "7b_B4": dict(fwd=3.9358, fwdbwd=16.1908, decode=0.2861, fwdbwd_mem=4628.3 / 1024),
     "400m_B1": dict(fwd=4.3932, fwdbwd=16.0407, decode=0.1149, fwdbwd_mem=952.6 / 1024),
 }
-SHAPES = {"400m_B8": (8, 84), "7b_B4": (4, 132), "400m_B1": (1, 84)}  # (B, N); S=4096, Nq=Nk=1, K=64, V=16
+# (B, N, S); Nq=Nk=1, K=64, V=16. The last: short sequences in a large batch, where the step chain that limits B=1
+# matters less than the work of all programs in flight.
+SHAPES = {"400m_B8": (8, 84, 4096), "7b_B4": (4, 132, 4096), "400m_B1": (1, 84, 4096), "400m_B32_S1024": (32, 84, 1024)}
 # bf16: y and the gradients are rounded to bf16 (2^-9), the H·W operands to fp16, the GPU's tanh.approx
 # (rel. error 2^-11) and bf16 gradient-product operands add up over a few hundred steps: ~1e-2 seen. W = randn / sqrt(V)
 # as in the CPU tests: with W near the identity, f up to 0.95 and no clipping the gradient grows through time
 # (|dh0| ~ 4,000 for unit dy on the CPU) and even the float32 kernel's error grows 100x (3e-5, CPU interpreter),
 # so bf16 draws reached 4.5e-2 and one 0.4; clipping, on in training, bounds that growth.
 BF16_BOUND = 2e-2
-TARGETS = "400m_B8: fwd <= 2.0 ms, fwd+bwd <= 9.0 ms, extra memory <= 0.75 GiB; decode <= 0.03 ms at B=1"
+TARGETS = ("400m_B8: fwd <= 1.0 ms, fwd+bwd <= 4.5 ms, extra memory <= 0.6 GiB; 7b_B4 and 400m_B32_S1024: "
+           "fwd+bwd <= 4.5 ms; decode <= 0.03 ms at B=1")
 
 
 def relative_error(out, ref) -> float:
@@ -163,11 +166,11 @@ def compare_configs(log) -> dict:
     """Launch settings at the 400M shape; returns the timings per setting."""
     configs = {
         "default": KernelConfig(),
-        "tf32 gradient products, 64 rows (the previous default)": KernelConfig(backward_products="tf32",
-                                                                               backward_rows=64),
+        "no L2 prefetch": KernelConfig(prefetch=False),
         "bwd 64 rows": KernelConfig(backward_rows=64),
         "bwd 16 rows": KernelConfig(backward_rows=16),
-        "chunk 32": KernelConfig(chunk=32),
+        "fwd 16 rows": KernelConfig(forward_rows=16),
+        "chunk 16": KernelConfig(chunk=16),
     }
     timings = {}
     for name, config in configs.items():
@@ -184,7 +187,11 @@ def table(results, torch_small) -> str:
     rows = [f"{'shape':<10}{'fwd ms':>16}{'fwd+bwd ms':>18}{'decode ms':>16}{'graph':>8}{'fwd+bwd GiB':>18}",
             f"{'':<10}{'ours / anchor':>16}{'ours / anchor':>18}{'ours / anchor':>16}{'':>8}{'ours / anchor':>18}"]
     for name, r in results.items():
-        a = ANCHORS[name]
+        a = ANCHORS.get(name)
+        if a is None:  # no reference-kernel figure at this shape
+            rows.append(f"{name:<10}{r['fwd_ms']:>7.3f}{'':>9}{r['fwdbwd_ms']:>8.3f}{'':>10}{r['decode_ms']:>7.4f}"
+                        f"{'':>9}{r['decode_graph_ms']:>8.4f}{r['fwdbwd_mem_gib']:>8.3f}")
+            continue
         rows.append(f"{name:<10}{r['fwd_ms']:>7.3f} / {a['fwd']:<6.2f}{r['fwdbwd_ms']:>8.3f} / {a['fwdbwd']:<7.2f}"
                     f"{r['decode_ms']:>7.4f} / {a['decode']:<6.3f}{r['decode_graph_ms']:>8.4f}"
                     f"{r['fwdbwd_mem_gib']:>8.3f} / {a['fwdbwd_mem']:<7.2f}")
@@ -216,7 +223,7 @@ def main():
     }
     if not args.skip_configs:
         report["configs_400m_B8"] = compare_configs(log)
-    report["shapes"] = {name: measure_shape(B, N) for name, (B, N) in SHAPES.items()}
+    report["shapes"] = {name: measure_shape(B, N, S) for name, (B, N, S) in SHAPES.items()}
     small_s = 128
     small_torch = measure_shape(8, 84, S=small_s, backend="torch")
     small_triton = measure_shape(8, 84, S=small_s)

@@ -78,8 +78,8 @@ def forward(config: KernelConfig, store_checkpoints: bool):
                      STORE_CHECKPOINTS=store_checkpoints,
                      **dot_constants(torch.bfloat16, True, config, config.forward_warps,
                                     config.forward_heads_per_program))
-    pointers = {name: "*bf16" for name in ("q_ptr", "k_ptr", "v_ptr", "W_ptr", "f_ptr", "h0_ptr", "y_ptr")}
-    pointers.update(checkpoint_ptr="*fp16", cu_seqlens_ptr="*i32")
+    pointers = {name: "*bf16" for name in ("q_ptr", "k_ptr", "v_ptr", "W_ptr", "y_ptr")}
+    pointers.update(checkpoint_ptr="*fp16", cu_seqlens_ptr="*i32")  # f, h0 and the final state: float32
     return compile_sm90(scan_forward_kernel, constants, pointers, config.forward_warps)
 
 
@@ -87,7 +87,7 @@ def backward(config: KernelConfig):
     constants = dict(**SHAPE.head_constants(), HP=config.backward_max_heads_per_program,
                      BR=SHAPE.block_rows(config.backward_rows), CHUNK=config.chunk, VARLEN=False, CLIP=True,
                      **gpu_constants(config))
-    pointers = {name: "*bf16" for name in ("q_ptr", "k_ptr", "v_ptr", "W_ptr", "f_ptr", "dy_ptr", "dv_ptr")}
+    pointers = {name: "*bf16" for name in ("q_ptr", "k_ptr", "v_ptr", "W_ptr", "dy_ptr", "dv_ptr", "dq_ptr", "dk_ptr")}
     pointers.update(checkpoint_ptr="*fp16", scratch_ptr="*fp16", cu_seqlens_ptr="*i32")
     return compile_sm90(scan_backward_kernel, constants, pointers, config.backward_warps, config.backward_max_registers)
 

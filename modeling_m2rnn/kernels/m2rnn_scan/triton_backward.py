@@ -25,10 +25,12 @@ from .triton_building_blocks import (
     checkpoint_offsets,
     checkpoint_slot_shift,
     head_rows_offsets,
+    input_gate,
     load_masked,
     load_step,
     load_weights,
     padded_block_offsets,
+    prefetch_steps,
     row_block,
     sequence_bounds,
     store_column_sums,
@@ -59,7 +61,7 @@ def scan_backward_kernel(
     K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HP: tl.constexpr, BR: tl.constexpr,
     CHUNK: tl.constexpr, VARLEN: tl.constexpr, CLIP: tl.constexpr, DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, GRAD_DTYPE: tl.constexpr, GRAD_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr,
-    LANE_SUMS: tl.constexpr,
+    LANE_SUMS: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     state_row = tl.program_id(0)
     head_block = tl.program_id(1)
@@ -99,6 +101,9 @@ def scan_backward_kernel(
         chunk_start = tl.maximum(start, chunk * CHUNK)
         chunk_end = tl.minimum(end, chunk * CHUNK + CHUNK)
 
+        if PREFETCH:  # the chunk before, which this program walks next
+            prefetch_steps(q_ptr, k_ptr, v_ptr, f_ptr, dy_ptr, batch, chunk * CHUNK - CHUNK, chunk_start, seq_len,
+                           head_block * HP, rows_block * BR, N, NQ, NK, NV, NF, K, V, CHUNK, True, True)
         # Replay the chunk forward from its checkpoint, keeping every H_{t-1} in the scratch
         # and writing dq_t = H_t dy_t while H_t is at hand.
         # Masked: rows past K in a part-filled block were never written when the forward split rows differently.
@@ -109,13 +114,14 @@ def scan_backward_kernel(
                                       N, NQ, NK, NV, NF, K, V, True)
         dy_t = load_output_grad(dy_ptr, batch, chunk_start, seq_len, heads, rv, N, V, True)
         for t in range(chunk_start, chunk_end):
+            g_t = input_gate(f_t)
             t_next = tl.minimum(t + 1, chunk_end - 1)
             _q_next, k_next, v_next, f_next = load_step(q_ptr, k_ptr, v_ptr, f_ptr, batch, t_next, seq_len,
                                                         heads, rk, rv, N, NQ, NK, NV, NF, K, V, True)
             dy_next = load_output_grad(dy_ptr, batch, t_next, seq_len, heads, rv, N, V, True)
             H_dot = H.to(DOT_DTYPE)
             tl.store(scratch_base + (t - chunk_start) * HP * BR * BV + block_offsets, H_dot)
-            H = blend(H, candidate(H_dot, W_dot, k_t, v_t, DOT_PRECISION, FAST_TANH), f_t)
+            H = blend(H, candidate(H_dot, W_dot, k_t, v_t, DOT_PRECISION, FAST_TANH), g_t)
             dq_row = dq_ptr + _partial_row(batch, t, segment_start, segment_steps, N, HP, K)
             store_row_sums(dq_row, H * dy_t[:, None, :], head_block, HP, BR, BV, K, LANE_SUMS)
             k_t, v_t, f_t, dy_t = k_next, v_next, f_next, dy_next
@@ -129,6 +135,9 @@ def scan_backward_kernel(
         dy_t = load_output_grad(dy_ptr, batch, t, seq_len, heads, rv, N, V, False)
         H_prev = tl.load(scratch_base + (t - chunk_start) * HP * BR * BV + block_offsets)
         for _step in range(chunk_end - chunk_start):
+            # First, what the step needs of the values prefetched in the step before (see input_gate).
+            H_prev32 = H_prev.to(tl.float32)
+            g = input_gate(f_t)[:, None, None]
             t_prev = tl.maximum(t - 1, chunk_start)
             q_prev, k_prev, v_prev, f_prev = load_step(q_ptr, k_ptr, v_ptr, f_ptr, batch, t_prev, seq_len,
                                                        heads, rk, rv, N, NQ, NK, NV, NF, K, V, False)
@@ -137,16 +146,14 @@ def scan_backward_kernel(
             prev_slot = tl.maximum(t - 1 - chunk_start, 0)
             H_prev_prev = tl.load(scratch_base + prev_slot * HP * BR * BV + block_offsets)
 
-            Z = candidate(H_prev, W_dot, k_t, v_t, DOT_PRECISION, FAST_TANH)
+            Z = candidate(H_prev32.to(DOT_DTYPE), W_dot, k_t, v_t, DOT_PRECISION, FAST_TANH)
             G = dH + q_t[:, :, None] * dy_t[:, None, :]
             if CLIP:
                 G = tl.minimum(tl.maximum(G, -clip), clip)
-            f = f_t[:, None, None]
-            dA = (1.0 - f) * G * (1.0 - Z * Z)
-            H_prev32 = H_prev.to(tl.float32)
+            dA = g * G * (1.0 - Z * Z)
             dA_dot = dA.to(GRAD_DTYPE)
-            dH = f * G + tl.dot(dA_dot, W_t, input_precision=GRAD_PRECISION)
-            dW += tl.dot(tl.permute(H_prev.to(GRAD_DTYPE), (0, 2, 1)), dA_dot, input_precision=GRAD_PRECISION)
+            dH = (G - g * G) + tl.dot(dA_dot, W_t, input_precision=GRAD_PRECISION)
+            dW += tl.dot(tl.permute(H_prev32.to(GRAD_DTYPE), (0, 2, 1)), dA_dot, input_precision=GRAD_PRECISION)
 
             dk_row = dk_ptr + _partial_row(batch, t, segment_start, segment_steps, N, HP, K)
             store_row_sums(dk_row, dA * v_t[:, None, :], head_block, HP, BR, BV, K, LANE_SUMS)

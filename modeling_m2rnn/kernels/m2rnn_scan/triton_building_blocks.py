@@ -86,6 +86,34 @@ def load_step(
 
 
 @triton.jit
+def prefetch_steps(q_ptr, k_ptr, v_ptr, f_ptr, dy_ptr, batch, first, last, seq_len, head, row,
+                   N: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr, NV: tl.constexpr, NF: tl.constexpr,
+                   K: tl.constexpr, V: tl.constexpr, STEPS: tl.constexpr, WITH_Q: tl.constexpr,
+                   WITH_DY: tl.constexpr):
+    """Ask L2 for the rows that steps [first, last) (at most STEPS of them) of head `head` and state rows from `row`
+    will load: q_t, k_t, v_t, f_t and dy_t, one step per thread. GPU only (prefetch.global.L2).
+
+    A step loop prefetches each input one step ahead into registers; a load from device memory takes longer than a
+    short step, and the step then waits for it (the profile's long-scoreboard stalls). Asked for a chunk ahead,
+    the rows are in L2 by the time the loop loads them. Nothing waits for a prefetch; steps out of range ask again
+    for a row in bounds."""
+    t = tl.maximum(tl.minimum(first + tl.arange(0, STEPS), last - 1), 0)
+    step_row = (batch * seq_len + t).to(tl.int64)
+    _prefetch_l2(k_ptr + (step_row * NK + head // (N // NK)) * K + row)
+    _prefetch_l2(v_ptr + (step_row * NV + head // (N // NV)) * V)
+    _prefetch_l2(f_ptr + step_row * NF + head // (N // NF))
+    if WITH_Q:
+        _prefetch_l2(q_ptr + (step_row * NQ + head // (N // NQ)) * K + row)
+    if WITH_DY:
+        _prefetch_l2(dy_ptr + (step_row * N + head) * V)
+
+
+@triton.jit
+def _prefetch_l2(pointers):
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [pointers], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def value_row_offsets(rows, rv, V: tl.constexpr, UNPAIRED: tl.constexpr):
     """Offsets (HP, BV) of columns rv in rows `rows` (HP, 1) of a tensor with rows of V values (v, dy). UNPAIRED
     (see load_step): hinted as one element per load. The hint goes on the expression itself: on a jit function's
@@ -159,10 +187,19 @@ def candidate(H_dot, W_dot, k_t, v_t, DOT_PRECISION: tl.constexpr, FAST_TANH: tl
 
 
 @triton.jit
-def blend(H, Z, f_t):
-    """H_t = f_t H_{t-1} + (1 - f_t) Z_t; H, Z (HP, BR, BV), f_t (HP,)."""
-    f = f_t[:, None, None]
-    return f * H + (1.0 - f) * Z
+def input_gate(f_t):
+    """1 - f_t, the weight of Z_t in the blend. A step loop computes it first thing from the f_t it prefetched in
+    the step before: that frees the register holding the prefetch, so the next prefetch can load into it. A step
+    that read f_t only in the blend would copy the next prefetch into f_t's register at its end, and so wait for
+    the load it had just issued (benchmarks/sass_report.py shows the loop's instructions)."""
+    return 1.0 - f_t
+
+
+@triton.jit
+def blend(H, Z, g_t):
+    """H_t = f_t H_{t-1} + (1 - f_t) Z_t = H_{t-1} + g_t (Z_t - H_{t-1}), g_t = input_gate(f_t);
+    H, Z (HP, BR, BV), g_t (HP,)."""
+    return H + g_t[:, None, None] * (Z - H)
 
 
 # Row and column sums by hand. A state block (HP, BR, BV) on one warp sits in the tensor cores' accumulator

@@ -16,8 +16,10 @@ from .triton_building_blocks import (
     checkpoint_offsets,
     checkpoint_slot_shift,
     head_rows_offsets,
+    input_gate,
     load_step,
     load_weights,
+    prefetch_steps,
     row_block,
     sequence_bounds,
     store_column_sums,
@@ -34,6 +36,7 @@ def scan_forward_kernel(
     K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HP: tl.constexpr, BR: tl.constexpr,
     CHUNK: tl.constexpr, HAS_H0: tl.constexpr, VARLEN: tl.constexpr, STORE_CHECKPOINTS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr, LANE_SUMS: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     state_row = tl.program_id(0)
     heads = tl.program_id(1) * HP + tl.arange(0, HP)  # (HP,)
@@ -58,6 +61,9 @@ def scan_forward_kernel(
     for chunk in range(start // CHUNK, tl.cdiv(end, CHUNK)):
         chunk_start = tl.maximum(start, chunk * CHUNK)
         chunk_end = tl.minimum(end, chunk * CHUNK + CHUNK)
+        if PREFETCH:
+            prefetch_steps(q_ptr, k_ptr, v_ptr, f_ptr, f_ptr, batch, chunk * CHUNK + CHUNK, end, seq_len,
+                           tl.program_id(1) * HP, tl.program_id(2) * BR, N, NQ, NK, NV, NF, K, V, CHUNK, True, False)
         if STORE_CHECKPOINTS:
             tl.store(checkpoint_ptr + checkpoint_offs + chunk * BK * BV, H.to(checkpoint_ptr.dtype.element_ty))
         # Step t + 1's inputs are loaded while step t computes, so their latency is off the step chain, v one
@@ -65,10 +71,11 @@ def scan_forward_kernel(
         q_t, k_t, v_t, f_t = load_step(q_ptr, k_ptr, v_ptr, f_ptr, batch, chunk_start, seq_len, heads, rk, rv,
                                        N, NQ, NK, NV, NF, K, V, True)
         for t in range(chunk_start, chunk_end):
+            g_t = input_gate(f_t)
             t_next = tl.minimum(t + 1, chunk_end - 1)
             q_next, k_next, v_next, f_next = load_step(q_ptr, k_ptr, v_ptr, f_ptr, batch, t_next, seq_len, heads,
                                                        rk, rv, N, NQ, NK, NV, NF, K, V, True)
-            H = blend(H, candidate(H.to(DOT_DTYPE), W_dot, k_t, v_t, DOT_PRECISION, FAST_TANH), f_t)
+            H = blend(H, candidate(H.to(DOT_DTYPE), W_dot, k_t, v_t, DOT_PRECISION, FAST_TANH), g_t)
             store_y_partial(y_partial_ptr, batch, seq_len, t, q_t, H, heads, N, HP, BR, BV, V, LANE_SUMS)
             q_t, k_t, v_t, f_t = q_next, k_next, v_next, f_next
 

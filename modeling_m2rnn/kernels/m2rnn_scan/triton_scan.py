@@ -69,6 +69,8 @@ class KernelConfig:
     fast_tanh: bool = True  # tanh.approx on the GPU for 16-bit inputs; see triton_building_blocks.tanh
     # row and column sums by hand on the GPU for 16-bit inputs; see triton_building_blocks._column_sums
     lane_sums: bool = True
+    # the next chunk's input rows asked into L2 at each chunk (GPU only); see triton_building_blocks.prefetch_steps
+    prefetch: bool = True
 
 
 CONFIG = KernelConfig()
@@ -125,9 +127,9 @@ class ScanShape:
 
 def dot_constants(dtype: torch.dtype, on_gpu: bool, config: KernelConfig, warps: int, heads: int) -> dict:
     """Kernel constants that depend on the input dtype, the device and a program's warps and heads (see the
-    module doc). The interpreter has no inline assembly. The lane sums also assume one warp's tensor-core
-    accumulator layout (see triton_building_blocks._column_sums); they are checked on the GPU with one head per
-    program."""
+    module doc). The interpreter has no inline assembly (fast tanh, lane sums, prefetches). The lane sums also
+    assume one warp's tensor-core accumulator layout (see triton_building_blocks._column_sums); they are checked on
+    the GPU with one head per program."""
     full = dtype == torch.float32
     fast = on_gpu and not full
     return dict(
@@ -135,6 +137,7 @@ def dot_constants(dtype: torch.dtype, on_gpu: bool, config: KernelConfig, warps:
         DOT_PRECISION="ieee",
         FAST_TANH=config.fast_tanh and fast,
         LANE_SUMS=config.lane_sums and fast and warps == 1 and heads == 1,
+        PREFETCH=config.prefetch and on_gpu,
     )
 
 
