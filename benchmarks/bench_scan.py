@@ -173,14 +173,32 @@ def compare_configs(log) -> dict:
         "chunk 16": KernelConfig(chunk=16),
     }
     timings = {}
+    run_config = triton_scan.CONFIG
     for name, config in configs.items():
         triton_scan.CONFIG = config
         log(f"config {name}: correctness " + str(check_correctness(lambda line: None)["bf16_odd_dims"]))
         timings[name] = {key: measure_shape(8, 84)[key] for key in ("fwd_ms", "fwdbwd_ms", "fwdbwd_mem_gib")}
         figures = ", ".join(f"{k}={v:.3f}" for k, v in timings[name].items())
         log(f"config {name} {dataclasses.asdict(config)}: " + figures)
-    triton_scan.CONFIG = KernelConfig()
+    triton_scan.CONFIG = run_config
     return timings
+
+
+def config_with(assignments: list[str]) -> KernelConfig:
+    """KernelConfig with FIELD=VALUE assignments applied (booleans as true/false, other fields as their type)."""
+    changes = {}
+    types = {field.name: type(field.default) for field in dataclasses.fields(KernelConfig)}
+    for assignment in assignments:
+        name, _, value = assignment.partition("=")
+        if name not in types:
+            raise ValueError(f"--config {assignment!r}: expected FIELD=VALUE with FIELD one of {sorted(types)}")
+        if types[name] is bool:
+            if value.lower() not in ("true", "false"):
+                raise ValueError(f"--config {assignment!r}: expected true or false")
+            changes[name] = value.lower() == "true"
+        else:
+            changes[name] = types[name](value)
+    return dataclasses.replace(KernelConfig(), **changes)
 
 
 def table(results, torch_small) -> str:
@@ -208,7 +226,10 @@ def table(results, torch_small) -> str:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--skip-configs", action="store_true", help="skip the launch-settings comparison")
+    parser.add_argument("--config", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="KernelConfig fields for the whole run, e.g. prefetch=false backward_rows=64")
     args = parser.parse_args()
+    triton_scan.CONFIG = config_with(args.config)
     lines = []
 
     def log(line):
