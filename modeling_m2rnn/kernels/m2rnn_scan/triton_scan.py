@@ -69,7 +69,8 @@ class KernelConfig:
     fast_tanh: bool = True  # tanh.approx on the GPU for 16-bit inputs; see triton_building_blocks.tanh
     # row and column sums by hand on the GPU for 16-bit inputs; see triton_building_blocks._column_sums
     lane_sums: bool = True
-    # the next chunk's input rows asked into L2 at each chunk (GPU only); see triton_building_blocks.prefetch_steps
+    # at each chunk, the next chunk's input rows asked into L2 and, in the backward, the chunk's own into L1 (GPU only;
+    # see triton_building_blocks.prefetch_steps)
     prefetch: bool = True
 
 
