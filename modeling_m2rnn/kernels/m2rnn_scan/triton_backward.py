@@ -104,10 +104,12 @@ def scan_backward_kernel(
         if PREFETCH:
             # Into L2 the chunk before, which this program walks next; into L1 this chunk, whose rows the replay
             # and then the walk load.
-            prefetch_steps(q_ptr, k_ptr, v_ptr, f_ptr, dy_ptr, batch, chunk * CHUNK - CHUNK, chunk_start, seq_len,
-                           head_block * HP, rows_block * BR, N, NQ, NK, NV, NF, K, V, CHUNK, True, True, False)
+            if chunk_start > start:
+                prefetch_steps(q_ptr, k_ptr, v_ptr, f_ptr, dy_ptr, batch, tl.maximum(start, chunk_start - CHUNK),
+                               chunk_start, seq_len, head_block * HP, rows_block * BR, N, NQ, NK, NV, NF, K, V, CHUNK,
+                               True, False)
             prefetch_steps(q_ptr, k_ptr, v_ptr, f_ptr, dy_ptr, batch, chunk_start, chunk_end, seq_len,
-                           head_block * HP, rows_block * BR, N, NQ, NK, NV, NF, K, V, CHUNK, True, True, True)
+                           head_block * HP, rows_block * BR, N, NQ, NK, NV, NF, K, V, CHUNK, True, True)
         # Replay the chunk forward from its checkpoint, keeping every H_{t-1} in the scratch
         # and writing dq_t = H_t dy_t while H_t is at hand.
         # Masked: rows past K in a part-filled block were never written when the forward split rows differently.

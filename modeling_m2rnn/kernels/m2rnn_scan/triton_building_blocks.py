@@ -88,22 +88,20 @@ def load_step(
 @triton.jit
 def prefetch_steps(q_ptr, k_ptr, v_ptr, f_ptr, dy_ptr, batch, first, last, seq_len, head, row,
                    N: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr, NV: tl.constexpr, NF: tl.constexpr,
-                   K: tl.constexpr, V: tl.constexpr, STEPS: tl.constexpr, WITH_Q: tl.constexpr,
-                   WITH_DY: tl.constexpr, L1: tl.constexpr):
-    """Ask L2 (or L1) for the rows that steps [first, last) (at most STEPS of them) of head `head` and state rows
-    from `row` will load: q_t, k_t, v_t, f_t and dy_t, one step per thread. GPU only (prefetch.global).
+                   K: tl.constexpr, V: tl.constexpr, STEPS: tl.constexpr, WITH_DY: tl.constexpr, L1: tl.constexpr):
+    """Ask L2 (or L1) for the rows that steps [first, last) (at least one, at most STEPS) of head `head` and state rows
+    from `row` will load: q_t, k_t, v_t, f_t and, WITH_DY, dy_t, one step per thread. GPU only (prefetch.global).
 
     A step loop prefetches each input one step ahead into registers; a load from device memory takes longer than a
     short step, and the step then waits for it (the profile's long-scoreboard stalls, benchmarks/profile_scan.py).
-    Asked for a chunk ahead, the rows are in L2 by the time the loop loads them. Nothing waits for a prefetch; steps
-    out of range ask again for a row in bounds."""
-    t = tl.maximum(tl.minimum(first + tl.arange(0, STEPS), last - 1), 0)
+    Asked for a chunk ahead, the rows are in L2 by the time the loop loads them. Nothing waits for a prefetch; the
+    threads past `last` ask again for its last row."""
+    t = tl.minimum(first + tl.arange(0, STEPS), last - 1)
     step_row = (batch * seq_len + t).to(tl.int64)
+    _prefetch(q_ptr + (step_row * NQ + head // (N // NQ)) * K + row, L1)
     _prefetch(k_ptr + (step_row * NK + head // (N // NK)) * K + row, L1)
     _prefetch(v_ptr + (step_row * NV + head // (N // NV)) * V, L1)
     _prefetch(f_ptr + step_row * NF + head // (N // NF), L1)
-    if WITH_Q:
-        _prefetch(q_ptr + (step_row * NQ + head // (N // NQ)) * K + row, L1)
     if WITH_DY:
         _prefetch(dy_ptr + (step_row * N + head) * V, L1)
 
