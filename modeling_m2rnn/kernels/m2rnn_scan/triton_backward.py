@@ -106,10 +106,10 @@ def scan_backward_kernel(
             # and then the walk load.
             if chunk_start > start:
                 prefetch_steps(q_ptr, k_ptr, v_ptr, f_ptr, dy_ptr, batch, tl.maximum(start, chunk_start - CHUNK),
-                               chunk_start, seq_len, head_block * HP, rows_block * BR, N, NQ, NK, NV, NF, K, V, CHUNK,
-                               True, False)
+                               chunk_start, seq_len, head_block * HP, rows_block * BR, tl.arange(0, CHUNK),
+                               N, NQ, NK, NV, NF, K, V, True, False)
             prefetch_steps(q_ptr, k_ptr, v_ptr, f_ptr, dy_ptr, batch, chunk_start, chunk_end, seq_len,
-                           head_block * HP, rows_block * BR, N, NQ, NK, NV, NF, K, V, CHUNK, True, True)
+                           head_block * HP, rows_block * BR, tl.arange(0, CHUNK), N, NQ, NK, NV, NF, K, V, True, True)
         # Replay the chunk forward from its checkpoint, keeping every H_{t-1} in the scratch
         # and writing dq_t = H_t dy_t while H_t is at hand.
         # Masked: rows past K in a part-filled block were never written when the forward split rows differently.

@@ -86,17 +86,18 @@ def load_step(
 
 
 @triton.jit
-def prefetch_steps(q_ptr, k_ptr, v_ptr, f_ptr, dy_ptr, batch, first, last, seq_len, head, row,
+def prefetch_steps(q_ptr, k_ptr, v_ptr, f_ptr, dy_ptr, batch, first, last, seq_len, head, row, steps,
                    N: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr, NV: tl.constexpr, NF: tl.constexpr,
-                   K: tl.constexpr, V: tl.constexpr, STEPS: tl.constexpr, WITH_DY: tl.constexpr, L1: tl.constexpr):
-    """Ask L2 (or L1) for the rows that steps [first, last) (at least one, at most STEPS) of head `head` and state rows
-    from `row` will load: q_t, k_t, v_t, f_t and, WITH_DY, dy_t, one step per thread. GPU only (prefetch.global).
+                   K: tl.constexpr, V: tl.constexpr, WITH_DY: tl.constexpr, L1: tl.constexpr):
+    """Ask L2 (or L1) for the rows that steps [first, last) (at least one, at most len(steps)) of head `head` and state
+    rows from `row` will load: q_t, k_t, v_t, f_t and, WITH_DY, dy_t, one step per thread. `steps` is arange(0, STEPS)
+    (in the caller's layout, for a Gluon kernel). GPU only (prefetch.global).
 
     A step loop prefetches each input one step ahead into registers; a load from device memory takes longer than a
     short step, and the step then waits for it (the profile's long-scoreboard stalls, benchmarks/profile_scan.py).
     Asked for a chunk ahead, the rows are in L2 by the time the loop loads them. Nothing waits for a prefetch; the
     threads past `last` ask again for its last row."""
-    t = tl.minimum(first + tl.arange(0, STEPS), last - 1)
+    t = tl.minimum(first + steps, last - 1)
     step_row = (batch * seq_len + t).to(tl.int64)
     _prefetch(q_ptr + (step_row * NQ + head // (N // NQ)) * K + row, L1)
     _prefetch(k_ptr + (step_row * NK + head // (N // NK)) * K + row, L1)
@@ -212,8 +213,11 @@ def blend(H, Z, g_t):
 # on one warp (launched for one head per program, the case checked on the GPU); elsewhere the kernels use tl.sum.
 
 @triton.jit
-def _shuffle_xor(x, lane_bits):
-    """x (float32) from the lane whose index differs from this lane's in `lane_bits` (int32, x's shape)."""
+def _shuffle_xor(x, LANE_BITS: tl.constexpr):
+    """x (float32) from the lane whose index differs from this lane's in LANE_BITS."""
+    # LANE_BITS as a tensor of x's shape and layout (the AND with zero folds to a constant): a Gluon kernel's tensors
+    # carry layouts that tl.full cannot give.
+    lane_bits = (x.to(tl.int32, bitcast=True) & 0) + LANE_BITS
     return tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, $2, 0x1f, 0xffffffff;", "=r,r,r", [x, lane_bits],
                                      dtype=tl.float32, is_pure=True, pack=1)
 
@@ -224,7 +228,7 @@ def _halve(first, second, keeps_second, LANE_BIT: tl.constexpr):
     and `first` elsewhere, sends the other to its partner, and adds what the partner sent."""
     send = tl.where(keeps_second, first, second)
     keep = tl.where(keeps_second, second, first)
-    return keep + _shuffle_xor(send, tl.full(send.shape, LANE_BIT, tl.int32))
+    return keep + _shuffle_xor(send, LANE_BIT)
 
 
 @triton.jit
@@ -238,7 +242,7 @@ def _column_sums(x, HP: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr):
     x = _halve(first, second, (g & 1) == 1, 4)  # lane bit 2 = g bit 0 keeps a_low
     first, second = tl.split(x)
     x = _halve(first, second, (tl.reshape(g, (1, 8, 1, 1)) & 2) == 2, 8)  # g bit 1 keeps e
-    return x + _shuffle_xor(x, tl.full(x.shape, 16, tl.int32))
+    return x + _shuffle_xor(x, 16)
 
 
 @triton.jit

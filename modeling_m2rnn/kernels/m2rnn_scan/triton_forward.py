@@ -64,8 +64,8 @@ def scan_forward_kernel(
         if PREFETCH:
             if chunk_end < end:  # the next chunk (none after the sequence's last, nor in a decode step)
                 prefetch_steps(q_ptr, k_ptr, v_ptr, f_ptr, f_ptr, batch, chunk_end, end, seq_len,
-                               tl.program_id(1) * HP, tl.program_id(2) * BR, N, NQ, NK, NV, NF, K, V, CHUNK, False,
-                               False)
+                               tl.program_id(1) * HP, tl.program_id(2) * BR, tl.arange(0, CHUNK),
+                               N, NQ, NK, NV, NF, K, V, False, False)
         if STORE_CHECKPOINTS:
             tl.store(checkpoint_ptr + checkpoint_offs + chunk * BK * BV, H.to(checkpoint_ptr.dtype.element_ty))
         # Step t + 1's inputs are loaded while step t computes, so their latency is off the step chain, v one

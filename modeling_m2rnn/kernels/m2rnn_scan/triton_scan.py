@@ -1,5 +1,6 @@
 """The Triton backend of `m2rnn_scan`, registered as torch library custom ops so that it runs
-under torch.compile without graph breaks.
+under torch.compile without graph breaks. The forward of 16-bit sequences launches the Gluon kernel
+(gluon_forward.py) where fast_path.py enables it, else its plain-Triton twin (triton_forward.py).
 
 Ops (all functional):
   m2rnn::scan(q, k, v, W, f, initial_state?, cu_seqlens?, gradient_clipping?, store_checkpoints)
@@ -30,6 +31,8 @@ import triton
 import triton.language as tl
 
 from ..backend import launches_directly, needs_grad
+from .fast_path import gluon_kernels_enabled
+from .gluon_forward import scan_forward_gluon_kernel
 from .triton_backward import scan_backward_kernel
 from .triton_forward import scan_forward_kernel
 
@@ -262,6 +265,14 @@ def _forward_rows(shape: ScanShape) -> int:
     return shape.block_k if shape.seq_len == 1 else CONFIG.forward_rows
 
 
+def _runs_gluon_forward(shape: ScanShape, dtype: torch.dtype, device: torch.device, heads: int) -> bool:
+    """Whether the forward launches the Gluon kernel (gluon_forward.py) rather than its Triton twin: where fast_path
+    enables the Gluon kernels, for the launches it is written for (16-bit inputs, one head per program on one warp)
+    and checked on. A decode step (S == 1) keeps the twin: its one program per head has no step chain to shorten."""
+    return (dtype in (torch.bfloat16, torch.float16) and heads == 1 and CONFIG.forward_warps == 1
+            and shape.seq_len > 1 and gluon_kernels_enabled(device))
+
+
 def _scan_forward(q, k, v, W, f, initial_state, cu_seqlens, store_checkpoints):
     """Launch the forward kernel: (y, final_state, checkpoints)."""
     shape = ScanShape.of(q, k, v, W, f, cu_seqlens)
@@ -275,7 +286,8 @@ def _scan_forward(q, k, v, W, f, initial_state, cu_seqlens, store_checkpoints):
     checkpoints = _checkpoint_buffer(shape, v, store_checkpoints)
     heads = CONFIG.forward_heads_per_program if shape.num_heads % CONFIG.forward_heads_per_program == 0 else 1
     grid = (shape.num_states, shape.num_heads // heads, row_blocks)
-    scan_forward_kernel[grid](
+    kernel = scan_forward_gluon_kernel if _runs_gluon_forward(shape, v.dtype, v.device, heads) else scan_forward_kernel
+    kernel[grid](
         q, k, v, W, f,
         initial_state.contiguous() if initial_state is not None else f,
         cu_seqlens if cu_seqlens is not None else f,
