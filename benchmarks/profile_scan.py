@@ -24,7 +24,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-KERNELS = "regex:scan_(forward|backward)_kernel"
+KERNELS = "regex:scan_(forward|backward)(_gluon)?_kernel"
 SECTIONS = ("SourceCounters", "WarpStateStats", "SchedulerStats", "Occupancy", "LaunchStats")
 
 

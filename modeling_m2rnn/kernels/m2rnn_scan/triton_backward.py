@@ -24,6 +24,7 @@ from .triton_building_blocks import (
     candidate,
     checkpoint_offsets,
     checkpoint_slot_shift,
+    chunk_bounds,
     head_rows_offsets,
     input_gate,
     load_masked,
@@ -32,6 +33,7 @@ from .triton_building_blocks import (
     padded_block_offsets,
     prefetch_steps,
     row_block,
+    segment_chunks,
     sequence_bounds,
     store_column_sums,
     store_row_sums,
@@ -91,15 +93,10 @@ def scan_backward_kernel(
     dv_partial_ptr = dv_ptr + partial_rows * N * V
     df_partial_ptr = df_ptr + partial_rows * N
 
-    # The chunks of this sequence inside the segment (segment bounds are chunk bounds).
-    lo = tl.maximum(start, segment_start)
-    hi = tl.minimum(end, segment_end)
-    first_chunk = lo // CHUNK
-    num_chunks = (tl.cdiv(hi, CHUNK) - first_chunk) * (hi > lo).to(tl.int32)
+    first_chunk, num_chunks = segment_chunks(start, end, segment_start, segment_end, CHUNK)
     for chunk_from_end in range(num_chunks):
         chunk = first_chunk + num_chunks - 1 - chunk_from_end
-        chunk_start = tl.maximum(start, chunk * CHUNK)
-        chunk_end = tl.minimum(end, chunk * CHUNK + CHUNK)
+        chunk_start, chunk_end = chunk_bounds(chunk, start, end, CHUNK)
 
         if PREFETCH:
             # Into L2 the chunk before, which this program walks next; into L1 this chunk, whose rows the replay

@@ -59,6 +59,22 @@ def checkpoint_slot_shift(state_row, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def chunk_bounds(chunk, start, end, CHUNK: tl.constexpr):
+    """Steps [chunk_start, chunk_end) of the sequence [start, end) in chunk `chunk` of the time axis."""
+    return tl.maximum(start, chunk * CHUNK), tl.minimum(end, chunk * CHUNK + CHUNK)
+
+
+@triton.jit
+def segment_chunks(start, end, segment_start, segment_end, CHUNK: tl.constexpr):
+    """(first chunk, number of chunks) of the sequence [start, end) inside a backward segment [segment_start,
+    segment_end), whose bounds are chunk bounds."""
+    lo = tl.maximum(start, segment_start)
+    hi = tl.minimum(end, segment_end)
+    first_chunk = lo // CHUNK
+    return first_chunk, (tl.cdiv(hi, CHUNK) - first_chunk) * (hi > lo).to(tl.int32)
+
+
+@triton.jit
 def load_step(
     q_ptr, k_ptr, v_ptr, f_ptr, batch, t, seq_len, heads, rk, rv,
     N: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr, NV: tl.constexpr, NF: tl.constexpr,

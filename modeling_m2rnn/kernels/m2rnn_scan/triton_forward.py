@@ -15,6 +15,7 @@ from .triton_building_blocks import (
     candidate,
     checkpoint_offsets,
     checkpoint_slot_shift,
+    chunk_bounds,
     head_rows_offsets,
     input_gate,
     load_step,
@@ -59,8 +60,7 @@ def scan_forward_kernel(
     # The time axis in checkpoint chunks (see checkpoint_slot_shift), so that the checkpoint store sits outside
     # the step loop rather than behind a branch in every step.
     for chunk in range(start // CHUNK, tl.cdiv(end, CHUNK)):
-        chunk_start = tl.maximum(start, chunk * CHUNK)
-        chunk_end = tl.minimum(end, chunk * CHUNK + CHUNK)
+        chunk_start, chunk_end = chunk_bounds(chunk, start, end, CHUNK)
         if PREFETCH:
             if chunk_end < end:  # the next chunk (none after the sequence's last, nor in a decode step)
                 prefetch_steps(q_ptr, k_ptr, v_ptr, f_ptr, f_ptr, batch, chunk_end, end, seq_len,

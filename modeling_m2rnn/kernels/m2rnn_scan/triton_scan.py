@@ -1,6 +1,7 @@
 """The Triton backend of `m2rnn_scan`, registered as torch library custom ops so that it runs
-under torch.compile without graph breaks. The forward of 16-bit sequences launches the Gluon kernel
-(gluon_forward.py) where fast_path.py enables it, else its plain-Triton twin (triton_forward.py).
+under torch.compile without graph breaks. For 16-bit sequences the forward and the backward launch the Gluon
+kernels (gluon_forward.py, gluon_backward.py) where fast_path.py enables them, else their plain-Triton twins
+(triton_forward.py, triton_backward.py).
 
 Ops (all functional):
   m2rnn::scan(q, k, v, W, f, initial_state?, cu_seqlens?, gradient_clipping?, store_checkpoints)
@@ -32,6 +33,7 @@ import triton.language as tl
 
 from ..backend import launches_directly, needs_grad
 from .fast_path import gluon_kernels_enabled
+from .gluon_backward import scan_backward_gluon_kernel
 from .gluon_forward import scan_forward_gluon_kernel
 from .triton_backward import scan_backward_kernel
 from .triton_forward import scan_forward_kernel
@@ -265,12 +267,13 @@ def _forward_rows(shape: ScanShape) -> int:
     return shape.block_k if shape.seq_len == 1 else CONFIG.forward_rows
 
 
-def _runs_gluon_forward(shape: ScanShape, dtype: torch.dtype, device: torch.device, heads: int) -> bool:
-    """Whether the forward launches the Gluon kernel (gluon_forward.py) rather than its Triton twin: where fast_path
-    enables the Gluon kernels, for the launches it is written for (16-bit inputs, one head per program on one warp)
-    and checked on. A decode step (S == 1) keeps the twin: its one program per head has no step chain to shorten."""
-    return (dtype in (torch.bfloat16, torch.float16) and heads == 1 and CONFIG.forward_warps == 1
-            and shape.seq_len > 1 and gluon_kernels_enabled(device))
+def _runs_gluon(shape: ScanShape, dtype: torch.dtype, device: torch.device, heads: int, warps: int) -> bool:
+    """Whether a launch takes the Gluon kernel (gluon_forward.py, gluon_backward.py) rather than its Triton twin:
+    where fast_path enables the Gluon kernels, for the launches they are written for (16-bit inputs, one head per
+    program on one warp) and checked on. A decode step (S == 1) keeps the twin: its one program per head has no step
+    chain to shorten."""
+    return (dtype in (torch.bfloat16, torch.float16) and heads == 1 and warps == 1 and shape.seq_len > 1
+            and gluon_kernels_enabled(device))
 
 
 def _scan_forward(q, k, v, W, f, initial_state, cu_seqlens, store_checkpoints):
@@ -286,7 +289,8 @@ def _scan_forward(q, k, v, W, f, initial_state, cu_seqlens, store_checkpoints):
     checkpoints = _checkpoint_buffer(shape, v, store_checkpoints)
     heads = CONFIG.forward_heads_per_program if shape.num_heads % CONFIG.forward_heads_per_program == 0 else 1
     grid = (shape.num_states, shape.num_heads // heads, row_blocks)
-    kernel = scan_forward_gluon_kernel if _runs_gluon_forward(shape, v.dtype, v.device, heads) else scan_forward_kernel
+    gluon = _runs_gluon(shape, v.dtype, v.device, heads, CONFIG.forward_warps)
+    kernel = scan_forward_gluon_kernel if gluon else scan_forward_kernel
     kernel[grid](
         q, k, v, W, f,
         initial_state.contiguous() if initial_state is not None else f,
@@ -364,11 +368,14 @@ def scan_backward_op(
         dstate = d_final_state.to(torch.float32, copy=True).contiguous()
     else:
         dstate = torch.zeros(shape.num_states, N, K, V, device=device, dtype=torch.float32)
+    gluon = _runs_gluon(shape, v.dtype, device, heads, CONFIG.backward_warps)
+    kernel = scan_backward_gluon_kernel if gluon else scan_backward_kernel
+    # Each program's states for the steps of the chunk it walks.
     scratch = torch.empty(shape.num_states * programs * row_blocks, CONFIG.chunk, heads, rows, shape.block_v,
                           device=device, dtype=_dot_torch_dtype(v))
     for segment_start in reversed(range(0, S, segment)):
         segment_end = min(segment_start + segment, S)
-        scan_backward_kernel[(shape.num_states, programs, row_blocks)](
+        kernel[(shape.num_states, programs, row_blocks)](
             q, k, v, W, f, cu_seqlens if cu_seqlens is not None else f, checkpoints, dy,
             dstate, dq_partial, dk_partial, dv_partial, df_partial, dW_partial, scratch,
             S, shape.num_checkpoint_slots(CONFIG.chunk), gradient_clipping or 0.0,

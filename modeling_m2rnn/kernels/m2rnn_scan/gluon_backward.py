@@ -1,0 +1,279 @@
+"""Backward scan kernel in Gluon: the twin of triton_backward.scan_backward_kernel with its layouts written out.
+
+The math, the chunks, the segments and the outputs are scan_backward_kernel's (see its doc). What the layouts change:
+  - The state and every per-step matrix (Z, G, dA, dH) live in the accumulator layout of a one-warp m16n8 tensor-core
+    product, which for 16-bit operands is also the A-operand layout: H·W, dA·Wᵀ take their A operand in registers.
+  - The replay keeps H_{t-1} in the scratch in that layout, each thread storing and loading its own elements, 16 bytes
+    at a time: no barrier, no conversion. (Keeping Z_t too would spare the walk its tanh and H·W, but the scratch of
+    all programs would then outgrow the L2 cache at the 400M shape, and the walk would wait on device memory.)
+  - The transposes that dW = H_{t-1}ᵀ dA and dv = dAᵀ k need happen in registers, one movmatrix per 8×8 tile
+    (transpose_tiles), and the sums over a row (dq = H_t dy, dk = dA v) and over the rows (dv, dW) run on the tensor
+    cores instead of as shuffles.
+For the launches that triton_scan admits (one head per program on one warp, 16-bit inputs); see gluon_forward.py for
+how it is checked.
+"""
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+from .gluon_building_blocks import (
+    A_OPERAND,
+    ACCUMULATOR,
+    B_OPERAND,
+    COLUMNS,
+    ROWS,
+    STEPS,
+    candidate,
+    load_columns,
+    load_gate,
+    load_rows,
+)
+from .triton_building_blocks import (
+    checkpoint_slot_shift,
+    chunk_bounds,
+    input_gate,
+    prefetch_steps,
+    segment_chunks,
+    sequence_bounds,
+)
+
+
+@gluon.jit
+def scan_backward_gluon_kernel(
+    q_ptr, k_ptr, v_ptr, W_ptr, f_ptr, cu_seqlens_ptr, checkpoint_ptr, dy_ptr,
+    dstate_ptr, dq_ptr, dk_ptr, dv_ptr, df_ptr, dW_ptr, scratch_ptr,
+    seq_len, num_slots, clip, segment_start, segment_end, segment_steps, row_block_steps,
+    N: gl.constexpr, NQ: gl.constexpr, NK: gl.constexpr, NV: gl.constexpr, NF: gl.constexpr, NW: gl.constexpr,
+    K: gl.constexpr, V: gl.constexpr, BK: gl.constexpr, BV: gl.constexpr, HP: gl.constexpr, BR: gl.constexpr,
+    CHUNK: gl.constexpr, VARLEN: gl.constexpr, CLIP: gl.constexpr, DOT_DTYPE: gl.constexpr,
+    DOT_PRECISION: gl.constexpr, GRAD_DTYPE: gl.constexpr, GRAD_PRECISION: gl.constexpr, FAST_TANH: gl.constexpr,
+    LANE_SUMS: gl.constexpr, PREFETCH: gl.constexpr,
+):
+    gl.static_assert(HP == 1, "one head per program")
+    ROWS_MASKED: gl.constexpr = K % BR != 0
+    COLUMNS_MASKED: gl.constexpr = V != BV
+
+    state_row = gl.program_id(0)
+    head = gl.program_id(1)
+    rows_block = gl.program_id(2)
+    num_row_blocks = gl.num_programs(2)
+    rk = rows_block * BR + gl.arange(0, BR, layout=ROWS)  # (BR,)
+    rv = gl.arange(0, BV, layout=COLUMNS)  # (BV,)
+    rows = gl.expand_dims(rk, 1)
+    columns = gl.expand_dims(rv, 0)
+    batch, start, end = sequence_bounds(cu_seqlens_ptr, state_row, seq_len, VARLEN)
+
+    # W (B operand of H·W, in the dot dtype) and Wᵀ (B operand of dA·Wᵀ, in the gradient dtype), zero-padded.
+    W_rows = gl.expand_dims(gl.arange(0, BV, layout=ROWS), 1)
+    W_offsets = (head // (N // NW)) * V * V + W_rows * V + columns
+    W_mask = (W_rows < V) & (columns < V)
+    W = gl.load(W_ptr + W_offsets, mask=W_mask, other=0.0)
+    W_dot = gl.convert_layout(W.to(DOT_DTYPE), B_OPERAND)
+    W_t = gl.convert_layout(gl.permute(W, (1, 0)).to(GRAD_DTYPE), B_OPERAND)
+
+    state_mask = (rows < K) & (columns < V)
+    dstate_offsets = (state_row.to(gl.int64) * N + head) * K * V + rows * V + columns
+    dH = gl.load(dstate_ptr + dstate_offsets, mask=state_mask, other=0.0)
+    dW = gl.zeros([BV, BV], gl.float32, ACCUMULATOR)
+
+    slot = (batch * N + head).to(gl.int64) * num_slots + checkpoint_slot_shift(state_row, VARLEN)
+    checkpoint_offsets = (slot * BK + rows) * BV + columns  # chunk 0's checkpoint
+    # This program's scratch: per step of the chunk in flight, H_{t-1} in the dot dtype, (CHUNK, BR, BV), each element
+    # stored and loaded by the same thread.
+    program = (state_row * N + head) * num_row_blocks + rows_block
+    scratch_base = scratch_ptr + program.to(gl.int64) * CHUNK * BR * BV
+    block_offsets = _lane_major_offsets(gl.zeros([BR, BV], DOT_DTYPE, ACCUMULATOR), BR, BV)
+    dv_partial_ptr = dv_ptr + rows_block.to(gl.int64) * row_block_steps * N * V + head * V
+    df_partial_ptr = df_ptr + rows_block.to(gl.int64) * row_block_steps * N + head
+    partial_rows = head * K + rk  # of dq, dk in a (…, N, K) partial row
+
+    first_chunk, num_chunks = segment_chunks(start, end, segment_start, segment_end, CHUNK)
+    for chunk_from_end in range(num_chunks):
+        chunk = first_chunk + num_chunks - 1 - chunk_from_end
+        chunk_start, chunk_end = chunk_bounds(chunk, start, end, CHUNK)
+        if PREFETCH:
+            steps = gl.arange(0, CHUNK, layout=STEPS)
+            if chunk_start > start:
+                prefetch_steps(q_ptr, k_ptr, v_ptr, f_ptr, dy_ptr, batch, gl.maximum(start, chunk_start - CHUNK),
+                               chunk_start, seq_len, head, rows_block * BR, steps, N, NQ, NK, NV, NF, K, V, True,
+                               False)
+            prefetch_steps(q_ptr, k_ptr, v_ptr, f_ptr, dy_ptr, batch, chunk_start, chunk_end, seq_len, head,
+                           rows_block * BR, steps, N, NQ, NK, NV, NF, K, V, True, True)
+
+        # Replay the chunk from its checkpoint, keeping H_{t-1} of every step, and writing dq_t = H_t dy_t.
+        H = gl.load(checkpoint_ptr + checkpoint_offsets + chunk * BK * BV, mask=state_mask, other=0.0)
+        H = H.to(gl.float32)
+        k_t = load_rows(k_ptr, batch, chunk_start, seq_len, head, rk, N, NK, K, ROWS_MASKED).to(gl.float32)
+        v_t = load_columns(v_ptr, batch, chunk_start, seq_len, head, rv, N, NV, V, COLUMNS_MASKED).to(gl.float32)
+        f_t = load_gate(f_ptr, batch, chunk_start, seq_len, head, N, NF)
+        dy_t = load_columns(dy_ptr, batch, chunk_start, seq_len, head, _operand_k(BV, B_OPERAND), N, N, V,
+                             COLUMNS_MASKED)
+        for t in range(chunk_start, chunk_end):
+            g_t = input_gate(f_t)
+            t_next = gl.minimum(t + 1, chunk_end - 1)
+            k_next = load_rows(k_ptr, batch, t_next, seq_len, head, rk, N, NK, K, ROWS_MASKED).to(gl.float32)
+            v_next = load_columns(v_ptr, batch, t_next, seq_len, head, rv, N, NV, V, COLUMNS_MASKED).to(gl.float32)
+            f_next = load_gate(f_ptr, batch, t_next, seq_len, head, N, NF)
+            dy_next = load_columns(dy_ptr, batch, t_next, seq_len, head, _operand_k(BV, B_OPERAND), N, N, V,
+                                    COLUMNS_MASKED)
+            H_dot = H.to(DOT_DTYPE)
+            gl.store(scratch_base + (t - chunk_start) * BR * BV + block_offsets, _lane_major(H_dot, BR, BV))
+            Z = candidate(H_dot, W_dot, k_t, v_t, FAST_TANH)
+            H = H + g_t * (Z - H)
+            # dq_t = H_t dy_t as a tensor-core product with dy_t in every column of the B operand.
+            dq_t = _row_sums_by_mma(H.to(GRAD_DTYPE), dy_t.to(GRAD_DTYPE), BR, BV)
+            dq_row = dq_ptr + (batch * segment_steps + t - segment_start).to(gl.int64) * N * K
+            _store_rows(dq_row + partial_rows, dq_t, rk < K, BR)
+            k_t, v_t, f_t, dy_t = k_next, v_next, f_next, dy_next
+
+        # Walk the chunk backwards.
+        t = chunk_end - 1
+        rk_operand = rows_block * BR + _operand_k(BR, A_OPERAND)  # the program's rows along an A operand's k
+        q_t, k_t, k_operand_t, v_t, v_operand_t, dy_t, f_t = _walk_inputs(
+            q_ptr, k_ptr, v_ptr, dy_ptr, f_ptr, batch, t, seq_len, head, rk, rk_operand, rv,
+            N, NQ, NK, NV, NF, K, V, BV, ROWS_MASKED, COLUMNS_MASKED)
+        H_prev = gl.load(scratch_base + (t - chunk_start) * BR * BV + block_offsets)  # see _lane_major
+        for _step in range(chunk_end - chunk_start):
+            g = input_gate(f_t)
+            H_prev_dot = _from_lane_major(H_prev, BR, BV)
+            q_prev, k_prev, k_operand_prev, v_prev, v_operand_prev, dy_prev, f_prev = _walk_inputs(
+                q_ptr, k_ptr, v_ptr, dy_ptr, f_ptr, batch, gl.maximum(t - 1, chunk_start), seq_len, head, rk,
+                rk_operand, rv, N, NQ, NK, NV, NF, K, V, BV, ROWS_MASKED, COLUMNS_MASKED)
+            # At the chunk's first step this reloads its own slot: in bounds, and never used.
+            H_prev_prev = gl.load(scratch_base + gl.maximum(t - 1 - chunk_start, 0) * BR * BV + block_offsets)
+
+            Z = candidate(H_prev_dot, W_dot, k_t, v_t, FAST_TANH)
+            H_prev32 = H_prev_dot.to(gl.float32)
+
+            G = dH + gl.expand_dims(q_t, 1) * gl.expand_dims(dy_t, 0)
+            if CLIP:
+                G = gl.minimum(gl.maximum(G, -clip), clip)
+            gG = g * G
+            dA = gG * (1.0 - Z * Z)
+            dA_a = gl.convert_layout(dA.to(GRAD_DTYPE), A_OPERAND)
+            dH = mma_v2(dA_a, W_t, G - gG)
+            # dk_t = dA v_t; dW += H_{t-1}ᵀ dA and dv_t = dAᵀ k_t = k_tᵀ dA with dA as the B operand.
+            dk_t = _row_sums_by_mma_a(dA_a, v_operand_t.to(GRAD_DTYPE), BR, BV)
+            dk_row = dk_ptr + (batch * segment_steps + t - segment_start).to(gl.int64) * N * K
+            _store_rows(dk_row + partial_rows, dk_t, rk < K, BR)
+            dA_b = transposed_b_operand(dA.to(GRAD_DTYPE), BR, BV)
+            dW = mma_v2(transposed_a_operand(H_prev32.to(GRAD_DTYPE), BR, BV), dA_b, dW)
+            k_rows = gl.expand_dims(k_operand_t.to(GRAD_DTYPE), 0) * gl.full([16, BR], 1, GRAD_DTYPE, A_OPERAND)
+            dv_t = mma_v2(k_rows, dA_b, gl.zeros([16, BV], gl.float32, ACCUMULATOR))  # (16, BV), every row dv_t
+            row = (batch * segment_steps + t - segment_start).to(gl.int64)
+            dv_rows = gl.expand_dims(gl.arange(0, 16, layout=ROWS), 1)
+            gl.store(dv_partial_ptr + row * N * V + dv_rows * 0 + columns, dv_t.to(dv_ptr.dtype.element_ty),
+                     mask=(dv_rows == 0) & (columns < V))
+            df_t = gl.sum(gl.sum(G * (H_prev32 - Z), axis=1), axis=0)
+            gl.store(df_partial_ptr + row * N, df_t)
+
+            t -= 1
+            q_t, k_t, k_operand_t, v_t, v_operand_t = q_prev, k_prev, k_operand_prev, v_prev, v_operand_prev
+            dy_t, f_t, H_prev = dy_prev, f_prev, H_prev_prev
+
+    gl.store(dstate_ptr + dstate_offsets, dH, mask=state_mask)
+    dW_rows = gl.expand_dims(gl.arange(0, BV, layout=ROWS), 1)
+    dW_block = (dW_ptr + (state_row * num_row_blocks + rows_block).to(gl.int64) * N * V * V + head * V * V
+                + dW_rows * V + columns)
+    dW_mask = (dW_rows < V) & (columns < V)
+    gl.store(dW_block, gl.load(dW_block, mask=dW_mask) + dW, mask=dW_mask)
+
+
+@gluon.jit
+def _walk_inputs(q_ptr, k_ptr, v_ptr, dy_ptr, f_ptr, batch, t, seq_len, head, rk, rk_operand, rv,
+                 N: gl.constexpr, NQ: gl.constexpr, NK: gl.constexpr, NV: gl.constexpr, NF: gl.constexpr,
+                 K: gl.constexpr, V: gl.constexpr, BV: gl.constexpr, ROWS_MASKED: gl.constexpr,
+                 COLUMNS_MASKED: gl.constexpr):
+    """What the walk's step t reads: q_t, k_t (BR,) and v_t, dy_t (BV,) in the state's row and column slices, float32
+    (for Z_t and G); k_t along an A operand's contraction (dv_t = k_tᵀ dA) and v_t along a B operand's (dk_t = dA v_t),
+    16-bit; and f_t."""
+    return (load_rows(q_ptr, batch, t, seq_len, head, rk, N, NQ, K, ROWS_MASKED).to(gl.float32),
+            load_rows(k_ptr, batch, t, seq_len, head, rk, N, NK, K, ROWS_MASKED).to(gl.float32),
+            load_rows(k_ptr, batch, t, seq_len, head, rk_operand, N, NK, K, ROWS_MASKED),
+            load_columns(v_ptr, batch, t, seq_len, head, rv, N, NV, V, COLUMNS_MASKED).to(gl.float32),
+            load_columns(v_ptr, batch, t, seq_len, head, _operand_k(BV, B_OPERAND), N, NV, V, COLUMNS_MASKED),
+            load_columns(dy_ptr, batch, t, seq_len, head, rv, N, N, V, COLUMNS_MASKED).to(gl.float32),
+            load_gate(f_ptr, batch, t, seq_len, head, N, NF))
+
+
+@gluon.jit
+def _lane_major(x, BR: gl.constexpr, BV: gl.constexpr):
+    """x (BR, BV) in the accumulator layout renamed, without moving, as (8, 4, BR · BV / 32): [g, j, i] is register i
+    of lane 4g + j. Stored at _lane_major_offsets, each thread's elements are contiguous, in 16-byte stores."""
+    # (BR // 16 m, 2 h, 8 g, BV // 8 a, 4 j, 2 e): row 16m + 8h + g, column 8a + 2j + e; registers run over e, h, a, m.
+    x = gl.reshape(x, (BR // 16, 2, 8, BV // 8, 4, 2))
+    return gl.reshape(gl.permute(x, (2, 4, 0, 3, 1, 5)), (8, 4, BR * BV // 32))
+
+
+@gluon.jit
+def _from_lane_major(x, BR: gl.constexpr, BV: gl.constexpr):
+    """The inverse of _lane_major: (BR, BV) in the accumulator layout."""
+    x = gl.permute(gl.reshape(x, (8, 4, BR // 16, BV // 8, 2, 2)), (2, 4, 0, 3, 1, 5))
+    return gl.convert_layout(gl.reshape(x, (BR, BV)), ACCUMULATOR, assert_trivial=True)
+
+
+@gluon.jit
+def _lane_major_offsets(like, BR: gl.constexpr, BV: gl.constexpr):
+    """Offsets (8, 4, BR · BV / 32) of a dense block in _lane_major's layout (`like`: any (BR, BV) tensor in the
+    accumulator layout): lane 4g + j's elements at [(4g + j) · BR · BV / 32, …), in register order."""
+    layout: gl.constexpr = _lane_major(like, BR, BV).type.layout
+    g = gl.arange(0, 8, layout=gl.SliceLayout(1, gl.SliceLayout(2, layout)))
+    j = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, layout)))
+    i = gl.arange(0, BR * BV // 32, layout=gl.SliceLayout(0, gl.SliceLayout(1, layout)))
+    lanes = gl.expand_dims(gl.expand_dims(g, 1), 2) * 4 + gl.expand_dims(gl.expand_dims(j, 0), 2)
+    return lanes * (BR * BV // 32) + gl.expand_dims(gl.expand_dims(i, 0), 1)
+
+
+@gluon.jit
+def transpose_tiles(x):
+    """x (16-bit, in a tensor-core fragment layout) with every 8×8 tile transposed in registers (one movmatrix per
+    tile): x'[8p + r, 8s + c] = x[8p + c, 8s + r]."""
+    return gl.inline_asm_elementwise("movmatrix.sync.aligned.m8n8.trans.b16 $0, $1;", "=r,r", [x], dtype=x.dtype,
+                                     is_pure=True, pack=2)
+
+
+@gluon.jit
+def transposed_a_operand(x, BR: gl.constexpr, BV: gl.constexpr):
+    """xᵀ (BV, BR) as an A operand, from x (BR, BV, 16-bit) in the accumulator layout, without leaving the registers:
+    the tiles transposed in place and renamed (the layout conversion is checked to move nothing)."""
+    x = transpose_tiles(x)
+    x = gl.reshape(gl.permute(gl.reshape(x, (BR // 8, 8, BV // 8, 8)), (2, 1, 0, 3)), (BV, BR))
+    return gl.convert_layout(x, A_OPERAND, assert_trivial=True)
+
+
+@gluon.jit
+def transposed_b_operand(x, BR: gl.constexpr, BV: gl.constexpr):
+    """x (BR, BV, 16-bit) as a B operand (contracting over its rows), from the accumulator layout, in registers."""
+    x = transpose_tiles(x)
+    x = gl.reshape(gl.permute(gl.reshape(x, (BR // 8, 8, BV // 8, 8)), (0, 3, 2, 1)), (BR, BV))
+    return gl.convert_layout(x, B_OPERAND, assert_trivial=True)
+
+
+@gluon.jit
+def _operand_k(size: gl.constexpr, operand: gl.constexpr):
+    """arange(0, size) along the contraction dim of a dot operand layout (dim 1 of A, dim 0 of B)."""
+    return gl.arange(0, size, layout=gl.SliceLayout(operand.operand_index, operand))
+
+
+@gluon.jit
+def _row_sums_by_mma(x, column, BR: gl.constexpr, BV: gl.constexpr):
+    """x (BR, BV) in the accumulator layout times `column` (BV,) on the tensor cores: (BR, 8), every column x·column."""
+    return _row_sums_by_mma_a(gl.convert_layout(x, A_OPERAND), column, BR, BV)
+
+
+@gluon.jit
+def _row_sums_by_mma_a(x_a, column, BR: gl.constexpr, BV: gl.constexpr):
+    """x_a (BR, BV) as an A operand times `column` (BV,), given along the B operand's contraction dim: (BR, 8)."""
+    columns = gl.expand_dims(column, 1) * gl.full([BV, 8], 1, column.dtype, B_OPERAND)
+    return mma_v2(x_a, columns, gl.zeros([BR, 8], gl.float32, ACCUMULATOR))
+
+
+@gluon.jit
+def _store_rows(pointers, x, mask, BR: gl.constexpr):
+    """Stores column 0 of x (BR, 8) in the accumulator layout at pointers (BR,) where mask, in the pointers' dtype."""
+    column = gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, x.type.layout)), 0)
+    gl.store(gl.expand_dims(pointers, 1) + column * 0, x.to(pointers.dtype.element_ty),
+             mask=gl.expand_dims(mask, 1) & (column == 0))
+
+

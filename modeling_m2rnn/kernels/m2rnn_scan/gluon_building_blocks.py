@@ -1,0 +1,98 @@
+"""Gluon building blocks shared by the Gluon scan kernels (gluon_forward.py, gluon_backward.py).
+
+The kernels keep a program's (BR, BV) block of the state in the accumulator layout of a one-warp m16n8 tensor-core
+product: lane 4g + j holds rows 8i + g and columns 8a + 2j + e (e < 2), as triton_building_blocks describes. Loads
+return the input dtype; a kernel converts what it computes with in float32 (the conversion of a value loaded a step
+ahead lands at the top of the next step), and keeps tensor-core operands 16-bit.
+"""
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+from .triton_building_blocks import _halve, _shuffle_xor, tanh
+
+# The layouts of a one-warp program: a (BR, BV) block in the accumulator of m16n8 tensor-core products, the A and B
+# operands of those products (16-bit, two elements per register), the block's row and column slices, and one step per
+# lane for a chunk's prefetch.
+ACCUMULATOR = gl.constexpr(gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8]))
+A_OPERAND = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=ACCUMULATOR.value, k_width=2))
+B_OPERAND = gl.constexpr(gl.DotOperandLayout(operand_index=1, parent=ACCUMULATOR.value, k_width=2))
+ROWS = gl.constexpr(gl.SliceLayout(1, ACCUMULATOR.value))
+COLUMNS = gl.constexpr(gl.SliceLayout(0, ACCUMULATOR.value))
+STEPS = gl.constexpr(gl.BlockedLayout([1], [32], [1], [0]))
+
+
+@gluon.jit
+def candidate(H_dot, W_dot, k_t, v_t, FAST_TANH: gl.constexpr):
+    """Z_t = tanh(H_{t-1} W + k_t v_tᵀ), float32 (BR, BV) in the accumulator layout: H_dot (BR, BV) in the dot dtype
+    in the accumulator layout, W_dot its B operand, k_t (BR,) and v_t (BV,) in its row and column slices, float32."""
+    outer = gl.expand_dims(k_t, 1) * gl.expand_dims(v_t, 0)
+    return tanh(mma_v2(gl.convert_layout(H_dot, A_OPERAND), W_dot, outer), FAST_TANH)
+
+
+@gluon.jit
+def load_rows(x_ptr, batch, t, seq_len, head, r, N: gl.constexpr, NX: gl.constexpr, K: gl.constexpr,
+               MASKED: gl.constexpr):
+    """Rows r (in r's layout) of step t's q or k row for `head` (group head // (N / NX)), zero past K."""
+    pointers = x_ptr + ((batch * seq_len + t).to(gl.int64) * NX + head // (N // NX)) * K + r
+    if MASKED:
+        return gl.load(pointers, mask=r < K, other=0.0)
+    else:
+        return gl.load(pointers)
+
+
+@gluon.jit
+def load_columns(x_ptr, batch, t, seq_len, head, c, N: gl.constexpr, NX: gl.constexpr, V: gl.constexpr,
+                  MASKED: gl.constexpr):
+    """Columns c (in c's layout) of step t's v or dy row for `head`, one element per load (see
+    triton_building_blocks.load_step), zero past V."""
+    pointers = x_ptr + gl.max_contiguous(((batch * seq_len + t).to(gl.int64) * NX + head // (N // NX)) * V + c, [1])
+    if MASKED:
+        return gl.load(pointers, mask=c < V, other=0.0)
+    else:
+        return gl.load(pointers)
+
+
+@gluon.jit
+def load_gate(f_ptr, batch, t, seq_len, head, N: gl.constexpr, NF: gl.constexpr):
+    """f_t of `head`, float32."""
+    return gl.load(f_ptr + (batch * seq_len + t).to(gl.int64) * NF + head // (N // NF)).to(gl.float32)
+
+
+@gluon.jit
+def store_column_sums(row_ptr, x, V: gl.constexpr, BR: gl.constexpr, BV: gl.constexpr, LANE_SUMS: gl.constexpr):
+    """Stores Σ over the rows of x (BR, BV), in the accumulator layout, into columns [0, V) at row_ptr, in
+    row_ptr's dtype. LANE_SUMS: reduce-scattered across the lanes as triton_building_blocks._column_sums does
+    (the layout's lanes and registers are the same), four shuffles where gl.sum takes twelve."""
+    if LANE_SUMS:
+        x = gl.sum(gl.reshape(x, (BR // 8, 8, BV)), axis=0)  # (8 g, BV): each lane's own rows summed first
+        # (g, BV // 16 b, 4 j, 2 e, 2 a_low): column b·16 + a_low·8 + 2j + e
+        first, second = gl.split(gl.permute(gl.reshape(x, (8, BV // 16, 2, 4, 2)), (0, 1, 3, 4, 2)))
+        x = _halve(first, second, (index(0, first) & 1) == 1, 4)  # lane bit 2 = g bit 0 keeps a_low
+        first, second = gl.split(x)  # (g, b, j)
+        g = index(0, first)
+        x = _halve(first, second, (g & 2) == 2, 8)  # g bit 1 keeps e
+        x = x + _shuffle_xor(x, 16)
+        columns = index(1, x) * 16 + (g & 1) * 8 + 2 * index(2, x) + (g >> 1 & 1)
+        # Lanes with g >= 4 hold the same sums as those with g - 4.
+        gl.store(row_ptr + columns, x.to(row_ptr.dtype.element_ty), mask=(g < 4) & (columns < V))
+    else:
+        columns = gl.arange(0, BV, layout=gl.SliceLayout(0, x.type.layout))
+        gl.store(row_ptr + columns, gl.sum(x, axis=0).to(row_ptr.dtype.element_ty), mask=columns < V)
+
+
+@gluon.jit
+def index(dim: gl.constexpr, x):
+    """arange(0, x.shape[dim]) along `dim` of a tensor of x's rank, the other dims of size 1, in x's layout: for dim 0
+    of a 4-D tensor or any dim of a 3-D one."""
+    layout: gl.constexpr = x.type.layout
+    if len(x.shape) == 4:
+        gl.static_assert(dim == 0)
+        index = gl.arange(0, x.shape[0], layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, layout))))
+        return gl.expand_dims(gl.expand_dims(gl.expand_dims(index, 1), 2), 3)
+    else:
+        low: gl.constexpr = 1 if dim == 0 else 0  # the other two dims, low < high
+        high: gl.constexpr = 1 if dim == 2 else 2
+        index = gl.arange(0, x.shape[dim], layout=gl.SliceLayout(low, gl.SliceLayout(high, layout)))
+        return gl.expand_dims(gl.expand_dims(index, low), high)
