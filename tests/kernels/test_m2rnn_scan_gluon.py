@@ -1,8 +1,8 @@
-"""The Gluon scan kernels and the choice between them and their Triton twins, on a machine without a GPU.
+"""The Gluon backward scan kernel and the choice between it and its Triton twin, on a machine without a GPU.
 
-The Gluon kernels cannot run here (the Triton interpreter does not run Gluon); benchmarks/check_scan_gpu.py checks them
-against the float64 reference on the GPU. Here: they compile for Hopper with the installed Triton, with nothing in
-shared memory, and the dispatch chooses them only where fast_path says they are checked."""
+The Gluon kernel cannot run here (the Triton interpreter does not run Gluon); benchmarks/check_scan_gpu.py checks it
+against the float64 reference on the GPU. Here: it compiles for Hopper with the installed Triton, with nothing in
+shared memory, and the dispatch chooses it only where fast_path says it is checked."""
 
 import json
 import os
@@ -19,12 +19,8 @@ from triton.experimental.gluon._runtime import GluonASTSource
 
 from modeling_m2rnn.kernels.m2rnn_scan import fast_path, triton_scan
 from modeling_m2rnn.kernels.m2rnn_scan.gluon_backward import scan_backward_gluon_kernel
-from modeling_m2rnn.kernels.m2rnn_scan.gluon_forward import scan_forward_gluon_kernel
 from modeling_m2rnn.kernels.m2rnn_scan.triton_scan import ScanShape
 
-FORWARD_ARGUMENTS = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", W_ptr="*fp32", f_ptr="*fp32", h0_ptr="*fp32",
-                         cu_seqlens_ptr="*i64", y_ptr="*bf16", h_final_ptr="*fp32", checkpoint_ptr="*fp16",
-                         seq_len="i32", num_slots="i32", y_partial_stride="i32")
 BACKWARD_ARGUMENTS = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", W_ptr="*fp32", f_ptr="*fp32",
                           cu_seqlens_ptr="*i64", checkpoint_ptr="*fp16", dy_ptr="*bf16", dstate_ptr="*fp32",
                           dq_ptr="*bf16", dk_ptr="*bf16", dv_ptr="*bf16", df_ptr="*fp32", dW_ptr="*fp32",
@@ -33,32 +29,24 @@ BACKWARD_ARGUMENTS = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", W_ptr="*f
 
 
 def compile_for_hopper(K: int, V: int, varlen: bool) -> dict:
-    """Compiles the Gluon kernels for compute capability 9.0 (in a process without the Triton interpreter, whose
-    functions a Gluon kernel cannot call): {kernel: (shared memory, SASS)}."""
+    """Compiles the Gluon backward for compute capability 9.0 (in a process without the Triton interpreter, whose
+    functions a Gluon kernel cannot call): its shared memory and SASS."""
+    fn = scan_backward_gluon_kernel
     block_k, block_v = max(16, triton.next_power_of_2(K)), max(16, triton.next_power_of_2(V))
-    common = dict(N=6, NQ=1, NK=2, NV=6, NF=6, NW=3, K=K, V=V, BK=block_k, BV=block_v, HP=1, BR=32, CHUNK=32,
-                  VARLEN=varlen, DOT_DTYPE=tl.float16, DOT_PRECISION="ieee", FAST_TANH=True, LANE_SUMS=True,
-                  PREFETCH=True)
-    kernels = {
-        "forward": (scan_forward_gluon_kernel, FORWARD_ARGUMENTS,
-                    dict(common, HAS_H0=True, STORE_CHECKPOINTS=True)),
-        "backward": (scan_backward_gluon_kernel, BACKWARD_ARGUMENTS,
-                     dict(common, CLIP=True, GRAD_DTYPE=tl.bfloat16, GRAD_PRECISION="ieee")),
-    }
-    compiled = {}
-    for name, (fn, arguments, constants) in kernels.items():
-        signature = dict(arguments, **{constant: "constexpr" for constant in constants})
-        constexprs = {(fn.arg_names.index(n),): c for n, c in constants.items()}
-        kernel = triton.compile(GluonASTSource(fn, signature, constexprs=constexprs),
-                                target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1))
-        compiled[name] = (kernel.metadata.shared, kernel.asm["sass"])
-    return compiled
+    constants = dict(N=6, NQ=1, NK=2, NV=6, NF=6, NW=3, K=K, V=V, BK=block_k, BV=block_v, HP=1, BR=32, CHUNK=32,
+                     VARLEN=varlen, CLIP=True, DOT_DTYPE=tl.float16, DOT_PRECISION="ieee", GRAD_DTYPE=tl.bfloat16,
+                     GRAD_PRECISION="ieee", FAST_TANH=True, LANE_SUMS=True, PREFETCH=True)
+    signature = dict(BACKWARD_ARGUMENTS, **{constant: "constexpr" for constant in constants})
+    constexprs = {(fn.arg_names.index(n),): c for n, c in constants.items()}
+    kernel = triton.compile(GluonASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=1))
+    return {"shared": kernel.metadata.shared, "sass": kernel.asm["sass"]}
 
 
 @pytest.mark.parametrize("K, V, varlen", [(64, 16, False), (72, 20, True)])
-def test_gluon_kernels_compile_for_hopper_without_shared_memory(K, V, varlen):
-    """Both kernels, loops included, keep their operands in registers: no shared memory is allocated. The backward
-    transposes its 8×8 tiles with movmatrix."""
+def test_gluon_backward_compiles_for_hopper_without_shared_memory(K, V, varlen):
+    """The kernel, loops included, keeps its operands in registers: no shared memory is allocated, and the 8×8 tiles
+    are transposed by movmatrix."""
     environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     environment["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[2]), environment.get("PYTHONPATH", "")])
     code = f"import json, {Path(__file__).stem} as t; print(json.dumps(t.compile_for_hopper({K}, {V}, {varlen})))"
@@ -66,10 +54,8 @@ def test_gluon_kernels_compile_for_hopper_without_shared_memory(K, V, varlen):
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     compiled = json.loads(done.stdout.strip().splitlines()[-1])
-    for name, (shared, sass) in compiled.items():
-        assert "HMMA" in sass and shared == 0, name
-    assert "MUFU.TANH" in compiled["forward"][1]
-    assert "MOVM" in compiled["backward"][1]
+    assert compiled["shared"] == 0
+    assert all(instruction in compiled["sass"] for instruction in ("HMMA", "MUFU.TANH", "MOVM"))
 
 
 def shape(seq_len=64):

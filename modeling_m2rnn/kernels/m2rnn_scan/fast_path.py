@@ -1,4 +1,4 @@
-"""Where the scan's GPU-only kernels (Gluon) run instead of their plain-Triton twins.
+"""Where the scan's GPU-only kernel (the Gluon backward, gluon_backward.py) runs instead of its plain-Triton twin.
 
 A Gluon kernel runs only where it has been checked against the float64 reference on the GPU
 (benchmarks/check_scan_gpu.py): on the compute capabilities and Triton versions listed here. Everywhere else
@@ -20,9 +20,9 @@ import triton
 
 ENVIRONMENT_VARIABLE = "M2RNN_SCAN_KERNELS"
 CHOICES = ("auto", "triton", "gluon")
-# Checked by benchmarks/check_scan_gpu.py (results on benchmarks/RESULTS.md): none yet.
-CHECKED_CAPABILITIES = ()
-CHECKED_TRITON_VERSIONS = ()
+# Checked by benchmarks/check_scan_gpu.py (results on benchmarks/RESULTS.md): H100, Triton 3.6.
+CHECKED_CAPABILITIES = ((9, 0),)
+CHECKED_TRITON_VERSIONS = ("3.6",)
 # The Gluon kernels' tensor-core products (mma_v2) need compute capability 8.0.
 MINIMUM_CAPABILITY = (8, 0)
 

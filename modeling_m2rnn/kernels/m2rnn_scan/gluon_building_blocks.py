@@ -1,4 +1,4 @@
-"""Gluon building blocks shared by the Gluon scan kernels (gluon_forward.py, gluon_backward.py).
+"""Gluon building blocks of the Gluon scan kernels (gluon_backward.py).
 
 The kernels keep a program's (BR, BV) block of the state in the accumulator layout of a one-warp m16n8 tensor-core
 product: lane 4g + j holds rows 8i + g and columns 8a + 2j + e (e < 2), as triton_building_blocks describes. Loads
@@ -10,7 +10,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-from .triton_building_blocks import _halve, _shuffle_xor, tanh
+from .triton_building_blocks import tanh
 
 # The layouts of a one-warp program: a (BR, BV) block in the accumulator of m16n8 tensor-core products, the A and B
 # operands of those products (16-bit, two elements per register), the block's row and column slices, and one step per
@@ -58,41 +58,3 @@ def load_columns(x_ptr, batch, t, seq_len, head, c, N: gl.constexpr, NX: gl.cons
 def load_gate(f_ptr, batch, t, seq_len, head, N: gl.constexpr, NF: gl.constexpr):
     """f_t of `head`, float32."""
     return gl.load(f_ptr + (batch * seq_len + t).to(gl.int64) * NF + head // (N // NF)).to(gl.float32)
-
-
-@gluon.jit
-def store_column_sums(row_ptr, x, V: gl.constexpr, BR: gl.constexpr, BV: gl.constexpr, LANE_SUMS: gl.constexpr):
-    """Stores Σ over the rows of x (BR, BV), in the accumulator layout, into columns [0, V) at row_ptr, in
-    row_ptr's dtype. LANE_SUMS: reduce-scattered across the lanes as triton_building_blocks._column_sums does
-    (the layout's lanes and registers are the same), four shuffles where gl.sum takes twelve."""
-    if LANE_SUMS:
-        x = gl.sum(gl.reshape(x, (BR // 8, 8, BV)), axis=0)  # (8 g, BV): each lane's own rows summed first
-        # (g, BV // 16 b, 4 j, 2 e, 2 a_low): column b·16 + a_low·8 + 2j + e
-        first, second = gl.split(gl.permute(gl.reshape(x, (8, BV // 16, 2, 4, 2)), (0, 1, 3, 4, 2)))
-        x = _halve(first, second, (index(0, first) & 1) == 1, 4)  # lane bit 2 = g bit 0 keeps a_low
-        first, second = gl.split(x)  # (g, b, j)
-        g = index(0, first)
-        x = _halve(first, second, (g & 2) == 2, 8)  # g bit 1 keeps e
-        x = x + _shuffle_xor(x, 16)
-        columns = index(1, x) * 16 + (g & 1) * 8 + 2 * index(2, x) + (g >> 1 & 1)
-        # Lanes with g >= 4 hold the same sums as those with g - 4.
-        gl.store(row_ptr + columns, x.to(row_ptr.dtype.element_ty), mask=(g < 4) & (columns < V))
-    else:
-        columns = gl.arange(0, BV, layout=gl.SliceLayout(0, x.type.layout))
-        gl.store(row_ptr + columns, gl.sum(x, axis=0).to(row_ptr.dtype.element_ty), mask=columns < V)
-
-
-@gluon.jit
-def index(dim: gl.constexpr, x):
-    """arange(0, x.shape[dim]) along `dim` of a tensor of x's rank, the other dims of size 1, in x's layout: for dim 0
-    of a 4-D tensor or any dim of a 3-D one."""
-    layout: gl.constexpr = x.type.layout
-    if len(x.shape) == 4:
-        gl.static_assert(dim == 0)
-        index = gl.arange(0, x.shape[0], layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, layout))))
-        return gl.expand_dims(gl.expand_dims(gl.expand_dims(index, 1), 2), 3)
-    else:
-        low: gl.constexpr = 1 if dim == 0 else 0  # the other two dims, low < high
-        high: gl.constexpr = 1 if dim == 2 else 2
-        index = gl.arange(0, x.shape[dim], layout=gl.SliceLayout(low, gl.SliceLayout(high, layout)))
-        return gl.expand_dims(gl.expand_dims(index, low), high)

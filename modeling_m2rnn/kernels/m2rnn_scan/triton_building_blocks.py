@@ -229,11 +229,8 @@ def blend(H, Z, g_t):
 # on one warp (launched for one head per program, the case checked on the GPU); elsewhere the kernels use tl.sum.
 
 @triton.jit
-def _shuffle_xor(x, LANE_BITS: tl.constexpr):
-    """x (float32) from the lane whose index differs from this lane's in LANE_BITS."""
-    # LANE_BITS as a tensor of x's shape and layout (the AND with zero folds to a constant): a Gluon kernel's tensors
-    # carry layouts that tl.full cannot give.
-    lane_bits = (x.to(tl.int32, bitcast=True) & 0) + LANE_BITS
+def _shuffle_xor(x, lane_bits):
+    """x (float32) from the lane whose index differs from this lane's in `lane_bits` (int32, x's shape)."""
     return tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, $2, 0x1f, 0xffffffff;", "=r,r,r", [x, lane_bits],
                                      dtype=tl.float32, is_pure=True, pack=1)
 
@@ -244,7 +241,7 @@ def _halve(first, second, keeps_second, LANE_BIT: tl.constexpr):
     and `first` elsewhere, sends the other to its partner, and adds what the partner sent."""
     send = tl.where(keeps_second, first, second)
     keep = tl.where(keeps_second, second, first)
-    return keep + _shuffle_xor(send, LANE_BIT)
+    return keep + _shuffle_xor(send, tl.full(send.shape, LANE_BIT, tl.int32))
 
 
 @triton.jit
@@ -258,7 +255,7 @@ def _column_sums(x, HP: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr):
     x = _halve(first, second, (g & 1) == 1, 4)  # lane bit 2 = g bit 0 keeps a_low
     first, second = tl.split(x)
     x = _halve(first, second, (tl.reshape(g, (1, 8, 1, 1)) & 2) == 2, 8)  # g bit 1 keeps e
-    return x + _shuffle_xor(x, 16)
+    return x + _shuffle_xor(x, tl.full(x.shape, 16, tl.int32))
 
 
 @triton.jit

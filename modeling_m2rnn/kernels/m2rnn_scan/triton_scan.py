@@ -1,7 +1,6 @@
 """The Triton backend of `m2rnn_scan`, registered as torch library custom ops so that it runs
-under torch.compile without graph breaks. For 16-bit sequences the forward and the backward launch the Gluon
-kernels (gluon_forward.py, gluon_backward.py) where fast_path.py enables them, else their plain-Triton twins
-(triton_forward.py, triton_backward.py).
+under torch.compile without graph breaks. For 16-bit sequences the backward launches the Gluon kernel
+(gluon_backward.py) where fast_path.py enables it, else its plain-Triton twin (triton_backward.py).
 
 Ops (all functional):
   m2rnn::scan(q, k, v, W, f, initial_state?, cu_seqlens?, gradient_clipping?, store_checkpoints)
@@ -34,7 +33,6 @@ import triton.language as tl
 from ..backend import launches_directly, needs_grad
 from .fast_path import gluon_kernels_enabled
 from .gluon_backward import scan_backward_gluon_kernel
-from .gluon_forward import scan_forward_gluon_kernel
 from .triton_backward import scan_backward_kernel
 from .triton_forward import scan_forward_kernel
 
@@ -268,10 +266,10 @@ def _forward_rows(shape: ScanShape) -> int:
 
 
 def _runs_gluon(shape: ScanShape, dtype: torch.dtype, device: torch.device, heads: int, warps: int) -> bool:
-    """Whether a launch takes the Gluon kernel (gluon_forward.py, gluon_backward.py) rather than its Triton twin:
-    where fast_path enables the Gluon kernels, for the launches they are written for (16-bit inputs, one head per
-    program on one warp) and checked on. A decode step (S == 1) keeps the twin: its one program per head has no step
-    chain to shorten."""
+    """Whether the backward takes the Gluon kernel (gluon_backward.py) rather than its Triton twin: where fast_path
+    enables the Gluon kernels, for the launches it is written for (16-bit inputs, one head per program on one warp)
+    and checked on, over sequences (a decode step's gradient, S == 1, keeps the twin: it has no step chain to
+    shorten)."""
     return (dtype in (torch.bfloat16, torch.float16) and heads == 1 and warps == 1 and shape.seq_len > 1
             and gluon_kernels_enabled(device))
 
@@ -289,9 +287,7 @@ def _scan_forward(q, k, v, W, f, initial_state, cu_seqlens, store_checkpoints):
     checkpoints = _checkpoint_buffer(shape, v, store_checkpoints)
     heads = CONFIG.forward_heads_per_program if shape.num_heads % CONFIG.forward_heads_per_program == 0 else 1
     grid = (shape.num_states, shape.num_heads // heads, row_blocks)
-    gluon = _runs_gluon(shape, v.dtype, v.device, heads, CONFIG.forward_warps)
-    kernel = scan_forward_gluon_kernel if gluon else scan_forward_kernel
-    kernel[grid](
+    scan_forward_kernel[grid](
         q, k, v, W, f,
         initial_state.contiguous() if initial_state is not None else f,
         cu_seqlens if cu_seqlens is not None else f,
