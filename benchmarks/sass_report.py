@@ -2,14 +2,15 @@
 
     python benchmarks/sass_report.py                                  # default KernelConfig, 400M shape
     python benchmarks/sass_report.py --backward-rows 64 --backward-products tf32 --kernels backward
+    python benchmarks/sass_report.py --kernels backward gluon-backward   # the Triton and the Gluon backward
 
-Compiles the forward and backward kernels for an H100/H200 (sm_90) with Triton's own compiler and ptxas,
-the way a launch on the GPU would (bf16 inputs, the 400M shape: N=84, Nq=Nk=1, K=64, V=16), disassembles
-them with the cuobjdump Triton ships, and prints for every loop its instruction count and the instructions that
-set a step's pace: shared-memory loads and stores and barriers (each layout change of a tensor in the step),
-tensor-core products (HMMA), tanh (MUFU), warp shuffles (row sums), global loads and stores, and register
-spills (LDL/STL). The innermost loops are the time steps: in the forward, the step loop; in the backward, the
-replay and the walk of a chunk.
+Compiles the forward and backward kernels (and the Gluon backward, which runs in place of the Triton one on H100
+and H200) for sm_90 with Triton's own compiler and ptxas, the way a launch on the GPU would (bf16 inputs, the 400M
+shape: N=84, Nq=Nk=1, K=64, V=16), disassembles them with the cuobjdump Triton ships, and prints for every loop its
+instruction count and the instructions that set a step's pace: shared-memory loads and stores and barriers (each
+layout change of a tensor in the step), tensor-core products (HMMA), tanh (MUFU), warp shuffles (row sums),
+in-register transposes (MOVM), global loads and stores, and register spills (LDL/STL). The innermost loops are the
+time steps: in the forward, the step loop; in the backward, the replay and the walk of a chunk.
 
 The kernel's time on the GPU follows these counts only roughly (latency and the warps in flight decide the
 rest), but a change that adds shared-memory round trips or spills shows here first, at no GPU time. For
@@ -29,7 +30,9 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.experimental.gluon._runtime import GluonASTSource
 
+from modeling_m2rnn.kernels.m2rnn_scan.gluon_backward import scan_backward_gluon_kernel
 from modeling_m2rnn.kernels.m2rnn_scan.triton_backward import scan_backward_kernel
 from modeling_m2rnn.kernels.m2rnn_scan.triton_forward import scan_forward_kernel
 from modeling_m2rnn.kernels.m2rnn_scan.triton_scan import KernelConfig, ScanShape, dot_constants, gradient_constants
@@ -37,7 +40,7 @@ from modeling_m2rnn.kernels.m2rnn_scan.triton_scan import KernelConfig, ScanShap
 TARGET = GPUTarget("cuda", 90, 32)
 SHAPE = ScanShape(batch=8, seq_len=4096, num_heads=84, nq=1, nk=1, nv=84, nf=84, nw=84, key_dim=64, value_dim=16,
                   num_states=8, varlen=False)
-SHOWN = ("LDS", "STS", "BAR", "HMMA", "MUFU", "SHFL", "LDG", "STG", "LDL", "STL")
+SHOWN = ("LDS", "STS", "BAR", "HMMA", "MUFU", "SHFL", "MOVM", "LDG", "STG", "LDL", "STL")
 # Integer arguments that a launch at the 400M shape passes as multiples of 16, which Triton specialises on.
 ALIGNED_INTEGERS = {"seq_len", "segment_start", "segment_end", "segment_steps", "row_block_steps", "y_partial_stride"}
 
@@ -60,7 +63,8 @@ def signature(kernel, constants: dict, pointer_types: dict) -> tuple[dict, dict]
 
 def compile_sm90(kernel, constants: dict, pointer_types: dict, num_warps: int, max_registers=None):
     types, attributes = signature(kernel, constants, pointer_types)
-    source = ASTSource(fn=kernel, signature=types, constexprs=constants, attrs=attributes)
+    source_type = GluonASTSource if kernel is scan_backward_gluon_kernel else ASTSource
+    source = source_type(fn=kernel, signature=types, constexprs=constants, attrs=attributes)
     options = dict(num_warps=num_warps, **({"maxnreg": max_registers} if max_registers is not None else {}))
     return triton.compile(source, target=TARGET, options=options)
 
@@ -83,13 +87,13 @@ def forward(config: KernelConfig, store_checkpoints: bool):
     return compile_sm90(scan_forward_kernel, constants, pointers, config.forward_warps)
 
 
-def backward(config: KernelConfig):
+def backward(config: KernelConfig, kernel=scan_backward_kernel):
     constants = dict(**SHAPE.head_constants(), HP=config.backward_max_heads_per_program,
                      BR=SHAPE.block_rows(config.backward_rows), CHUNK=config.chunk, VARLEN=False, CLIP=True,
                      **gpu_constants(config))
     pointers = {name: "*bf16" for name in ("q_ptr", "k_ptr", "v_ptr", "W_ptr", "dy_ptr", "dv_ptr", "dq_ptr", "dk_ptr")}
     pointers.update(checkpoint_ptr="*fp16", scratch_ptr="*fp16", cu_seqlens_ptr="*i32")
-    return compile_sm90(scan_backward_kernel, constants, pointers, config.backward_warps, config.backward_max_registers)
+    return compile_sm90(kernel, constants, pointers, config.backward_warps, config.backward_max_registers)
 
 
 def disassemble(compiled) -> tuple[list[tuple[int, str, int | None]], str]:
@@ -133,7 +137,8 @@ def report(name: str, compiled) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kernels", nargs="+", choices=["forward", "backward"], default=["forward", "backward"])
+    parser.add_argument("--kernels", nargs="+", choices=["forward", "backward", "gluon-backward"],
+                        default=["forward", "backward"])
     for field in fields(KernelConfig):
         flag = "--" + field.name.replace("_", "-")
         if field.type in (bool, "bool"):
@@ -148,6 +153,8 @@ def main():
         print(report("forward, training (checkpoints)", forward(config, store_checkpoints=True)))
     if "backward" in args.kernels:
         print(report("backward", backward(config)))
+    if "gluon-backward" in args.kernels:
+        print(report("Gluon backward", backward(config, scan_backward_gluon_kernel)))
 
 
 if __name__ == "__main__":
