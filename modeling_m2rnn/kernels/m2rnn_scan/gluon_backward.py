@@ -51,6 +51,8 @@ def scan_backward_gluon_kernel(
     DOT_PRECISION: gl.constexpr, GRAD_DTYPE: gl.constexpr, GRAD_PRECISION: gl.constexpr, FAST_TANH: gl.constexpr,
     LANE_SUMS: gl.constexpr, PREFETCH: gl.constexpr,
 ):
+    # The twin's arguments, so that one launch serves both kernels. DOT_PRECISION, GRAD_PRECISION and LANE_SUMS go
+    # unused: the products here are 16-bit tensor-core products, and no sum crosses lanes by shuffles but df's.
     gl.static_assert(HP == 1, "one head per program")
     ROWS_MASKED: gl.constexpr = K % BR != 0
     COLUMNS_MASKED: gl.constexpr = V != BV
