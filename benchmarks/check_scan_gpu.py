@@ -11,8 +11,8 @@ The log goes to benchmarks/results/check_scan_gpu.log (and $OUT when set).
 """
 
 import os
-from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -52,18 +52,9 @@ def gradients(scan, inputs, output_grads, **kwargs):
     return y, final_state, torch.autograd.grad(loss, present)
 
 
-@contextmanager
 def kernels(choice: str):
-    """M2RNN_SCAN_KERNELS=choice inside the block."""
-    previous = os.environ.get(fast_path.ENVIRONMENT_VARIABLE)
-    os.environ[fast_path.ENVIRONMENT_VARIABLE] = choice
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ[fast_path.ENVIRONMENT_VARIABLE]
-        else:
-            os.environ[fast_path.ENVIRONMENT_VARIABLE] = previous
+    """M2RNN_SCAN_KERNELS=choice inside a `with` block."""
+    return mock.patch.dict(os.environ, {fast_path.ENVIRONMENT_VARIABLE: choice})
 
 
 def cases() -> dict:

@@ -2,7 +2,10 @@
 
 The math, the chunks, the segments and the outputs are scan_backward_kernel's (see its doc). What the layouts change:
   - The state and every per-step matrix (Z, G, dA, dH) live in the accumulator layout of a one-warp m16n8 tensor-core
-    product, which for 16-bit operands is also the A-operand layout: H·W, dA·Wᵀ take their A operand in registers.
+    product (lane 4g + j holds rows 8i + g and columns 8a + 2j + e, e < 2, as triton_building_blocks describes),
+    which for 16-bit operands is also the A-operand layout: H·W, dA·Wᵀ take their A operand in registers.
+  - Loads return the input dtype: what the step computes with in float32 is converted where it is loaded (a step
+    ahead, so the conversion lands at the top of the next step); tensor-core operands stay 16-bit.
   - The replay keeps H_{t-1} in the scratch in that layout, each thread storing and loading its own elements, 16 bytes
     at a time: no barrier, no conversion. (Keeping Z_t too would spare the walk its tanh and H·W, but the scratch of
     all programs would then outgrow the L2 cache at the 400M shape, and the walk would wait on device memory.)
@@ -18,18 +21,6 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-from .gluon_building_blocks import (
-    A_OPERAND,
-    ACCUMULATOR,
-    B_OPERAND,
-    COLUMNS,
-    ROWS,
-    STEPS,
-    candidate,
-    load_columns,
-    load_gate,
-    load_rows,
-)
 from .triton_building_blocks import (
     checkpoint_slot_shift,
     chunk_bounds,
@@ -37,7 +28,18 @@ from .triton_building_blocks import (
     prefetch_steps,
     segment_chunks,
     sequence_bounds,
+    tanh,
 )
+
+# The layouts of a one-warp program: a (BR, BV) block in the accumulator of m16n8 tensor-core products, the A and B
+# operands of those products (16-bit, two elements per register), the block's row and column slices, and one step per
+# lane for a chunk's prefetch.
+ACCUMULATOR = gl.constexpr(gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8]))
+A_OPERAND = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=ACCUMULATOR.value, k_width=2))
+B_OPERAND = gl.constexpr(gl.DotOperandLayout(operand_index=1, parent=ACCUMULATOR.value, k_width=2))
+ROWS = gl.constexpr(gl.SliceLayout(1, ACCUMULATOR.value))
+COLUMNS = gl.constexpr(gl.SliceLayout(0, ACCUMULATOR.value))
+STEPS = gl.constexpr(gl.BlockedLayout([1], [32], [1], [0]))
 
 
 @gluon.jit
@@ -125,7 +127,7 @@ def scan_backward_gluon_kernel(
             Z = candidate(H_dot, W_dot, k_t, v_t, FAST_TANH)
             H = H + g_t * (Z - H)
             # dq_t = H_t dy_t as a tensor-core product with dy_t in every column of the B operand.
-            dq_t = _row_sums_by_mma(H.to(GRAD_DTYPE), dy_t.to(GRAD_DTYPE), BR, BV)
+            dq_t = _row_sums_by_mma(gl.convert_layout(H.to(GRAD_DTYPE), A_OPERAND), dy_t.to(GRAD_DTYPE), BR, BV)
             dq_row = dq_ptr + (batch * segment_steps + t - segment_start).to(gl.int64) * N * K
             _store_rows(dq_row + partial_rows, dq_t, rk < K, BR)
             k_t, v_t, f_t, dy_t = k_next, v_next, f_next, dy_next
@@ -154,13 +156,14 @@ def scan_backward_gluon_kernel(
                 G = gl.minimum(gl.maximum(G, -clip), clip)
             gG = g * G
             dA = gG * (1.0 - Z * Z)
-            dA_a = gl.convert_layout(dA.to(GRAD_DTYPE), A_OPERAND)
+            dA_grad = dA.to(GRAD_DTYPE)
+            dA_a = gl.convert_layout(dA_grad, A_OPERAND)
             dH = mma_v2(dA_a, W_t, G - gG)
             # dk_t = dA v_t; dW += H_{t-1}ᵀ dA and dv_t = dAᵀ k_t = k_tᵀ dA with dA as the B operand.
-            dk_t = _row_sums_by_mma_a(dA_a, v_operand_t.to(GRAD_DTYPE), BR, BV)
+            dk_t = _row_sums_by_mma(dA_a, v_operand_t.to(GRAD_DTYPE), BR, BV)
             dk_row = dk_ptr + (batch * segment_steps + t - segment_start).to(gl.int64) * N * K
             _store_rows(dk_row + partial_rows, dk_t, rk < K, BR)
-            dA_b = transposed_b_operand(dA.to(GRAD_DTYPE), BR, BV)
+            dA_b = transposed_b_operand(dA_grad, BR, BV)
             dW = mma_v2(transposed_a_operand(H_prev32.to(GRAD_DTYPE), BR, BV), dA_b, dW)
             k_rows = gl.expand_dims(k_operand_t.to(GRAD_DTYPE), 0) * gl.full([16, BR], 1, GRAD_DTYPE, A_OPERAND)
             dv_t = mma_v2(k_rows, dA_b, gl.zeros([16, BV], gl.float32, ACCUMULATOR))  # (16, BV), every row dv_t
@@ -260,14 +263,9 @@ def _operand_k(size: gl.constexpr, operand: gl.constexpr):
 
 
 @gluon.jit
-def _row_sums_by_mma(x, column, BR: gl.constexpr, BV: gl.constexpr):
-    """x (BR, BV) in the accumulator layout times `column` (BV,) on the tensor cores: (BR, 8), every column x·column."""
-    return _row_sums_by_mma_a(gl.convert_layout(x, A_OPERAND), column, BR, BV)
-
-
-@gluon.jit
-def _row_sums_by_mma_a(x_a, column, BR: gl.constexpr, BV: gl.constexpr):
-    """x_a (BR, BV) as an A operand times `column` (BV,), given along the B operand's contraction dim: (BR, 8)."""
+def _row_sums_by_mma(x_a, column, BR: gl.constexpr, BV: gl.constexpr):
+    """x_a (BR, BV) as an A operand times `column` (BV,), given along the B operand's contraction dim, on the tensor
+    cores: (BR, 8), every column x·column."""
     columns = gl.expand_dims(column, 1) * gl.full([BV, 8], 1, column.dtype, B_OPERAND)
     return mma_v2(x_a, columns, gl.zeros([BR, 8], gl.float32, ACCUMULATOR))
 
@@ -280,3 +278,38 @@ def _store_rows(pointers, x, mask, BR: gl.constexpr):
              mask=gl.expand_dims(mask, 1) & (column == 0))
 
 
+@gluon.jit
+def candidate(H_dot, W_dot, k_t, v_t, FAST_TANH: gl.constexpr):
+    """Z_t = tanh(H_{t-1} W + k_t v_tᵀ), float32 (BR, BV) in the accumulator layout: H_dot (BR, BV) in the dot dtype
+    in the accumulator layout, W_dot its B operand, k_t (BR,) and v_t (BV,) in its row and column slices, float32."""
+    outer = gl.expand_dims(k_t, 1) * gl.expand_dims(v_t, 0)
+    return tanh(mma_v2(gl.convert_layout(H_dot, A_OPERAND), W_dot, outer), FAST_TANH)
+
+
+@gluon.jit
+def load_rows(x_ptr, batch, t, seq_len, head, r, N: gl.constexpr, NX: gl.constexpr, K: gl.constexpr,
+               MASKED: gl.constexpr):
+    """Rows r (in r's layout) of step t's q or k row for `head` (group head // (N / NX)), zero past K."""
+    pointers = x_ptr + ((batch * seq_len + t).to(gl.int64) * NX + head // (N // NX)) * K + r
+    if MASKED:
+        return gl.load(pointers, mask=r < K, other=0.0)
+    else:
+        return gl.load(pointers)
+
+
+@gluon.jit
+def load_columns(x_ptr, batch, t, seq_len, head, c, N: gl.constexpr, NX: gl.constexpr, V: gl.constexpr,
+                  MASKED: gl.constexpr):
+    """Columns c (in c's layout) of step t's v or dy row for `head`, one element per load (see
+    triton_building_blocks.load_step), zero past V."""
+    pointers = x_ptr + gl.max_contiguous(((batch * seq_len + t).to(gl.int64) * NX + head // (N // NX)) * V + c, [1])
+    if MASKED:
+        return gl.load(pointers, mask=c < V, other=0.0)
+    else:
+        return gl.load(pointers)
+
+
+@gluon.jit
+def load_gate(f_ptr, batch, t, seq_len, head, N: gl.constexpr, NF: gl.constexpr):
+    """f_t of `head`, float32."""
+    return gl.load(f_ptr + (batch * seq_len + t).to(gl.int64) * NF + head // (N // NF)).to(gl.float32)
