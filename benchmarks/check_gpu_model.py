@@ -8,7 +8,9 @@ loss and every parameter gradient of the Triton run are compared with the refere
 (bound 3e-2: bf16 activations, the kernels' fp16 state products and approximate tanh). A gradient that is a
 small sum of large cancelling terms can differ by more between two bf16 runs; it also passes when the Triton
 run is no farther from a float32 run of the reference backend (no autocast, the truth here) than twice the
-reference backend's own bf16 run. Prints the worst gradients and exits non-zero if any check fails.
+reference backend's own bf16 run. The Triton run is made on both scan kernel paths, the Triton twins and the Gluon
+kernels (M2RNN_SCAN_KERNELS=triton and =gluon; see check_scan_gpu.py). Prints the worst gradients and exits non-zero
+if any check fails.
 
 First, the short-conv kernels alone at the 400M layer's shape (B=8, S=4096, C=1472, bf16, with and without packed
 sequences) against the layer's PyTorch conv in float64: out, dx and dweight within CONV_BOUND; and the gated-norm
@@ -18,6 +20,7 @@ kernels (B=8, S=4096, N=84, V=16, bf16 y, v, g) against the layer's PyTorch code
 import sys
 
 import torch
+from check_scan_gpu import PATHS, kernels  # benchmarks/, the script's folder
 
 from modeling_m2rnn import M2RNNConfig, M2RNNForCausalLM
 from modeling_m2rnn.kernels import causal_conv1d, causal_conv1d_silu, gated_rms_norm, gated_rms_norm_reference
@@ -116,23 +119,25 @@ def main() -> int:
     failures = check_short_conv() + check_gated_norm()
     for name, batch in batches().items():
         ref_loss, ref_grads = training_step("torch", batch)
-        loss, grads = training_step("triton", batch)
         _, truth = training_step("torch", batch, bf16=False)
-        loss_error = abs(loss - ref_loss) / abs(ref_loss)
-        failed = [] if loss_error < BOUND and set(grads) == set(ref_grads) else ["loss"]
-        rows = []
-        for n, ref in ref_grads.items():
-            mutual, triton_error, torch_error = (relative_error(grads[n], ref), relative_error(grads[n], truth[n]),
-                                                 relative_error(ref, truth[n]))
-            if not (mutual < BOUND or triton_error <= 2 * torch_error):
-                failed.append(n)
-            rows.append((mutual, n, triton_error, torch_error))
-        failures += bool(failed)
-        print(f"train step [{name}] triton vs torch: loss {loss:.5f} vs {ref_loss:.5f} (rel {loss_error:.1e}); "
-              f"{'ok' if not failed else 'FAIL: ' + ', '.join(failed)}", flush=True)
-        for mutual, n, triton_error, torch_error in sorted(rows, reverse=True)[:5]:
-            print(f"  {n}: triton vs torch {mutual:.1e}; "
-                  f"vs float32: triton {triton_error:.1e}, torch {torch_error:.1e}")
+        for path in PATHS:
+            with kernels(path):
+                loss, grads = training_step("triton", batch)
+            loss_error = abs(loss - ref_loss) / abs(ref_loss)
+            failed = [] if loss_error < BOUND and set(grads) == set(ref_grads) else ["loss"]
+            rows = []
+            for n, ref in ref_grads.items():
+                mutual, triton_error, torch_error = (relative_error(grads[n], ref), relative_error(grads[n], truth[n]),
+                                                     relative_error(ref, truth[n]))
+                if not (mutual < BOUND or triton_error <= 2 * torch_error):
+                    failed.append(n)
+                rows.append((mutual, n, triton_error, torch_error))
+            failures += bool(failed)
+            print(f"train step [{name}, {path} kernels] triton vs torch: loss {loss:.5f} vs {ref_loss:.5f} "
+                  f"(rel {loss_error:.1e}); {'ok' if not failed else 'FAIL: ' + ', '.join(failed)}", flush=True)
+            for mutual, n, triton_error, torch_error in sorted(rows, reverse=True)[:5]:
+                print(f"  {n}: triton vs torch {mutual:.1e}; "
+                      f"vs float32: triton {triton_error:.1e}, torch {torch_error:.1e}")
     return 1 if failures else 0
 
 
