@@ -42,9 +42,9 @@ class KernelConfig:
     """Launch parameters; `benchmarks/bench_scan.py` compares settings on the GPU."""
 
     # Steps between forward checkpoints; the backward replays one chunk at a time. Longer chunks save a little
-    # checkpoint memory, but their replayed states no longer fit the GPU's L2 cache at the 400M shape. Shorter ones
-    # make the backward a little faster but double the checkpoints, which every M2RNN layer of a model holds from
-    # its forward to its backward (benchmarks/RESULTS.md weighs the two).
+    # checkpoint memory, but their replayed states no longer fit the GPU's L2 cache at the 400M shape. Chunks of 16
+    # make the backward faster at most shapes but double the checkpoints, which every M2RNN layer of a model holds
+    # from its forward to its backward (benchmarks/RESULTS.md weighs the two).
     chunk: int = 32
     # State rows per program (a power of two >= 16; capped at K rounded up). Rows evolve independently,
     # so fewer rows per program mean more, shorter programs in flight; y, dv, df and dW then take one
