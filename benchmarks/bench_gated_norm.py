@@ -10,9 +10,9 @@ previous run's) and to $OUT when set.
 """
 
 import json
-import os
 
 import torch
+from run_info import results_folders  # benchmarks/, the script's folder
 from torch.profiler import ProfilerActivity, profile
 
 from modeling_m2rnn.kernels import gated_rms_norm, gated_rms_norm_reference
@@ -79,11 +79,9 @@ def main():
     print(f"{'gate and norm, 400M layer, B=8 S=4096, GPU time':<75} {'forward ms':>11} {'fwd+bwd ms':>11}")
     for name, result in results.items():
         print(f"{name:<75} {result['forward_ms']:>11.4f} {result['forward_backward_ms']:>11.4f}")
-    folders = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")]
-    folders += [os.environ["OUT"]] if os.environ.get("OUT") else []
-    for folder in folders:
-        with open(os.path.join(folder, "bench_gated_norm.json"), "w") as file:
-            json.dump(dict(shape=SHAPE, results=results), file, indent=1)
+    for folder in results_folders():
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "bench_gated_norm.json").write_text(json.dumps(dict(shape=SHAPE, results=results), indent=1))
 
 
 if __name__ == "__main__":

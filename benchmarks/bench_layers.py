@@ -12,13 +12,11 @@ times the forward only. JSON goes to benchmarks/results/bench_layers.json (and $
 
 import argparse
 import json
-import os
-from pathlib import Path
 
 import torch
 import triton
 from bench_scan import peak_extra_gib  # (benchmarks/ is the script's folder, on sys.path)
-from run_info import run_info
+from run_info import results_folders, run_info
 from transformers import AutoModelForCausalLM
 
 from modeling_m2rnn import M2RNNConfig
@@ -95,7 +93,7 @@ def main():
         lines.append(f"gated_deltanet fwd+bwd not timed: {refusal}")
     print("\n".join(lines))
 
-    folders = [Path(__file__).parent / "results"] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
+    folders = results_folders()
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "bench_layers.json").write_text(json.dumps({**report, "table": lines}, indent=1))

@@ -15,13 +15,11 @@ benchmarks/results/bench_scan.{json,log} (and $OUT when set), replacing the prev
 import argparse
 import dataclasses
 import json
-import os
-from pathlib import Path
 
 import torch
 import triton
 from check_scan_gpu import check_correctness, kernels, make_inputs  # benchmarks/, the script's folder
-from run_info import run_info
+from run_info import results_folders, run_info
 
 from modeling_m2rnn.kernels import m2rnn_scan
 from modeling_m2rnn.kernels.m2rnn_scan import fast_path, triton_scan
@@ -202,7 +200,7 @@ def main():
     log(text)
 
     name = "bench_scan.json"
-    folders = [Path(__file__).parent / "results"] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
+    folders = results_folders()
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / name).write_text(json.dumps(report, indent=1))

@@ -17,12 +17,10 @@ tiny versions of the same models on the CPU as a smoke check of this script.
 
 import argparse
 import json
-import os
 import time
-from pathlib import Path
 
 import torch
-from run_info import run_info  # (benchmarks/ is the script's folder, on sys.path)
+from run_info import results_folders, run_info  # (benchmarks/ is the script's folder, on sys.path)
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from modeling_m2rnn import M2RNNConfig
@@ -173,10 +171,8 @@ def profile_one_step(name, config, batch, seq_len, device, compile: bool = False
 
 def write_json(report: dict):
     # a --quick smoke check on the CPU leaves the GPU figures that benchmarks/RESULTS.md cites in place
-    paths = [] if report["quick"] else [Path(__file__).parent / "results" / "bench_train.json"]
-    if os.environ.get("OUT"):
-        paths.append(Path(os.environ["OUT"]) / "bench_train.json")
-    for path in paths:
+    folders = results_folders()[1:] if report["quick"] else results_folders()
+    for path in (folder / "bench_train.json" for folder in folders):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=1))
         print(f"wrote {path}")

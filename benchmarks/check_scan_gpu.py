@@ -11,10 +11,10 @@ The log goes to benchmarks/results/check_scan_gpu.log (and $OUT when set).
 """
 
 import os
-from pathlib import Path
 from unittest import mock
 
 import torch
+from run_info import results_folders  # benchmarks/, the script's folder
 
 from modeling_m2rnn.kernels import m2rnn_scan, m2rnn_scan_reference
 from modeling_m2rnn.kernels.m2rnn_scan import fast_path
@@ -122,7 +122,7 @@ def main():
     log(f"{torch.cuda.get_device_name(device)}, capability {torch.cuda.get_device_capability(device)}; Gluon "
         f"kernels by default: {fast_path.gluon_kernels_enabled(device)}")
     errors = check_correctness(log)
-    folders = [Path(__file__).parent / "results"] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
+    folders = results_folders()
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "check_scan_gpu.log").write_text("\n".join(lines) + "\n")

@@ -3,6 +3,7 @@ software versions and the commit (`benchmarks/RESULTS.md` cites them)."""
 
 import datetime
 import importlib.metadata
+import os
 import subprocess
 from pathlib import Path
 
@@ -34,6 +35,12 @@ def installed_version(distribution: str) -> str | None:
         return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def results_folders() -> list[Path]:
+    """Where a benchmark writes its raw files: benchmarks/results/ (what RESULTS.md cites) and, when the environment
+    names one, $OUT (the folder a GPU call sends back)."""
+    return [REPO / "benchmarks" / "results"] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
 
 
 def run_info() -> dict:
