@@ -93,7 +93,8 @@ def backward(config: KernelConfig, kernel=scan_backward_kernel):
                      **gpu_constants(config))
     pointers = {name: "*bf16" for name in ("q_ptr", "k_ptr", "v_ptr", "W_ptr", "dy_ptr", "dv_ptr", "dq_ptr", "dk_ptr")}
     pointers.update(checkpoint_ptr="*fp16", scratch_ptr="*fp16", cu_seqlens_ptr="*i32")
-    return compile_sm90(kernel, constants, pointers, config.backward_warps, config.backward_max_registers)
+    cap = config.gluon_backward_max_registers if kernel is scan_backward_gluon_kernel else config.backward_max_registers
+    return compile_sm90(kernel, constants, pointers, config.backward_warps, cap)
 
 
 def disassemble(compiled) -> tuple[list[tuple[int, str, int | None]], str]:

@@ -93,90 +93,64 @@ def scan_backward_gluon_kernel(
     df_partial_ptr = df_ptr + rows_block.to(gl.int64) * row_block_steps * N + head
     partial_rows = head * K + rk  # of dq, dk in a (…, N, K) partial row
 
+    # What the steps read and where they write (see _replay_step and _walk_step).
+    rk_operand = rows_block * BR + _operand_k(BR, A_OPERAND)  # the program's rows along an A operand's k
+    inputs = (q_ptr, k_ptr, v_ptr, dy_ptr, f_ptr)
+    place = (batch, seq_len, head, rk, rk_operand, rv)  # the program's rows and columns in the inputs
+    outputs = (dq_ptr, dk_ptr, dv_partial_ptr, df_partial_ptr, partial_rows, segment_start, segment_steps)
+    scratch = (scratch_base, block_offsets)
+
+    # Phase p walks chunk last - p + 1 (p > 0) and replays chunk last - p (p < num_chunks), the two step by step
+    # together: their chains are independent, so each fills the other's waits. They meet at the boundary between the
+    # two chunks; the walk's step boundary + i and the replay's step boundary - 1 - i share a scratch slot
+    # (_scratch_slot), which the walk reads (a step ahead) before the replay writes it.
     first_chunk, num_chunks = segment_chunks(start, end, segment_start, segment_end, CHUNK)
-    for chunk_from_end in range(num_chunks):
-        chunk = first_chunk + num_chunks - 1 - chunk_from_end
-        chunk_start, chunk_end = chunk_bounds(chunk, start, end, CHUNK)
+    for phase in range(gl.where(num_chunks > 0, num_chunks + 1, 0)):
+        boundary = (first_chunk + num_chunks - phase) * CHUNK
+        walk_start, walk_end = chunk_bounds(first_chunk + num_chunks - phase, start, end, CHUNK)
+        replay_start, replay_end = chunk_bounds(first_chunk + num_chunks - phase - 1, start, end, CHUNK)
+        walk_start = gl.where(phase > 0, walk_start, boundary)  # none: [boundary, boundary)
+        walk_end = gl.where(phase > 0, walk_end, boundary)
+        replay_start = gl.where(phase < num_chunks, replay_start, boundary)
+        replay_end = gl.where(phase < num_chunks, replay_end, boundary)
         if PREFETCH:
+            # Into L2 the chunk the next phase replays, into L1 the one this phase replays and the next walks.
             steps = gl.arange(0, CHUNK, layout=STEPS)
-            if chunk_start > start:
-                prefetch_steps(q_ptr, k_ptr, v_ptr, f_ptr, dy_ptr, batch, gl.maximum(start, chunk_start - CHUNK),
-                               chunk_start, seq_len, head, rows_block * BR, steps, N, NQ, NK, NV, NF, K, V, True,
+            if replay_start > start:
+                prefetch_steps(q_ptr, k_ptr, v_ptr, f_ptr, dy_ptr, batch, gl.maximum(start, replay_start - CHUNK),
+                               replay_start, seq_len, head, rows_block * BR, steps, N, NQ, NK, NV, NF, K, V, True,
                                False)
-            prefetch_steps(q_ptr, k_ptr, v_ptr, f_ptr, dy_ptr, batch, chunk_start, chunk_end, seq_len, head,
-                           rows_block * BR, steps, N, NQ, NK, NV, NF, K, V, True, True)
+            if replay_start < replay_end:
+                prefetch_steps(q_ptr, k_ptr, v_ptr, f_ptr, dy_ptr, batch, replay_start, replay_end, seq_len, head,
+                               rows_block * BR, steps, N, NQ, NK, NV, NF, K, V, True, True)
 
-        # Replay the chunk from its checkpoint, keeping H_{t-1} of every step, and writing dq_t = H_t dy_t.
-        H = gl.load(checkpoint_ptr + checkpoint_offsets + chunk * BK * BV, mask=state_mask, other=0.0)
-        H = H.to(gl.float32)
-        k_t = load_rows(k_ptr, batch, chunk_start, seq_len, head, rk, N, NK, K, ROWS_MASKED).to(gl.float32)
-        v_t = load_columns(v_ptr, batch, chunk_start, seq_len, head, rv, N, NV, V, COLUMNS_MASKED).to(gl.float32)
-        f_t = load_gate(f_ptr, batch, chunk_start, seq_len, head, N, NF)
-        dy_t = load_columns(dy_ptr, batch, chunk_start, seq_len, head, _operand_k(BV, B_OPERAND), N, N, V,
-                             COLUMNS_MASKED)
-        for t in range(chunk_start, chunk_end):
-            g_t = input_gate(f_t)
-            t_next = gl.minimum(t + 1, chunk_end - 1)
-            k_next = load_rows(k_ptr, batch, t_next, seq_len, head, rk, N, NK, K, ROWS_MASKED).to(gl.float32)
-            v_next = load_columns(v_ptr, batch, t_next, seq_len, head, rv, N, NV, V, COLUMNS_MASKED).to(gl.float32)
-            f_next = load_gate(f_ptr, batch, t_next, seq_len, head, N, NF)
-            dy_next = load_columns(dy_ptr, batch, t_next, seq_len, head, _operand_k(BV, B_OPERAND), N, N, V,
-                                    COLUMNS_MASKED)
-            H_dot = H.to(DOT_DTYPE)
-            gl.store(scratch_base + (t - chunk_start) * BR * BV + block_offsets, _lane_major(H_dot, BR, BV))
-            Z = candidate(H_dot, W_dot, k_t, v_t, FAST_TANH)
-            H = H + g_t * (Z - H)
-            # dq_t = H_t dy_t as a tensor-core product with dy_t in every column of the B operand.
-            dq_t = _row_sums_by_mma(gl.convert_layout(H.to(GRAD_DTYPE), A_OPERAND), dy_t.to(GRAD_DTYPE), BR, BV)
-            dq_row = dq_ptr + (batch * segment_steps + t - segment_start).to(gl.int64) * N * K
-            _store_rows(dq_row + partial_rows, dq_t, rk < K, BR)
-            k_t, v_t, f_t, dy_t = k_next, v_next, f_next, dy_next
+        # Each one's state at its first step; a phase without one loads it at a step clamped into the sequence and
+        # never uses it.
+        replay_chunk = gl.maximum(first_chunk + num_chunks - phase - 1, first_chunk)
+        H = gl.load(checkpoint_ptr + checkpoint_offsets + replay_chunk * BK * BV, mask=state_mask, other=0.0)
+        replay = (H.to(gl.float32),) + _replay_inputs(
+            gl.maximum(gl.minimum(replay_start, end - 1), start), inputs, place, N, NK, NV, NF, K, V, BV,
+            ROWS_MASKED, COLUMNS_MASKED) + (replay_start,)
+        walk = (dH, dW, gl.load(_scratch_slot(walk_end - 1, scratch, BR, BV, CHUNK))) + _walk_inputs(
+            gl.maximum(gl.minimum(walk_end - 1, end - 1), start), inputs, place, N, NQ, NK, NV, NF, K, V, BV,
+            ROWS_MASKED, COLUMNS_MASKED) + (walk_end - 1,)
 
-        # Walk the chunk backwards.
-        t = chunk_end - 1
-        rk_operand = rows_block * BR + _operand_k(BR, A_OPERAND)  # the program's rows along an A operand's k
-        q_t, k_t, k_operand_t, v_t, v_operand_t, dy_t, f_t = _walk_inputs(
-            q_ptr, k_ptr, v_ptr, dy_ptr, f_ptr, batch, t, seq_len, head, rk, rk_operand, rv,
-            N, NQ, NK, NV, NF, K, V, BV, ROWS_MASKED, COLUMNS_MASKED)
-        H_prev = gl.load(scratch_base + (t - chunk_start) * BR * BV + block_offsets)  # see _lane_major
-        for _step in range(chunk_end - chunk_start):
-            g = input_gate(f_t)
-            H_prev_dot = _from_lane_major(H_prev, BR, BV)
-            q_prev, k_prev, k_operand_prev, v_prev, v_operand_prev, dy_prev, f_prev = _walk_inputs(
-                q_ptr, k_ptr, v_ptr, dy_ptr, f_ptr, batch, gl.maximum(t - 1, chunk_start), seq_len, head, rk,
-                rk_operand, rv, N, NQ, NK, NV, NF, K, V, BV, ROWS_MASKED, COLUMNS_MASKED)
-            # At the chunk's first step this reloads its own slot: in bounds, and never used.
-            H_prev_prev = gl.load(scratch_base + gl.maximum(t - 1 - chunk_start, 0) * BR * BV + block_offsets)
-
-            Z = candidate(H_prev_dot, W_dot, k_t, v_t, FAST_TANH)
-            H_prev32 = H_prev_dot.to(gl.float32)
-
-            G = dH + gl.expand_dims(q_t, 1) * gl.expand_dims(dy_t, 0)
-            if CLIP:
-                G = gl.minimum(gl.maximum(G, -clip), clip)
-            gG = g * G
-            dA = gG * (1.0 - Z * Z)
-            dA_grad = dA.to(GRAD_DTYPE)
-            dA_a = gl.convert_layout(dA_grad, A_OPERAND)
-            dH = mma_v2(dA_a, W_t, G - gG)
-            # dk_t = dA v_t; dW += H_{t-1}ᵀ dA and dv_t = dAᵀ k_t = k_tᵀ dA with dA as the B operand.
-            dk_t = _row_sums_by_mma(dA_a, v_operand_t.to(GRAD_DTYPE), BR, BV)
-            dk_row = dk_ptr + (batch * segment_steps + t - segment_start).to(gl.int64) * N * K
-            _store_rows(dk_row + partial_rows, dk_t, rk < K, BR)
-            dA_b = transposed_b_operand(dA_grad, BR, BV)
-            dW = mma_v2(transposed_a_operand(H_prev32.to(GRAD_DTYPE), BR, BV), dA_b, dW)
-            k_rows = gl.expand_dims(k_operand_t.to(GRAD_DTYPE), 0) * gl.full([16, BR], 1, GRAD_DTYPE, A_OPERAND)
-            dv_t = mma_v2(k_rows, dA_b, gl.zeros([16, BV], gl.float32, ACCUMULATOR))  # (16, BV), every row dv_t
-            row = (batch * segment_steps + t - segment_start).to(gl.int64)
-            dv_rows = gl.expand_dims(gl.arange(0, 16, layout=ROWS), 1)
-            gl.store(dv_partial_ptr + row * N * V + dv_rows * 0 + columns, dv_t.to(dv_ptr.dtype.element_ty),
-                     mask=(dv_rows == 0) & (columns < V))
-            df_t = gl.sum(gl.sum(G * (H_prev32 - Z), axis=1), axis=0)
-            gl.store(df_partial_ptr + row * N, df_t)
-
-            t -= 1
-            q_t, k_t, k_operand_t, v_t, v_operand_t = q_prev, k_prev, k_operand_prev, v_prev, v_operand_prev
-            dy_t, f_t, H_prev = dy_prev, f_prev, H_prev_prev
+        # The replay's steps whose partners would come after the walk's chunk, the walk's whose partners would come
+        # before the replay's, then the two together.
+        mirror = 2 * boundary - 1
+        for _ in range(replay_start, gl.minimum(replay_end, mirror + 1 - walk_end)):
+            replay = _replay_step(replay, replay_end, W_dot, inputs, place, outputs, scratch, N, NK, NV, NF, K, V,
+                                  BR, BV, CHUNK, ROWS_MASKED, COLUMNS_MASKED, DOT_DTYPE, GRAD_DTYPE, FAST_TANH)
+        for _ in range(walk_end - gl.maximum(walk_start, mirror + 1 - replay_start)):
+            walk = _walk_step(walk, walk_start, W_dot, W_t, clip, inputs, place, outputs, scratch, N, NQ, NK, NV,
+                              NF, K, V, BR, BV, CHUNK, ROWS_MASKED, COLUMNS_MASKED, CLIP, GRAD_DTYPE, FAST_TANH)
+        for _ in range(gl.minimum(walk_end, mirror + 1 - replay_start) - walk_start):
+            walk = _walk_step(walk, walk_start, W_dot, W_t, clip, inputs, place, outputs, scratch, N, NQ, NK, NV,
+                              NF, K, V, BR, BV, CHUNK, ROWS_MASKED, COLUMNS_MASKED, CLIP, GRAD_DTYPE, FAST_TANH)
+            replay = _replay_step(replay, replay_end, W_dot, inputs, place, outputs, scratch, N, NK, NV, NF, K, V,
+                                  BR, BV, CHUNK, ROWS_MASKED, COLUMNS_MASKED, DOT_DTYPE, GRAD_DTYPE, FAST_TANH)
+        dH = walk[0]
+        dW = walk[1]
 
     gl.store(dstate_ptr + dstate_offsets, dH, mask=state_mask)
     dW_rows = gl.expand_dims(gl.arange(0, BV, layout=ROWS), 1)
@@ -187,13 +161,107 @@ def scan_backward_gluon_kernel(
 
 
 @gluon.jit
-def _walk_inputs(q_ptr, k_ptr, v_ptr, dy_ptr, f_ptr, batch, t, seq_len, head, rk, rk_operand, rv,
-                 N: gl.constexpr, NQ: gl.constexpr, NK: gl.constexpr, NV: gl.constexpr, NF: gl.constexpr,
-                 K: gl.constexpr, V: gl.constexpr, BV: gl.constexpr, ROWS_MASKED: gl.constexpr,
+def _replay_step(replay, replay_end, W_dot, inputs, place, outputs, scratch, N: gl.constexpr, NK: gl.constexpr,
+                 NV: gl.constexpr, NF: gl.constexpr, K: gl.constexpr, V: gl.constexpr, BR: gl.constexpr,
+                 BV: gl.constexpr, CHUNK: gl.constexpr, ROWS_MASKED: gl.constexpr, COLUMNS_MASKED: gl.constexpr,
+                 DOT_DTYPE: gl.constexpr, GRAD_DTYPE: gl.constexpr, FAST_TANH: gl.constexpr):
+    """The replay's step t, from its state (H_{t-1}, k_t, v_t, f_t, dy_t, t): keeps H_{t-1} in t's scratch slot and
+    writes dq_t = H_t dy_t. Returns the state at step t + 1 (with step t's inputs again at the replay's last step)."""
+    H, k_t, v_t, f_t, dy_t, t = replay
+    g_t = input_gate(f_t)
+    inputs_next = _replay_inputs(gl.minimum(t + 1, replay_end - 1), inputs, place, N, NK, NV, NF, K, V, BV,
+                                 ROWS_MASKED, COLUMNS_MASKED)
+    H_dot = H.to(DOT_DTYPE)
+    gl.store(_scratch_slot(t, scratch, BR, BV, CHUNK), _lane_major(H_dot, BR, BV))
+    Z = candidate(H_dot, W_dot, k_t, v_t, FAST_TANH)
+    H = H + g_t * (Z - H)
+    # dq_t = H_t dy_t as a tensor-core product with dy_t in every column of the B operand.
+    dq_t = _row_sums_by_mma(gl.convert_layout(H.to(GRAD_DTYPE), A_OPERAND), dy_t.to(GRAD_DTYPE), BR, BV)
+    dq_ptr, _dk_ptr, _dv_ptr, _df_ptr, partial_rows, segment_start, segment_steps = outputs
+    batch, _seq_len, _head, rk, _rk_operand, _rv = place
+    row = (batch * segment_steps + t - segment_start).to(gl.int64)
+    _store_rows(dq_ptr + row * N * K + partial_rows, dq_t, rk < K, BR)
+    return (H,) + inputs_next + (t + 1,)
+
+
+@gluon.jit
+def _walk_step(walk, walk_start, W_dot, W_t, clip, inputs, place, outputs, scratch, N: gl.constexpr,
+               NQ: gl.constexpr, NK: gl.constexpr, NV: gl.constexpr, NF: gl.constexpr, K: gl.constexpr,
+               V: gl.constexpr, BR: gl.constexpr, BV: gl.constexpr, CHUNK: gl.constexpr, ROWS_MASKED: gl.constexpr,
+               COLUMNS_MASKED: gl.constexpr, CLIP: gl.constexpr, GRAD_DTYPE: gl.constexpr, FAST_TANH: gl.constexpr):
+    """The walk's step t, from its state (dH, dW, H_{t-1} lane-major, then _walk_inputs of t, then t), dH the
+    gradient reaching H_t from H_{t+1}: writes dk_t and this row block's dv_t and df_t, adds to dW. Returns the state
+    at step t - 1 (with step t's H_{t-1} and inputs again at the walk's last step)."""
+    dH, dW, H_prev, q_t, k_t, k_operand_t, v_t, v_operand_t, dy_t, f_t, t = walk
+    g = input_gate(f_t)
+    H_prev_dot = _from_lane_major(H_prev, BR, BV)
+    t_prev = gl.maximum(t - 1, walk_start)
+    inputs_prev = _walk_inputs(t_prev, inputs, place, N, NQ, NK, NV, NF, K, V, BV, ROWS_MASKED, COLUMNS_MASKED)
+    H_prev_prev = gl.load(_scratch_slot(t_prev, scratch, BR, BV, CHUNK))
+
+    Z = candidate(H_prev_dot, W_dot, k_t, v_t, FAST_TANH)
+    H_prev32 = H_prev_dot.to(gl.float32)
+
+    G = dH + gl.expand_dims(q_t, 1) * gl.expand_dims(dy_t, 0)
+    if CLIP:
+        G = gl.minimum(gl.maximum(G, -clip), clip)
+    gG = g * G
+    dA = gG * (1.0 - Z * Z)
+    dA_grad = dA.to(GRAD_DTYPE)
+    dA_a = gl.convert_layout(dA_grad, A_OPERAND)
+    dH = mma_v2(dA_a, W_t, G - gG)
+    # dk_t = dA v_t; dW += H_{t-1}ᵀ dA and dv_t = dAᵀ k_t = k_tᵀ dA with dA as the B operand.
+    _dq_ptr, dk_ptr, dv_ptr, df_ptr, partial_rows, segment_start, segment_steps = outputs
+    batch, _seq_len, _head, rk, _rk_operand, rv = place
+    row = (batch * segment_steps + t - segment_start).to(gl.int64)
+    dk_t = _row_sums_by_mma(dA_a, v_operand_t.to(GRAD_DTYPE), BR, BV)
+    _store_rows(dk_ptr + row * N * K + partial_rows, dk_t, rk < K, BR)
+    dA_b = transposed_b_operand(dA_grad, BR, BV)
+    dW = mma_v2(transposed_a_operand(H_prev32.to(GRAD_DTYPE), BR, BV), dA_b, dW)
+    k_rows = gl.expand_dims(k_operand_t.to(GRAD_DTYPE), 0) * gl.full([16, BR], 1, GRAD_DTYPE, A_OPERAND)
+    dv_t = mma_v2(k_rows, dA_b, gl.zeros([16, BV], gl.float32, ACCUMULATOR))  # (16, BV), every row dv_t
+    dv_rows = gl.expand_dims(gl.arange(0, 16, layout=ROWS), 1)
+    columns = gl.expand_dims(rv, 0)
+    gl.store(dv_ptr + row * N * V + dv_rows * 0 + columns, dv_t.to(dv_ptr.dtype.element_ty),
+             mask=(dv_rows == 0) & (columns < V))
+    df_t = gl.sum(gl.sum(G * (H_prev32 - Z), axis=1), axis=0)
+    gl.store(df_ptr + row * N, df_t)
+    return (dH, dW, H_prev_prev) + inputs_prev + (t - 1,)
+
+
+@gluon.jit
+def _scratch_slot(t, scratch, BR: gl.constexpr, BV: gl.constexpr, CHUNK: gl.constexpr):
+    """Where step t's H_{t-1} sits in the program's scratch (lane-major, see _lane_major): at slot t mod CHUNK,
+    counted from the chunk's end in odd chunks of the time axis, so that step boundary + i of one chunk and step
+    boundary - 1 - i of the chunk before share a slot."""
+    scratch_base, block_offsets = scratch
+    slot = (t % CHUNK) ^ ((t // CHUNK) % 2 * (CHUNK - 1))
+    return scratch_base + slot * BR * BV + block_offsets
+
+
+@gluon.jit
+def _replay_inputs(t, inputs, place, N: gl.constexpr, NK: gl.constexpr, NV: gl.constexpr, NF: gl.constexpr,
+                   K: gl.constexpr, V: gl.constexpr, BV: gl.constexpr, ROWS_MASKED: gl.constexpr,
+                   COLUMNS_MASKED: gl.constexpr):
+    """What the replay's step t reads: k_t (BR,) and v_t (BV,) in the state's row and column slices and f_t, float32;
+    dy_t along a B operand's contraction (dq_t = H_t dy_t), in the input dtype."""
+    _q_ptr, k_ptr, v_ptr, dy_ptr, f_ptr = inputs
+    batch, seq_len, head, rk, _rk_operand, rv = place
+    return (load_rows(k_ptr, batch, t, seq_len, head, rk, N, NK, K, ROWS_MASKED).to(gl.float32),
+            load_columns(v_ptr, batch, t, seq_len, head, rv, N, NV, V, COLUMNS_MASKED).to(gl.float32),
+            load_gate(f_ptr, batch, t, seq_len, head, N, NF),
+            load_columns(dy_ptr, batch, t, seq_len, head, _operand_k(BV, B_OPERAND), N, N, V, COLUMNS_MASKED))
+
+
+@gluon.jit
+def _walk_inputs(t, inputs, place, N: gl.constexpr, NQ: gl.constexpr, NK: gl.constexpr, NV: gl.constexpr,
+                 NF: gl.constexpr, K: gl.constexpr, V: gl.constexpr, BV: gl.constexpr, ROWS_MASKED: gl.constexpr,
                  COLUMNS_MASKED: gl.constexpr):
     """What the walk's step t reads: q_t, k_t (BR,) and v_t, dy_t (BV,) in the state's row and column slices, float32
     (for Z_t and G); k_t along an A operand's contraction (dv_t = k_tᵀ dA) and v_t along a B operand's (dk_t = dA v_t),
     16-bit; and f_t."""
+    q_ptr, k_ptr, v_ptr, dy_ptr, f_ptr = inputs
+    batch, seq_len, head, rk, rk_operand, rv = place
     return (load_rows(q_ptr, batch, t, seq_len, head, rk, N, NQ, K, ROWS_MASKED).to(gl.float32),
             load_rows(k_ptr, batch, t, seq_len, head, rk, N, NK, K, ROWS_MASKED).to(gl.float32),
             load_rows(k_ptr, batch, t, seq_len, head, rk_operand, N, NK, K, ROWS_MASKED),

@@ -58,11 +58,14 @@ class KernelConfig:
     # head, a cross-warp sum every step, which costs more than the partials save.
     backward_max_heads_per_program: int = 1
     backward_warps: int = 1
-    # Register cap of a backward program (ptxas maxnreg; GPU only). 65,536 registers per SM hold 11 one-warp
-    # programs of at most 184 registers each, so the 400M shape's 1,344 programs run in one wave on 132 SMs.
-    # Uncapped, the count depends on the input dtypes and the Triton version, and a few registers more than the cap
-    # leave programs out of the wave.
+    # Register cap of a backward program (ptxas maxnreg; GPU only), the Triton twin's and the Gluon kernel's. 65,536
+    # registers per SM hold 11 one-warp programs of at most 184 registers, 12 of at most 168. Uncapped, the count
+    # depends on the input dtypes and the Triton version, and a few registers more than the cap leave programs out of
+    # a wave. The Gluon kernel's loop holds a replay step and a walk step at once: capped at 176 or 184 it runs the
+    # 400M shape's 1,344 programs (B=8) about 20% slower than at 168, where the 7B shape and B=1 gain 1-3% from the
+    # extra registers (benchmarks/RESULTS.md); the twin runs no faster at 168 than at 184.
     backward_max_registers: Optional[int] = 184
+    gluon_backward_max_registers: Optional[int] = 168
     # The backward walks the time axis in segments of whole chunks, one launch each, so that the float32
     # dq, dk partials (B, segment, N / heads, K) stay within this many MiB (at least one chunk); the dv, df
     # partials of the row blocks are one segment long too.
@@ -382,7 +385,8 @@ def scan_backward_op(
             CLIP=gradient_clipping is not None,
             **dot_constants(v.dtype, v.is_cuda, CONFIG, CONFIG.backward_warps, heads),
             **gradient_constants(v.dtype, v.is_cuda, CONFIG),
-            num_warps=CONFIG.backward_warps, **_register_cap(device, CONFIG.backward_max_registers),
+            num_warps=CONFIG.backward_warps,
+            **_register_cap(device, CONFIG.gluon_backward_max_registers if gluon else CONFIG.backward_max_registers),
         )
         steps = segment_end - segment_start
         _sum_partials_into(dq[:, segment_start:segment_end], _grouped(dq_partial[:, :steps], 2, shape.nq))
