@@ -5,11 +5,12 @@
 Each case runs twice, with M2RNN_SCAN_KERNELS=triton (the Triton twins) and =gluon (the Gluon kernels wherever they
 apply; see modeling_m2rnn/kernels/m2rnn_scan/fast_path.py), and compares y, the final state and every gradient with
 the float64 PyTorch reference as ‖out − ref‖ / ‖ref‖ against a stated bound: bf16 and fp16, float32, packed
-sequences, gradient clipping on and off, odd K and V, a float32 W beside bf16 activations, a decode step. A bound
-missed fails the run (exit status 1) after every case has been printed. bench_scan.py runs this check before timing.
-The log goes to benchmarks/results/check_scan_gpu.log (and $OUT when set).
+sequences, gradient clipping on and off, odd K and V, a float32 W beside bf16 activations, a decode step, a backward
+in several launches. A bound missed fails the run (exit status 1) after every case has been printed. bench_scan.py
+runs this check before timing. The log goes to benchmarks/results/check_scan_gpu.log (and $OUT when set).
 """
 
+import dataclasses
 import os
 from unittest import mock
 
@@ -17,7 +18,7 @@ import torch
 from run_info import results_folders  # benchmarks/, the script's folder
 
 from modeling_m2rnn.kernels import m2rnn_scan, m2rnn_scan_reference
-from modeling_m2rnn.kernels.m2rnn_scan import fast_path
+from modeling_m2rnn.kernels.m2rnn_scan import fast_path, triton_scan
 
 # bf16: y and the gradients are rounded to bf16 (2^-9), the H·W operands to fp16, the GPU's tanh.approx
 # (rel. error 2^-11) and bf16 gradient-product operands add up over a few hundred steps: ~1e-2 seen. W = randn / sqrt(V)
@@ -57,9 +58,17 @@ def kernels(choice: str):
     return mock.patch.dict(os.environ, {fast_path.ENVIRONMENT_VARIABLE: choice})
 
 
+def settings(**fields):
+    """The scan kernels' KernelConfig with `fields` changed, inside a `with` block."""
+    return mock.patch.object(triton_scan, "CONFIG", dataclasses.replace(triton_scan.CONFIG, **fields))
+
+
 def cases() -> dict:
-    """name: (input dims, dtype, gradient clipping, cu_seqlens, bound)."""
+    """name: (input dims, dtype, gradient clipping, cu_seqlens, bound, KernelConfig fields changed)."""
     packed = torch.tensor([0, 1, 70, 171, 300], device="cuda")
+    # The backward in several launches (segments of 8 chunks here), sequences across their bounds.
+    segments = dict(backward_partials_mib=1)
+    packed_long = torch.tensor([0, 5, 300, 333, 700, 1000], device="cuda")
     return {
         "bf16_400m_like": (dict(B=2, S=300, N=8), torch.bfloat16, 1.0, None, BF16_BOUND),
         "bf16_odd_dims": (dict(B=2, S=129, N=6, K=48, V=12, nqk=2), torch.bfloat16, None, None, BF16_BOUND),
@@ -75,13 +84,16 @@ def cases() -> dict:
         "bf16_decode_step": (dict(B=3, S=1, N=84), torch.bfloat16, None, None, BF16_BOUND),
         "fp32_packed": (dict(B=1, S=200, N=4, num_states=4), torch.float32, 0.5,
                         torch.tensor([0, 1, 70, 71, 200], device="cuda"), FP32_BOUND),
+        "bf16_segments": (dict(B=2, S=1000, N=16), torch.bfloat16, 1.0, None, BF16_BOUND, segments),
+        "bf16_packed_segments": (dict(B=1, S=1000, N=16, num_states=5), torch.bfloat16, 1.0, packed_long,
+                                 BF16_BOUND, segments),
     }
 
 
 def check_correctness(log) -> dict:
     """Every case on both paths; returns {case: {path: {quantity: error}, "passed": bool}}, logging each."""
     errors = {}
-    for name, (dims, dtype, clip, cu_seqlens, bound) in cases().items():
+    for name, (dims, dtype, clip, cu_seqlens, bound, *fields) in cases().items():
         inputs = make_inputs(dtype=dtype, **dims)
         as_double = [x.double() if x is not None else None for x in inputs]
         ref_y, ref_final = m2rnn_scan_reference(*as_double, clip, cu_seqlens)
@@ -96,7 +108,7 @@ def check_correctness(log) -> dict:
         ref = gradients(reference, as_double, output_grads)
         case = {"passed": True}
         for path in PATHS:
-            with kernels(path):
+            with kernels(path), settings(**(fields[0] if fields else {})):
                 out = gradients(triton_backend, inputs, output_grads)
             names = ("q", "k", "v", "W", "f", "h0")[: len(out[2])]
             errs = {"y": relative_error(out[0], ref[0]), "final_state": relative_error(out[1], ref[1])}
