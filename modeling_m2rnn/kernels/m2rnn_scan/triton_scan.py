@@ -43,8 +43,8 @@ class KernelConfig:
 
     # Steps between forward checkpoints; the backward replays one chunk at a time. Longer chunks save a little
     # checkpoint memory, but their replayed states no longer fit the GPU's L2 cache at the 400M shape. Chunks of 16
-    # make the backward faster at most shapes but double the checkpoints, which every M2RNN layer of a model holds
-    # from its forward to its backward (benchmarks/RESULTS.md weighs the two).
+    # double the checkpoints, which every M2RNN layer of a model holds from its forward to its backward, for a
+    # backward a few percent faster where measured (benchmarks/RESULTS.md).
     chunk: int = 32
     # State rows per program (a power of two >= 16; capped at K rounded up). Rows evolve independently,
     # so fewer rows per program mean more, shorter programs in flight; y, dv, df and dW then take one
@@ -58,12 +58,12 @@ class KernelConfig:
     # head, a cross-warp sum every step, which costs more than the partials save.
     backward_max_heads_per_program: int = 1
     backward_warps: int = 1
-    # Register cap of a backward program (ptxas maxnreg; GPU only), the Triton twin's and the Gluon kernel's. 65,536
-    # registers per SM hold 11 one-warp programs of at most 184 registers, 12 of at most 168. Uncapped, the count
-    # depends on the input dtypes and the Triton version, and a few registers more than the cap leave programs out of
-    # a wave. The Gluon kernel's loop holds a replay step and a walk step at once: capped at 176 or 184 it runs the
-    # 400M shape's 1,344 programs (B=8) about 20% slower than at 168, where the 7B shape and B=1 gain 1-3% from the
-    # extra registers (benchmarks/RESULTS.md); the twin runs no faster at 168 than at 184.
+    # Register caps of a backward program (ptxas maxnreg; GPU only): the Triton twin's, then the Gluon kernel's.
+    # 65,536 registers per SM hold 11 one-warp programs of at most 184 registers, 12 of at most 168. Uncapped, the
+    # count depends on the input dtypes and the Triton version, and a few registers more than the cap leave programs
+    # out of a wave. The Gluon kernel's loop holds a replay step and a walk step at once: capped at 176 or 184 it runs
+    # the 400M shape's 1,344 programs (B=8) about 20% slower than at 168, where the 7B shape and B=1 would gain 1-3%
+    # from the extra registers (benchmarks/RESULTS.md).
     backward_max_registers: Optional[int] = 184
     gluon_backward_max_registers: Optional[int] = 168
     # The backward walks the time axis in segments of whole chunks, one launch each, so that the float32
