@@ -66,7 +66,7 @@ def settings(**fields):
 def cases() -> dict:
     """name: (input dims, dtype, gradient clipping, cu_seqlens, bound, KernelConfig fields changed)."""
     packed = torch.tensor([0, 1, 70, 171, 300], device="cuda")
-    # The backward in several launches (segments of 8 chunks here), sequences across their bounds.
+    # The backward in several launches (segments of 8 chunks padded, 16 packed), a sequence across a bound.
     segments = dict(backward_partials_mib=1)
     packed_long = torch.tensor([0, 5, 300, 333, 700, 1000], device="cuda")
     return {
