@@ -12,7 +12,7 @@ previous run's) and to $OUT when set.
 import json
 
 import torch
-from run_info import results_folders  # benchmarks/, the script's folder
+from run_info import write_results  # benchmarks/, the script's folder
 from torch.profiler import ProfilerActivity, profile
 
 from modeling_m2rnn.kernels import gated_rms_norm, gated_rms_norm_reference
@@ -79,9 +79,7 @@ def main():
     print(f"{'gate and norm, 400M layer, B=8 S=4096, GPU time':<75} {'forward ms':>11} {'fwd+bwd ms':>11}")
     for name, result in results.items():
         print(f"{name:<75} {result['forward_ms']:>11.4f} {result['forward_backward_ms']:>11.4f}")
-    for folder in results_folders():
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "bench_gated_norm.json").write_text(json.dumps(dict(shape=SHAPE, results=results), indent=1))
+    write_results("bench_gated_norm.json", json.dumps(dict(shape=SHAPE, results=results), indent=1))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import json
 import torch
 import triton
 from bench_scan import peak_extra_gib  # (benchmarks/ is the script's folder, on sys.path)
-from run_info import results_folders, run_info
+from run_info import run_info, write_results
 from transformers import AutoModelForCausalLM
 
 from modeling_m2rnn import M2RNNConfig
@@ -93,10 +93,7 @@ def main():
         lines.append(f"gated_deltanet fwd+bwd not timed: {refusal}")
     print("\n".join(lines))
 
-    folders = results_folders()
-    for folder in folders:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "bench_layers.json").write_text(json.dumps({**report, "table": lines}, indent=1))
+    write_results("bench_layers.json", json.dumps({**report, "table": lines}, indent=1))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import json
 import torch
 import triton
 from check_scan_gpu import check_correctness, kernels, make_inputs  # benchmarks/, the script's folder
-from run_info import results_folders, run_info
+from run_info import run_info, write_results
 
 from modeling_m2rnn.kernels import m2rnn_scan
 from modeling_m2rnn.kernels.m2rnn_scan import fast_path, triton_scan
@@ -199,12 +199,8 @@ def main():
     text = table(report["shapes"], report["triton_twins"], report["torch_reference_small"])
     log(text)
 
-    name = "bench_scan.json"
-    folders = results_folders()
-    for folder in folders:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / name).write_text(json.dumps(report, indent=1))
-        (folder / "bench_scan.log").write_text("\n".join(lines) + "\n")
+    write_results("bench_scan.json", json.dumps(report, indent=1))
+    write_results("bench_scan.log", "\n".join(lines) + "\n")
     if not all(case["passed"] for case in report["correctness"].values()):
         raise SystemExit("correctness check FAILED (see above)")
 

@@ -20,7 +20,7 @@ import json
 import time
 
 import torch
-from run_info import results_folders, run_info  # (benchmarks/ is the script's folder, on sys.path)
+from run_info import run_info, write_results  # (benchmarks/ is the script's folder, on sys.path)
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from modeling_m2rnn import M2RNNConfig
@@ -171,10 +171,7 @@ def profile_one_step(name, config, batch, seq_len, device, compile: bool = False
 
 def write_json(report: dict):
     # a --quick smoke check on the CPU leaves the GPU figures that benchmarks/RESULTS.md cites in place
-    folders = results_folders()[1:] if report["quick"] else results_folders()
-    for path in (folder / "bench_train.json" for folder in folders):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=1))
+    for path in write_results("bench_train.json", json.dumps(report, indent=1), repository=not report["quick"]):
         print(f"wrote {path}")
 
 

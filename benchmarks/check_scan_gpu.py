@@ -15,7 +15,7 @@ import os
 from unittest import mock
 
 import torch
-from run_info import results_folders  # benchmarks/, the script's folder
+from run_info import write_results  # benchmarks/, the script's folder
 
 from modeling_m2rnn.kernels import m2rnn_scan, m2rnn_scan_reference
 from modeling_m2rnn.kernels.m2rnn_scan import fast_path, triton_scan
@@ -134,10 +134,7 @@ def main():
     log(f"{torch.cuda.get_device_name(device)}, capability {torch.cuda.get_device_capability(device)}; Gluon "
         f"kernels by default: {fast_path.gluon_kernels_enabled(device)}")
     errors = check_correctness(log)
-    folders = results_folders()
-    for folder in folders:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "check_scan_gpu.log").write_text("\n".join(lines) + "\n")
+    write_results("check_scan_gpu.log", "\n".join(lines) + "\n")
     if not all(case["passed"] for case in errors.values()):
         raise SystemExit("check_scan_gpu: FAILED (see above)")
     log("check_scan_gpu: every case within its bound")

@@ -37,10 +37,15 @@ def installed_version(distribution: str) -> str | None:
         return None
 
 
-def results_folders() -> list[Path]:
-    """Where a benchmark writes its raw files: benchmarks/results/ (what RESULTS.md cites) and, when the environment
-    names one, $OUT (the folder a GPU call sends back)."""
-    return [REPO / "benchmarks" / "results"] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
+def write_results(name: str, text: str, repository: bool = True) -> list[Path]:
+    """Writes a benchmark's raw file `name` to benchmarks/results/ (what RESULTS.md cites; skipped when not
+    `repository`) and, when the environment names one, to $OUT (the folder a GPU call sends back). Returns the paths."""
+    folders = [REPO / "benchmarks" / "results"] if repository else []
+    folders += [Path(os.environ["OUT"])] if os.environ.get("OUT") else []
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    return [folder / name for folder in folders]
 
 
 def run_info() -> dict:
