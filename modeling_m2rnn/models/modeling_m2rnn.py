@@ -275,6 +275,13 @@ class M2RNNModel(M2RNNPreTrainedModel):
         if use_cache and past_key_values is None and not self.training and not packed_attention:
             # (in training a cache would only hide packed sequences from transformers' attention masks)
             past_key_values = M2RNNCache(config=self.config)
+        # No padding, no packing, no cache: SDPA's `is_causal` (its flash kernel, which skips the blocks above the
+        # diagonal) is the attention mask. transformers decides this only outside torch.compile, where it can read the
+        # inputs' values; compiled, it would hand SDPA a (B, 1, S, S) mask and a kernel that computes every block.
+        causal_by_sdpa = (
+            attention_mask is None and position_ids is None and past_key_values is None
+            and self.config._attn_implementation == "sdpa"
+        )
         if position_ids is None:
             past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = torch.arange(seq_len, device=inputs_embeds.device) + past_seen_tokens
@@ -286,7 +293,7 @@ class M2RNNModel(M2RNNPreTrainedModel):
             masks = {M2RNN_LAYER: create_recurrent_attention_mask(self.config, inputs_embeds, attention_mask)}
             if ATTENTION_LAYER in self.config.layer_types:
                 # the cache goes by position: transformers renamed that argument after 5.17
-                masks[ATTENTION_LAYER] = create_causal_mask(
+                masks[ATTENTION_LAYER] = None if causal_by_sdpa else create_causal_mask(
                     self.config, inputs_embeds, attention_mask, past_key_values, position_ids=position_ids
                 )
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids) if self.rotary_emb is not None else None

@@ -63,3 +63,38 @@ def test_a_training_forward_compiles_as_one_graph():
     loss.backward()
     expected = model(ids, labels=ids).loss
     assert abs(loss.item() - expected.item()) < 1e-5 * expected.item()
+
+
+def sdpa_calls(monkeypatch) -> list[tuple]:
+    """(attn_mask, is_causal) of every SDPA call from now on."""
+    calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, attn_mask=None, is_causal=False, **kwargs):
+        calls.append((attn_mask, is_causal))
+        return sdpa(*args, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    return calls
+
+
+def test_a_compiled_forward_without_padding_packing_or_cache_leaves_the_causal_mask_to_sdpa(monkeypatch):
+    """Compiled, transformers would build a (B, 1, S, S) mask, which keeps SDPA off its flash kernel; with nothing to
+    mask but the future, the model passes is_causal instead, and the logits are those of an explicit causal mask."""
+    torch._dynamo.reset()
+    model = tiny_model("hybrid", attn_implementation="sdpa").train()
+    ids = random_ids(3, 13, seed=4)
+    calls = sdpa_calls(monkeypatch)
+    got = torch.compile(model, fullgraph=True, backend="eager")(ids).logits
+    assert len(calls) == 1 and calls[0][0] is None and calls[0][1]
+    masked = tiny_model("hybrid", attn_implementation="eager").train()(ids).logits   # same weights, explicit mask
+    assert ((got - masked).norm() / masked.norm()) < 1e-5
+
+
+def test_a_compiled_forward_with_padding_still_hands_sdpa_the_mask(monkeypatch):
+    torch._dynamo.reset()
+    model = tiny_model("hybrid", attn_implementation="sdpa").train()
+    ids, mask = random_ids(2, 11, seed=5), torch.ones(2, 11, dtype=torch.long)
+    mask[0, :3] = 0
+    calls = sdpa_calls(monkeypatch)
+    torch.compile(model, fullgraph=True, backend="eager")(ids, attention_mask=mask)
+    assert len(calls) == 1 and calls[0][0] is not None and not calls[0][1]
