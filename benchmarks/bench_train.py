@@ -3,6 +3,10 @@
 Run from the repo root: PYTHONPATH=. python benchmarks/bench_train.py [--models PRESET ... llama] [--layers N]
 [--profile] [--quick]
 
+"llama-is-causal" is the same Llama with its attention on SDPA's `is_causal`: under torch.compile transformers builds
+a (B, 1, S, S) causal mask, which keeps SDPA off its flash kernel (the M2RNN models pass `is_causal` where nothing
+else is masked).
+
 One full training step = forward and loss under bf16 autocast (float32 weights), backward, fused AdamW step,
 zero_grad, exactly as the Llama anchor below was measured. Warm-up steps first (Triton autotuning and
 compilation happen there), then timed steps between CUDA events. Peak memory is
@@ -21,7 +25,8 @@ import time
 
 import torch
 from run_info import run_info, write_results  # (benchmarks/ is the script's folder, on sys.path)
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AttentionInterface, AutoModelForCausalLM, LlamaConfig
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from modeling_m2rnn import M2RNNConfig
 from modeling_m2rnn.configuration import PRESETS
@@ -41,6 +46,10 @@ TARGET = "Hybrid M2RNN 400M >= 85% of Llama's tokens/s at B=8, S=4096"
 LLAMA_400M = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
                   intermediate_size=2752, vocab_size=100352, tie_word_embeddings=False, max_position_embeddings=4096)
 DEFAULT_MODELS = ["hybrid-m2rnn-400m", "m2rnn-400m", "llama"]
+LLAMAS = ["llama", "llama-is-causal"]
+# An attention implementation transformers has no mask function for: it then builds no mask, and SDPA runs is_causal.
+IS_CAUSAL_SDPA = "sdpa_is_causal"
+AttentionInterface.register(IS_CAUSAL_SDPA, sdpa_attention_forward)
 TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, intermediate_size=128, vocab_size=256,
             tie_word_embeddings=False)
 TINY_MIXERS = dict(head_dim=16, m2rnn_k_head_dim=16, m2rnn_v_head_dim=8, m2rnn_num_v_heads=4, m2rnn_num_f_heads=4,
@@ -51,7 +60,7 @@ TINY_MIXERS = dict(head_dim=16, m2rnn_k_head_dim=16, m2rnn_v_head_dim=8, m2rnn_n
 
 def model_config(name: str, quick: bool, layers: int | None):
     """A preset (its first `layers` layers if given) or Llama at the 400M dimensions; tiny versions for --quick."""
-    if name == "llama":
+    if name in LLAMAS:
         return LlamaConfig(**TINY, num_hidden_layers=2) if quick else LlamaConfig(**LLAMA_400M)
     if quick:
         layers = layers or 6   # the first six layers of a hybrid hold an attention layer
@@ -59,10 +68,14 @@ def model_config(name: str, quick: bool, layers: int | None):
     return M2RNNConfig.from_preset(name, **({"num_hidden_layers": layers} if layers else {}))
 
 
-def build(config, device: torch.device, compile: bool = False):
+def attention_of(name: str) -> str:
+    return IS_CAUSAL_SDPA if name == "llama-is-causal" else "sdpa"
+
+
+def build(config, device: torch.device, compile: bool = False, attention: str = "sdpa"):
     config.use_cache = False   # a training step: no cache
     with device:
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attention)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     model.train()
     return (torch.compile(model) if compile else model), optimizer
@@ -114,7 +127,7 @@ def measure(name, config, batch, seq_len, device, warmup, steps, compile=False) 
         return {**result, "error": refusal}
     model = optimizer = None
     try:
-        model, optimizer = build(config, device, compile)
+        model, optimizer = build(config, device, compile, attention_of(name))
         ids = torch.randint(0, config.vocab_size, (batch, seq_len), device=device)
         ms = time_steps(model, optimizer, ids, warmup, steps)
         result.update(ms_per_step=ms, tokens_per_s=batch * seq_len / ms * 1e3,
@@ -182,7 +195,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per case")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model")
-    parser.add_argument("--models", nargs="+", choices=[*PRESETS, "llama"], default=DEFAULT_MODELS,
+    parser.add_argument("--models", nargs="+", choices=[*PRESETS, *LLAMAS], default=DEFAULT_MODELS,
                         help=f"presets and/or llama (default: {' '.join(DEFAULT_MODELS)})")
     parser.add_argument("--layers", type=int, help="keep the first N layers of each preset (a slice of the model)")
     parser.add_argument("--shapes", nargs="+", help="BxS cases, e.g. 8x4096 (default: 8x4096 32x1024)")
@@ -213,7 +226,7 @@ def main():
         llama_anchor={f"B{b}_S{s}": v for (b, s), v in LLAMA_ANCHOR.items()},
     )
     report["layers"] = args.layers
-    profiled = next((name for name in args.models if name != "llama"), None)
+    profiled = next((name for name in args.models if name not in LLAMAS), None)
     if args.profile and profiled is not None:
         report["profile"] = profile_one_step(profiled, configs[profiled], *shapes[0], device, args.compile)
     write_json(report)
