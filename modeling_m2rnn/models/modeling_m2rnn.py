@@ -317,10 +317,15 @@ class M2RNNModel(M2RNNPreTrainedModel):
     @staticmethod
     def _packed_sequences(position_ids, batch: int, seq_len: int) -> PackedSequences | None:
         """Sequences packed in a row restart their positions; the recurrence and the conv restart with them."""
-        if seq_len == 1 or torch.compiler.is_compiling():
-            return None
-        sequence_ids = find_packed_sequence_indices(position_ids.expand(batch, -1))
-        return None if sequence_ids is None else PackedSequences.from_sequence_ids(sequence_ids)
+        return None if seq_len == 1 else _find_packed_sequences(position_ids, batch)
+
+
+@torch.compiler.disable
+def _find_packed_sequences(position_ids: torch.Tensor, batch: int) -> PackedSequences | None:
+    """Whether the positions restart, and where, is read from their values: under torch.compile this runs outside the
+    graph (a graph break), so that a compiled model keeps packed sequences apart too."""
+    sequence_ids = find_packed_sequence_indices(position_ids.expand(batch, -1))
+    return None if sequence_ids is None else PackedSequences.from_sequence_ids(sequence_ids)
 
 
 class M2RNNForCausalLM(M2RNNGenerationMixin, M2RNNPreTrainedModel, GenerationMixin):

@@ -98,3 +98,27 @@ def test_a_compiled_forward_with_padding_still_hands_sdpa_the_mask(monkeypatch):
     calls = sdpa_calls(monkeypatch)
     torch.compile(model, fullgraph=True, backend="eager")(ids, attention_mask=mask)
     assert len(calls) == 1 and calls[0][0] is not None and not calls[0][1]
+
+
+def test_a_compiled_model_keeps_packed_sequences_apart_and_trains_as_the_eager_one():
+    """Where positions restart is read from their values, outside the compiled graph: the logits are those of the
+    sequences run alone, for packings the graph has not seen too, and the gradients are the eager model's."""
+    torch._dynamo.reset()
+    model = tiny_model("hybrid").train()
+    compiled = torch.compile(model, backend="aot_eager")
+    ids = random_ids(2, 11, seed=6)
+    for split in ([4, 7], [6, 2]):   # row 0 restarts at split[0], row 1 at split[1]
+        position_ids = torch.stack([torch.cat([torch.arange(s), torch.arange(11 - s)]) for s in split])
+        logits = compiled(ids, position_ids=position_ids).logits
+        alone = torch.cat([
+            torch.cat([model(ids[row:row + 1, :s]).logits, model(ids[row:row + 1, s:]).logits], dim=1)
+            for row, s in enumerate(split)
+        ])
+        assert ((logits - alone).norm() / alone.norm()) < 1e-5
+
+    compiled(ids, position_ids=position_ids, labels=ids).loss.backward()
+    compiled_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(ids, position_ids=position_ids, labels=ids).loss.backward()
+    for (name, p), got in zip(model.named_parameters(), compiled_grads):
+        assert ((got - p.grad).norm() / p.grad.norm()) < 1e-5, name
