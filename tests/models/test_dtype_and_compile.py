@@ -1,5 +1,6 @@
 """What the model class declares to transformers matches what it does: float32 decay parameters on every load, and
-a forward that compiles as one graph."""
+a forward that compiles as one graph. Compiled, the model computes what it computes eagerly: the attention masks
+(SDPA's is_causal where only the future is masked) and packed sequences."""
 
 import pytest
 import torch
