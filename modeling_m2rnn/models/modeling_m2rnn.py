@@ -262,7 +262,8 @@ class M2RNNModel(M2RNNPreTrainedModel):
             )
         batch, seq_len = inputs_embeds.shape[:2]
         check_inputs(inputs_embeds, attention_mask, position_ids, past_key_values)
-        packed = self._packed_sequences(position_ids, batch, seq_len) if position_ids is not None else None
+        # (one-token steps skip the search: compiled decoding stays one graph)
+        packed = _find_packed_sequences(position_ids, batch) if position_ids is not None and seq_len > 1 else None
         # Sequences packed in a row (position_ids restarting, no mask) are kept apart in the attention layers only
         # without a cache: transformers' masks ignore packing once there is one.
         packed_attention = packed is not None and attention_mask is None and ATTENTION_LAYER in self.config.layer_types
@@ -314,16 +315,12 @@ class M2RNNModel(M2RNNPreTrainedModel):
             last_hidden_state=self.norm(hidden_states), **{CACHE_OUTPUT_FIELD: past_key_values}
         )
 
-    @staticmethod
-    def _packed_sequences(position_ids, batch: int, seq_len: int) -> PackedSequences | None:
-        """Sequences packed in a row restart their positions; the recurrence and the conv restart with them."""
-        return None if seq_len == 1 else _find_packed_sequences(position_ids, batch)
-
 
 @torch.compiler.disable
 def _find_packed_sequences(position_ids: torch.Tensor, batch: int) -> PackedSequences | None:
-    """Whether the positions restart, and where, is read from their values: under torch.compile this runs outside the
-    graph (a graph break), so that a compiled model keeps packed sequences apart too."""
+    """Sequences packed in a row restart their positions; the recurrence and the conv restart with them. Where they
+    restart is read from the positions' values: under torch.compile this runs outside the graph (a graph break), so
+    that a compiled model keeps packed sequences apart too."""
     sequence_ids = find_packed_sequence_indices(position_ids.expand(batch, -1))
     return None if sequence_ids is None else PackedSequences.from_sequence_ids(sequence_ids)
 
