@@ -196,7 +196,7 @@ def main():
     parser.add_argument("--steps", type=int, default=10, help="timed steps per case")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model")
     parser.add_argument("--models", nargs="+", choices=[*PRESETS, *LLAMAS], default=DEFAULT_MODELS,
-                        help=f"presets and/or llama (default: {' '.join(DEFAULT_MODELS)})")
+                        help=f"presets, llama and/or llama-is-causal (default: {' '.join(DEFAULT_MODELS)})")
     parser.add_argument("--layers", type=int, help="keep the first N layers of each preset (a slice of the model)")
     parser.add_argument("--shapes", nargs="+", help="BxS cases, e.g. 8x4096 (default: 8x4096 32x1024)")
     args = parser.parse_args()
