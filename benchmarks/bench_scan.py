@@ -22,7 +22,7 @@ from check_scan_gpu import check_correctness, kernels, make_inputs  # benchmarks
 from run_info import run_info, write_results
 
 from modeling_m2rnn.kernels import m2rnn_scan
-from modeling_m2rnn.kernels.m2rnn_scan import fast_path, triton_scan
+from modeling_m2rnn.kernels.m2rnn_scan import triton_scan
 from modeling_m2rnn.kernels.m2rnn_scan.triton_scan import KernelConfig
 
 GiB = 2**30
@@ -181,10 +181,9 @@ def main():
     }
     if not args.skip_configs:
         report["configs_400m_B8"] = compare_configs(log)
-    report["gluon_kernels"] = fast_path.gluon_kernels_enabled(torch.device("cuda"))
     report["shapes"] = {name: measure_shape(B, N, S) for name, (B, N, S) in SHAPES.items()}
     report["triton_twins"] = {}
-    if report["gluon_kernels"]:  # the figures above are the Gluon kernels': the twins' beside them
+    if "gluon" in report["scan_kernels"].values():  # the figures above are a Gluon kernel's: the twins' beside them
         with kernels("triton"):
             report["triton_twins"] = {name: measure_shape(B, N, S, timings_only=True)
                                       for name, (B, N, S) in SHAPES.items()}

@@ -6,8 +6,9 @@ Each case runs twice, with M2RNN_SCAN_KERNELS=triton (the Triton twins) and =glu
 apply; see modeling_m2rnn/kernels/m2rnn_scan/fast_path.py), and compares y, the final state and every gradient with
 the float64 PyTorch reference as ‖out − ref‖ / ‖ref‖ against a stated bound: bf16 and fp16, float32, packed
 sequences, gradient clipping on and off, odd K and V, a float32 W beside bf16 activations, a decode step, a backward
-in several launches. A bound missed fails the run (exit status 1) after every case has been printed. bench_scan.py
-runs this check before timing. The log goes to benchmarks/results/check_scan_gpu.log (and $OUT when set).
+in several launches; y and the final state also from the inference launch (no gradient, no checkpoints). A bound
+missed fails the run (exit status 1) after every case has been printed. bench_scan.py runs this check before timing.
+The log goes to benchmarks/results/check_scan_gpu.log (and $OUT when set).
 """
 
 import dataclasses
@@ -110,8 +111,12 @@ def check_correctness(log) -> dict:
         for path in PATHS:
             with kernels(path), settings(**(fields[0] if fields else {})):
                 out = gradients(triton_backend, inputs, output_grads)
+                with torch.no_grad():  # the inference launch: no checkpoints stored
+                    inference = triton_backend(*inputs)
             names = ("q", "k", "v", "W", "f", "h0")[: len(out[2])]
-            errs = {"y": relative_error(out[0], ref[0]), "final_state": relative_error(out[1], ref[1])}
+            errs = {"y": relative_error(out[0], ref[0]), "final_state": relative_error(out[1], ref[1]),
+                    "y_no_grad": relative_error(inference[0], ref[0]),
+                    "final_state_no_grad": relative_error(inference[1], ref[1])}
             errs.update({"d" + n: relative_error(a, b) for n, a, b in zip(names, out[2], ref[2])})
             case[path] = errs
             passed = all(e < bound for e in errs.values())
@@ -131,8 +136,8 @@ def main():
 
     torch.manual_seed(0)
     device = torch.device("cuda")
-    log(f"{torch.cuda.get_device_name(device)}, capability {torch.cuda.get_device_capability(device)}; Gluon "
-        f"kernels by default: {fast_path.gluon_kernels_enabled(device)}")
+    log(f"{torch.cuda.get_device_name(device)}, capability {torch.cuda.get_device_capability(device)}; kernels by "
+        f"default: {fast_path.gluon_kernels(device)}")
     errors = check_correctness(log)
     write_results("check_scan_gpu.log", "\n".join(lines) + "\n")
     if not all(case["passed"] for case in errors.values()):

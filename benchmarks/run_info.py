@@ -11,7 +11,7 @@ import torch
 import transformers
 import triton
 
-from modeling_m2rnn.kernels.m2rnn_scan.fast_path import gluon_kernels_enabled
+from modeling_m2rnn.kernels.m2rnn_scan.fast_path import gluon_kernels
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,8 +56,7 @@ def run_info() -> dict:
         triton=triton.__version__,
         transformers=transformers.__version__,
         fla_core=installed_version("fla-core"),
-        # which backward the 16-bit scan runs (see modeling_m2rnn/kernels/m2rnn_scan/fast_path.py)
-        scan_backward="gluon" if torch.cuda.is_available() and gluon_kernels_enabled(torch.device("cuda"))
-        else "triton",
+        # which forward and backward the 16-bit scan runs, Gluon or Triton (kernels/m2rnn_scan/fast_path.py)
+        scan_kernels=gluon_kernels(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
         commit=git_commit(),
     )

@@ -3,9 +3,10 @@
     python benchmarks/sass_report.py                                  # default KernelConfig, 400M shape
     python benchmarks/sass_report.py --backward-rows 64 --backward-products tf32 --kernels backward
     python benchmarks/sass_report.py --kernels backward gluon-backward   # the Triton and the Gluon backward
+    python benchmarks/sass_report.py --kernels forward gluon-forward     # the Triton and the Gluon forward
 
-Compiles the forward and backward kernels (and the Gluon backward, which runs in place of the Triton one on H100
-and H200) for sm_90 with Triton's own compiler and ptxas, the way a launch on the GPU would (bf16 inputs, the 400M
+Compiles the forward and backward kernels (and their Gluon twins, see modeling_m2rnn/kernels/m2rnn_scan/fast_path.py)
+for sm_90 with Triton's own compiler and ptxas, the way a launch on the GPU would (bf16 inputs, the 400M
 shape: N=84, Nq=Nk=1, K=64, V=16), disassembles them with the cuobjdump Triton ships, and prints for every loop its
 instruction count and the instructions that set a step's pace: shared-memory loads and stores and barriers (each
 layout change of a tensor in the step), tensor-core products (HMMA), tanh (MUFU), warp shuffles (row sums),
@@ -33,6 +34,7 @@ from triton.compiler import ASTSource
 from triton.experimental.gluon._runtime import GluonASTSource
 
 from modeling_m2rnn.kernels.m2rnn_scan.gluon_backward import scan_backward_gluon_kernel
+from modeling_m2rnn.kernels.m2rnn_scan.gluon_forward import scan_forward_gluon_kernel
 from modeling_m2rnn.kernels.m2rnn_scan.triton_backward import scan_backward_kernel
 from modeling_m2rnn.kernels.m2rnn_scan.triton_forward import scan_forward_kernel
 from modeling_m2rnn.kernels.m2rnn_scan.triton_scan import KernelConfig, ScanShape, dot_constants, gradient_constants
@@ -63,7 +65,7 @@ def signature(kernel, constants: dict, pointer_types: dict) -> tuple[dict, dict]
 
 def compile_sm90(kernel, constants: dict, pointer_types: dict, num_warps: int, max_registers=None):
     types, attributes = signature(kernel, constants, pointer_types)
-    source_type = GluonASTSource if kernel is scan_backward_gluon_kernel else ASTSource
+    source_type = GluonASTSource if kernel in (scan_forward_gluon_kernel, scan_backward_gluon_kernel) else ASTSource
     source = source_type(fn=kernel, signature=types, constexprs=constants, attrs=attributes)
     options = dict(num_warps=num_warps, **({"maxnreg": max_registers} if max_registers is not None else {}))
     return triton.compile(source, target=TARGET, options=options)
@@ -76,7 +78,7 @@ def gpu_constants(config: KernelConfig) -> dict:
                 **gradient_constants(torch.bfloat16, True, config))
 
 
-def forward(config: KernelConfig, store_checkpoints: bool):
+def forward(config: KernelConfig, store_checkpoints: bool, kernel=scan_forward_kernel):
     constants = dict(**SHAPE.head_constants(), HP=config.forward_heads_per_program,
                      BR=SHAPE.block_rows(config.forward_rows), CHUNK=config.chunk, HAS_H0=False, VARLEN=False,
                      STORE_CHECKPOINTS=store_checkpoints,
@@ -84,7 +86,7 @@ def forward(config: KernelConfig, store_checkpoints: bool):
                                     config.forward_heads_per_program))
     pointers = {name: "*bf16" for name in ("q_ptr", "k_ptr", "v_ptr", "W_ptr", "y_ptr")}
     pointers.update(checkpoint_ptr="*fp16", cu_seqlens_ptr="*i32")  # f, h0 and the final state: float32
-    return compile_sm90(scan_forward_kernel, constants, pointers, config.forward_warps)
+    return compile_sm90(kernel, constants, pointers, config.forward_warps)
 
 
 def backward(config: KernelConfig, kernel=scan_backward_kernel):
@@ -138,7 +140,7 @@ def report(name: str, compiled) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kernels", nargs="+", choices=["forward", "backward", "gluon-backward"],
+    parser.add_argument("--kernels", nargs="+", choices=["forward", "backward", "gluon-forward", "gluon-backward"],
                         default=["forward", "backward"])
     for field in fields(KernelConfig):
         flag = "--" + field.name.replace("_", "-")
@@ -152,6 +154,9 @@ def main():
     if "forward" in args.kernels:
         print(report("forward, inference", forward(config, store_checkpoints=False)))
         print(report("forward, training (checkpoints)", forward(config, store_checkpoints=True)))
+    if "gluon-forward" in args.kernels:
+        print(report("Gluon forward, inference", forward(config, False, scan_forward_gluon_kernel)))
+        print(report("Gluon forward, training (checkpoints)", forward(config, True, scan_forward_gluon_kernel)))
     if "backward" in args.kernels:
         print(report("backward", backward(config)))
     if "gluon-backward" in args.kernels:

@@ -1,16 +1,16 @@
-"""Where the scan's GPU-only kernel (the Gluon backward, gluon_backward.py) runs instead of its plain-Triton twin.
+"""Where the scan's GPU-only kernels (gluon_forward.py, gluon_backward.py) run instead of their plain-Triton twins.
 
 A Gluon kernel runs only where it has been checked against the float64 reference on the GPU
-(benchmarks/check_scan_gpu.py): on the compute capabilities and Triton versions listed here. Everywhere else
-(the CPU and its Triton interpreter, other GPUs, other Triton versions) the Triton twins run, and they are what the
-CPU test suite checks. The choice is made before a launch, from the device and the installed Triton, never by
-catching a failure.
+(benchmarks/check_scan_gpu.py): on the compute capabilities and Triton versions listed for it in CHECKED. Everywhere
+else (the CPU and its Triton interpreter, other GPUs, other Triton versions) its Triton twin runs, and the twins are
+what the CPU test suite checks. The choice is made before a launch, from the device and the installed Triton, never
+by catching a failure.
 
 The environment variable M2RNN_SCAN_KERNELS overrides the choice, read at each call:
-  auto    (default) the Gluon kernels where they are checked
+  auto    (default) each Gluon kernel where it is checked
   triton  the Triton twins everywhere
   gluon   the Gluon kernels on every GPU that can run them (compute capability 8.0 or newer), checked or not:
-          for running benchmarks/check_scan_gpu.py on a new GPU or Triton version
+          for running benchmarks/check_scan_gpu.py on a new GPU or Triton version, or on a new kernel
 """
 
 import os
@@ -20,9 +20,12 @@ import triton
 
 ENVIRONMENT_VARIABLE = "M2RNN_SCAN_KERNELS"
 CHOICES = ("auto", "triton", "gluon")
-# Checked by benchmarks/check_scan_gpu.py (results on benchmarks/RESULTS.md): H100, Triton 3.6.
-CHECKED_CAPABILITIES = ((9, 0),)
-CHECKED_TRITON_VERSIONS = ("3.6",)
+# Per kernel, the (compute capability, Triton major.minor) pairs on which benchmarks/check_scan_gpu.py passed
+# (results on benchmarks/RESULTS.md). The forward has not run on a GPU yet: it runs only under M2RNN_SCAN_KERNELS=gluon.
+CHECKED = {
+    "forward": (),
+    "backward": (((9, 0), "3.6"),),  # H100
+}
 # The Gluon kernels' tensor-core products (mma_v2) need compute capability 8.0.
 MINIMUM_CAPABILITY = (8, 0)
 
@@ -35,8 +38,10 @@ def kernel_choice() -> str:
     return choice
 
 
-def gluon_kernels_enabled(device: torch.device) -> bool:
-    """Whether the Gluon kernels run on `device` (see the module doc)."""
+def gluon_kernel_enabled(kernel: str, device: torch.device) -> bool:
+    """Whether the Gluon `kernel` ("forward" or "backward") runs on `device` (see the module doc)."""
+    if kernel not in CHECKED:
+        raise ValueError(f"kernel={kernel!r}: expected one of {', '.join(CHECKED)}")
     choice = kernel_choice()
     if choice == "triton" or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return False
@@ -44,4 +49,9 @@ def gluon_kernels_enabled(device: torch.device) -> bool:
     if choice == "gluon":
         return capability >= MINIMUM_CAPABILITY
     triton_version = ".".join(triton.__version__.split(".")[:2])
-    return capability in CHECKED_CAPABILITIES and triton_version in CHECKED_TRITON_VERSIONS
+    return (tuple(capability), triton_version) in CHECKED[kernel]
+
+
+def gluon_kernels(device: torch.device) -> dict:
+    """{kernel: "gluon" or "triton"}: which kernel of each pair runs on `device` (benchmarks record it)."""
+    return {kernel: "gluon" if gluon_kernel_enabled(kernel, device) else "triton" for kernel in CHECKED}

@@ -1,6 +1,7 @@
 """The Triton backend of `m2rnn_scan`, registered as torch library custom ops so that it runs
-under torch.compile without graph breaks. For 16-bit sequences the backward launches the Gluon kernel
-(gluon_backward.py) where fast_path.py enables it, else its plain-Triton twin (triton_backward.py).
+under torch.compile without graph breaks. For 16-bit sequences the forward and the backward launch the Gluon
+kernels (gluon_forward.py, gluon_backward.py) where fast_path.py enables them, else their plain-Triton twins
+(triton_forward.py, triton_backward.py).
 
 Ops (all functional):
   m2rnn::scan(q, k, v, W, f, initial_state?, cu_seqlens?, gradient_clipping?, store_checkpoints)
@@ -31,8 +32,9 @@ import triton
 import triton.language as tl
 
 from ..backend import launches_directly, needs_grad
-from .fast_path import gluon_kernels_enabled
+from .fast_path import gluon_kernel_enabled
 from .gluon_backward import scan_backward_gluon_kernel
+from .gluon_forward import scan_forward_gluon_kernel
 from .triton_backward import scan_backward_kernel
 from .triton_forward import scan_forward_kernel
 
@@ -270,13 +272,14 @@ def _forward_rows(shape: ScanShape) -> int:
     return shape.block_k if shape.seq_len == 1 else CONFIG.forward_rows
 
 
-def _runs_gluon(shape: ScanShape, dtype: torch.dtype, device: torch.device, heads: int, warps: int) -> bool:
-    """Whether the backward takes the Gluon kernel (gluon_backward.py) rather than its Triton twin: where fast_path
-    enables the Gluon kernels, for the launches it is written for (16-bit inputs, one head per program on one warp)
-    and checked on, over sequences (a decode step's gradient, S == 1, keeps the twin: it has no step chain to
-    shorten)."""
+def _runs_gluon(kernel: str, shape: ScanShape, dtype: torch.dtype, device: torch.device, heads: int,
+                warps: int) -> bool:
+    """Whether a launch of `kernel` ("forward" or "backward") takes the Gluon kernel (gluon_forward.py,
+    gluon_backward.py) rather than its Triton twin: where fast_path enables it, for the launches the Gluon kernels are
+    written for (16-bit inputs, one head per program on one warp) and checked on, over sequences (a decode step,
+    S == 1, and its gradient keep the twins: they have no step chain to shorten)."""
     return (dtype in (torch.bfloat16, torch.float16) and heads == 1 and warps == 1 and shape.seq_len > 1
-            and gluon_kernels_enabled(device))
+            and gluon_kernel_enabled(kernel, device))
 
 
 def _scan_forward(q, k, v, W, f, initial_state, cu_seqlens, store_checkpoints):
@@ -292,7 +295,8 @@ def _scan_forward(q, k, v, W, f, initial_state, cu_seqlens, store_checkpoints):
     checkpoints = _checkpoint_buffer(shape, v, store_checkpoints)
     heads = CONFIG.forward_heads_per_program if shape.num_heads % CONFIG.forward_heads_per_program == 0 else 1
     grid = (shape.num_states, shape.num_heads // heads, row_blocks)
-    scan_forward_kernel[grid](
+    gluon = _runs_gluon("forward", shape, v.dtype, v.device, heads, CONFIG.forward_warps)
+    (scan_forward_gluon_kernel if gluon else scan_forward_kernel)[grid](
         q, k, v, W, f,
         initial_state.contiguous() if initial_state is not None else f,
         cu_seqlens if cu_seqlens is not None else f,
@@ -369,7 +373,7 @@ def scan_backward_op(
         dstate = d_final_state.to(torch.float32, copy=True).contiguous()
     else:
         dstate = torch.zeros(shape.num_states, N, K, V, device=device, dtype=torch.float32)
-    gluon = _runs_gluon(shape, v.dtype, device, heads, CONFIG.backward_warps)
+    gluon = _runs_gluon("backward", shape, v.dtype, device, heads, CONFIG.backward_warps)
     kernel = scan_backward_gluon_kernel if gluon else scan_backward_kernel
     # Each program's states for the steps of the chunk it walks.
     scratch = torch.empty(shape.num_states * programs * row_blocks, CONFIG.chunk, heads, rows, shape.block_v,
