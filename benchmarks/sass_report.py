@@ -10,8 +10,11 @@ for sm_90 with Triton's own compiler and ptxas, the way a launch on the GPU woul
 shape: N=84, Nq=Nk=1, K=64, V=16), disassembles them with the cuobjdump Triton ships, and prints for every loop its
 instruction count and the instructions that set a step's pace: shared-memory loads and stores and barriers (each
 layout change of a tensor in the step), tensor-core products (HMMA), tanh (MUFU), warp shuffles (row sums),
-in-register transposes (MOVM), global loads and stores, and register spills (LDL/STL). The innermost loops are the
-time steps: in the forward, the step loop; in the backward, the replay and the walk of a chunk.
+in-register transposes (MOVM), global loads and stores, and register spills (LDL/STL), and for an innermost loop the
+fewest instructions between a global load and the first read of its value. The innermost loops are the time steps:
+in the forward, the step loop; in the backward, the replay and the walk of a chunk. A step loads the next step's
+inputs; where ptxas schedules a load near the end of the body and the next step reads it at its top, that distance is
+a few tens of instructions, and each step waits for the memory.
 
 The kernel's time on the GPU follows these counts only roughly (latency and the warps in flight decide the
 rest), but a change that adds shared-memory round trips or spills shows here first, at no GPU time. For
@@ -26,6 +29,7 @@ import subprocess
 from collections import Counter
 from dataclasses import fields, replace
 from tempfile import NamedTemporaryFile
+from typing import NamedTuple
 
 import torch
 import triton
@@ -99,42 +103,89 @@ def backward(config: KernelConfig, kernel=scan_backward_kernel):
     return compile_sm90(kernel, constants, pointers, config.backward_warps, cap)
 
 
-def disassemble(compiled) -> tuple[list[tuple[int, str, int | None]], str]:
-    """(address, opcode, branch target or None) of every instruction, and the registers line of cuobjdump's
-    resource usage."""
+class Instruction(NamedTuple):
+    address: int
+    opcode: str  # without modifiers: LDG, HMMA, ...
+    text: str  # the whole instruction, modifiers and operands, without its predicate
+    target: int | None  # a branch's target
+
+
+def disassemble(compiled) -> tuple[list[Instruction], str]:
+    """Every instruction, and the registers line of cuobjdump's resource usage."""
     cuobjdump = triton.knobs.nvidia.cuobjdump.path
     with NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
         sass = subprocess.run([cuobjdump, "-sass", cubin.name], capture_output=True, text=True, check=True).stdout
         usage = subprocess.run([cuobjdump, "-res-usage", cubin.name], capture_output=True, text=True).stdout
+    registers = re.search(r"REG:\d+.*?LOCAL:\d+", usage)
+    return parse_sass(sass), registers.group(0) if registers else "?"
+
+
+def parse_sass(sass: str) -> list[Instruction]:
     instructions = []
     for line in sass.splitlines():
-        match = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)[^;]*?(0x[0-9a-f]+)?\s*;", line)
+        match = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?(([A-Z0-9_]+)[^;]*?(0x[0-9a-f]+)?)\s*;", line)
         if match:
-            address, opcode, target = match.groups()
+            address, text, opcode, target = match.groups()
             branch = int(target, 16) if opcode == "BRA" and target else None
-            instructions.append((int(address, 16), opcode, branch))
-    registers = re.search(r"REG:\d+.*?LOCAL:\d+", usage)
-    return instructions, registers.group(0) if registers else "?"
+            instructions.append(Instruction(int(address, 16), opcode, text, branch))
+    return instructions
 
 
-def loops(instructions) -> list[tuple[int, int, Counter]]:
-    """(first, last address, opcode counts) of the body of every backward branch, innermost (shortest) first."""
-    bodies = []
-    for address, _opcode, target in instructions:
-        if target is not None and target < address:
-            counts = Counter(op for a, op, _ in instructions if target <= a <= address)
-            bodies.append((target, address, counts))
-    return sorted(bodies, key=lambda body: sum(body[2].values()))
+def loops(instructions: list[Instruction]) -> list[list[Instruction]]:
+    """The body of every backward branch, innermost (shortest) first."""
+    bodies = [[i for i in instructions if branch.target <= i.address <= branch.address]
+              for branch in instructions if branch.target is not None and branch.target < branch.address]
+    return sorted(bodies, key=len)
+
+
+# Registers an operand names: R12, and the pair R12.64 (an address) or the HMMA.16816 fragments (4, 2, 4 registers).
+FRAGMENT_SIZES = {"HMMA": (4, 4, 2, 4)}  # D, A, B, C
+
+
+def registers_read(instruction: Instruction) -> set[int]:
+    """The general registers the instruction reads (stores read every operand; others write their first)."""
+    operands = instruction.text.split(None, 1)[1].split(",") if " " in instruction.text else []
+    sizes = FRAGMENT_SIZES.get(instruction.opcode)
+    read = set()
+    for index, operand in enumerate(operands):
+        if index == 0 and not instruction.opcode.startswith("ST"):
+            continue
+        for number, wide in re.findall(r"\bR(\d+)(\.64)?", operand):
+            count = sizes[index] if sizes else 2 if wide else 1
+            read.update(range(int(number), int(number) + count))
+    return read
+
+
+def load_use_distances(body: list[Instruction]) -> list[int]:
+    """For each global load of an innermost loop's body, how many instructions later (around the back edge) its first
+    register is first read: a load whose value the next iteration reads at its top, a few instructions after the
+    load, makes that iteration wait for the memory. Empty for a loop around other loops."""
+    if any(i.target is not None and i.target < i.address for i in body[:-1]):
+        return []
+    distances = []
+    for index, instruction in enumerate(body):
+        if instruction.opcode != "LDG":
+            continue
+        loaded = int(re.match(r"LDG\S*\s+R(\d+)", instruction.text).group(1))
+        for step in range(1, len(body) + 1):
+            if loaded in registers_read(body[(index + step) % len(body)]):
+                distances.append(step)
+                break
+    return distances
 
 
 def report(name: str, compiled) -> str:
     instructions, registers = disassemble(compiled)
     lines = [f"{name}: {len(instructions)} instructions, {registers}"]
-    for first, last, counts in loops(instructions):
+    for body in loops(instructions):
+        counts = Counter(instruction.opcode for instruction in body)
         shown = "  ".join(f"{op} {counts[op]}" for op in SHOWN)
-        lines.append(f"  loop {first:#07x}-{last:#07x}: {sum(counts.values()):5d} instructions  {shown}")
+        distances = load_use_distances(body)
+        nearest = f"  first use of a load after >= {min(distances)}" if distances else ""
+        lines.append(f"  loop {body[0].address:#07x}-{body[-1].address:#07x}: {len(body):5d} instructions  {shown}"
+                     + nearest)
     return "\n".join(lines)
 
 
