@@ -128,9 +128,10 @@ def _load_inputs(t, inputs, place, N: gl.constexpr, NQ: gl.constexpr, NK: gl.con
     operand's contraction, f_t."""
     q_ptr, k_ptr, v_ptr, f_ptr = inputs
     batch, seq_len, head, rk, rk_operand, rv = place
+    q_t = load_rows(q_ptr, batch, t, seq_len, head, rk_operand, N, NQ, K, ROWS_MASKED)
     return (load_rows(k_ptr, batch, t, seq_len, head, rk, N, NK, K, ROWS_MASKED),
             load_columns(v_ptr, batch, t, seq_len, head, rv, N, NV, V, COLUMNS_MASKED),
-            load_rows(q_ptr, batch, t, seq_len, head, rk_operand, N, NQ, K, ROWS_MASKED),
+            q_t,
             load_gate(f_ptr, batch, t, seq_len, head, N, NF))
 
 
