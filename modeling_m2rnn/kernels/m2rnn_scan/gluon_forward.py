@@ -128,6 +128,8 @@ def _load_inputs(t, inputs, place, N: gl.constexpr, NQ: gl.constexpr, NK: gl.con
     operand's contraction, f_t."""
     q_ptr, k_ptr, v_ptr, f_ptr = inputs
     batch, seq_len, head, rk, rk_operand, rv = place
+    # q first: ptxas then issues every load of the step further from its first use (sass_report's load-to-use
+    # distance).
     q_t = load_rows(q_ptr, batch, t, seq_len, head, rk_operand, N, NQ, K, ROWS_MASKED)
     return (load_rows(k_ptr, batch, t, seq_len, head, rk, N, NK, K, ROWS_MASKED),
             load_columns(v_ptr, batch, t, seq_len, head, rv, N, NV, V, COLUMNS_MASKED),
