@@ -1,8 +1,9 @@
 """The Gluon scan kernels and the choice between them and their Triton twins, on a machine without a GPU.
 
-The Gluon kernels cannot run here (the Triton interpreter does not run Gluon); benchmarks/check_scan_gpu.py checks them
-against the float64 reference on the GPU. Here: they compile for Hopper with the installed Triton, with nothing in
-shared memory, and the dispatch chooses them only where fast_path says they are checked."""
+The kernels themselves cannot run here (the Triton interpreter does not run Gluon; test_m2rnn_scan_gluon_interpreted.py
+runs their logic read as Triton); benchmarks/check_scan_gpu.py checks them against the float64 reference on the GPU.
+Here: they compile for Hopper with the installed Triton, with nothing in shared memory, and the dispatch chooses them
+only where fast_path says they are checked."""
 
 import json
 import os

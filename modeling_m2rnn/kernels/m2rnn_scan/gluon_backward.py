@@ -12,9 +12,10 @@ The math, the chunks, the segments and the outputs are scan_backward_kernel's (s
   - The transposes that dW = H_{t-1}ᵀ dA and dv = dAᵀ k need happen in registers, one movmatrix per 8×8 tile
     (transpose_tiles), and the sums over a row (dq = H_t dy, dk = dA v) and over the rows (dv, dW) run on the tensor
     cores instead of as shuffles.
-For the launches that triton_scan admits (one head per program on one warp, 16-bit inputs). Not runnable by the Triton
-interpreter: the twin is what the CPU tests check, and benchmarks/check_scan_gpu.py checks this kernel against the
-float64 reference on the GPU; fast_path.py runs it only where that check has run.
+For the launches that triton_scan admits (one head per program on one warp, 16-bit inputs). The Triton interpreter
+does not run Gluon: the CPU tests run this kernel's logic read as Triton (tests/kernels/gluon_interpreter.py), and
+benchmarks/check_scan_gpu.py checks the kernel itself against the float64 reference on the GPU; fast_path.py runs it
+only where that check has run.
 """
 
 from triton.experimental import gluon

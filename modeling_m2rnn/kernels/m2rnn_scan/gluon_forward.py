@@ -7,11 +7,12 @@ change (gluon_building_blocks):
     shared-memory round trip and no barrier in it.
   - y_t = q_tᵀ H_t, the sum over the program's rows, runs on the tensor cores: H_t, transposed tile by tile in
     registers, is the B operand of a product with q_t in every row of the A operand. It reads the state but feeds
-    nothing back into the chain. The product takes bf16 operands, as the backward's dq = H_t dy_t does: the float32
-    range for q, and H_t rounded to 2^-9, the precision y is written in.
-For the launches that triton_scan admits (one head per program on one warp, 16-bit inputs, more than one step). Not
-runnable by the Triton interpreter: the twin is what the CPU tests check, and benchmarks/check_scan_gpu.py checks this
-kernel against the float64 reference on the GPU; fast_path.py runs it only where that check has run.
+    nothing back into the chain. Its operands take q's dtype: q keeps its range, and H_t, in [-1, 1], is rounded to
+    2^-9 (bf16; the twin sums float32 products) or 2^-11 (fp16).
+For the launches that triton_scan admits (one head per program on one warp, 16-bit inputs, more than one step). The
+Triton interpreter does not run Gluon: the CPU tests run this kernel's logic read as Triton
+(tests/kernels/gluon_interpreter.py), and benchmarks/check_scan_gpu.py checks the kernel itself against the float64
+reference on the GPU; fast_path.py runs it only where that check has run.
 """
 
 from triton.experimental import gluon
@@ -111,7 +112,7 @@ def scan_forward_gluon_kernel(
             H = H + g_t * (Z - H)
             H_dot = H.to(DOT_DTYPE)
             # y_t = q_tᵀ H_t: every row of the (16, BV) product holds it; row 0 is stored.
-            y_t = mma_v2(q_rows, transposed_b_operand(H.to(gl.bfloat16), BR, BV),
+            y_t = mma_v2(q_rows, transposed_b_operand(H.to(q_rows.dtype), BR, BV),
                          gl.zeros([16, BV], gl.float32, ACCUMULATOR))
             y_row = y_partial_ptr + (batch * seq_len + t).to(gl.int64) * N * V
             gl.store(y_row + y_rows * 0 + columns, y_t.to(y_ptr.dtype.element_ty), mask=y_mask)
@@ -140,8 +141,8 @@ def _load_inputs(t, inputs, place, N: gl.constexpr, NQ: gl.constexpr, NK: gl.con
 @gluon.jit
 def _operands(loaded, BR: gl.constexpr):
     """What a step computes with, from its inputs: k_t v_tᵀ (BR, BV) in the accumulator layout, float32 (the H·W
-    product adds onto it); 1 - f_t; q_t in every row of a (16, BR) bf16 A operand (y_t = q_tᵀ H_t)."""
+    product adds onto it); 1 - f_t; q_t in every row of a (16, BR) A operand (y_t = q_tᵀ H_t)."""
     k_t, v_t, q_t, f_t = loaded
     outer = gl.expand_dims(k_t.to(gl.float32), 1) * gl.expand_dims(v_t.to(gl.float32), 0)
-    q_rows = gl.expand_dims(q_t.to(gl.bfloat16), 0) * gl.full([16, BR], 1, gl.bfloat16, A_OPERAND)
+    q_rows = gl.expand_dims(q_t, 0).broadcast_to(16, BR)
     return outer, input_gate(f_t), q_rows
