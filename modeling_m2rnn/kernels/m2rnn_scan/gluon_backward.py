@@ -223,7 +223,7 @@ def _walk_step(walk, walk_start, W_dot, W_t, clip, inputs, place, outputs, scrat
     _store_rows(dk_ptr + row * N * K + partial_rows, dk_t, rk < K, BR)
     dA_b = transposed_b_operand(dA_grad, BR, BV)
     dW = mma_v2(transposed_a_operand(H_prev32.to(GRAD_DTYPE), BR, BV), dA_b, dW)
-    k_rows = gl.expand_dims(k_operand_t.to(GRAD_DTYPE), 0) * gl.full([16, BR], 1, GRAD_DTYPE, A_OPERAND)
+    k_rows = gl.expand_dims(k_operand_t.to(GRAD_DTYPE), 0).broadcast_to(16, BR)
     dv_t = mma_v2(k_rows, dA_b, gl.zeros([16, BV], gl.float32, ACCUMULATOR))  # (16, BV), every row dv_t
     dv_rows = gl.expand_dims(gl.arange(0, 16, layout=ROWS), 1)
     columns = gl.expand_dims(rv, 0)
@@ -308,7 +308,7 @@ def _lane_major_offsets(like, BR: gl.constexpr, BV: gl.constexpr):
 def _row_sums_by_mma(x_a, column, BR: gl.constexpr, BV: gl.constexpr):
     """x_a (BR, BV) as an A operand times `column` (BV,), given along the B operand's contraction dim, on the tensor
     cores: (BR, 8), every column x·column."""
-    columns = gl.expand_dims(column, 1) * gl.full([BV, 8], 1, column.dtype, B_OPERAND)
+    columns = gl.expand_dims(column, 1).broadcast_to(BV, 8)
     return mma_v2(x_a, columns, gl.zeros([BR, 8], gl.float32, ACCUMULATOR))
 
 
