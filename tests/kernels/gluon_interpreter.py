@@ -75,6 +75,7 @@ class _InterpretedGluon(InterpretedFunction):
     def run(self, *args, **kwargs):
         # A Gluon tensor's type has a layout, which a kernel may read (x.type.layout) to build another; the
         # interpreter's tensor types have none, and the layouts are dropped anyway.
+        assert not hasattr(tl.core.block_type, "layout"), "a Triton whose tensor types have layouts: revisit"
         tl.core.block_type.layout = None
         try:
             return super().run(*args, **kwargs)
