@@ -9,7 +9,9 @@
    (B=8, S=4096, Nq=Nk=1, K=64, N=84, V=16, bf16), the 7B shape (B=4, N=132), B=1 and B=32 at S=1024, beside the
    public reference kernel's figures (results/anchors), plus the torch reference loop at small S.
 Timings are triton.testing.do_bench medians on fresh non-zero random inputs. JSON and the printed log go to
-benchmarks/results/bench_scan.{json,log} (and $OUT when set), replacing the previous run's.
+benchmarks/results/bench_scan.{json,log} (and $OUT when set), replacing the previous run's. The package's path is
+timed as fast_path chooses it; under M2RNN_SCAN_KERNELS=gluon, with every Gluon kernel, checked or not (the
+correctness check above runs them first), beside the Triton twins.
 """
 
 import argparse
@@ -104,6 +106,7 @@ def compare_configs(log) -> dict:
         "bwd 64 rows": KernelConfig(backward_rows=64),
         "bwd 16 rows": KernelConfig(backward_rows=16),
         "fwd 16 rows": KernelConfig(forward_rows=16),
+        "fwd 64 rows": KernelConfig(forward_rows=64),
         "chunk 16": KernelConfig(chunk=16),
     }
     timings = {}
