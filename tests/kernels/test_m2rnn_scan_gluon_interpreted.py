@@ -30,15 +30,19 @@ class _Counted:
         return self.kernel[grid]
 
 
-@pytest.fixture
-def gluon_launches(monkeypatch) -> Counter:
-    """The Gluon kernels, interpreted, in place of their twins wherever a checked GPU would run them; counts their
-    launches, so that a test shows they ran."""
+def use_gluon(monkeypatch, kernels=("forward", "backward")) -> Counter:
+    """The Gluon `kernels`, interpreted, in place of their twins wherever a GPU where they are checked would run them;
+    returns their launches, counted, so that a test shows they ran."""
     launches = Counter()
     for name in GLUON_KERNELS:
         monkeypatch.setattr(triton_scan, name, _Counted(interpreted(getattr(triton_scan, name)), launches, name))
-    monkeypatch.setattr(triton_scan, "gluon_kernel_enabled", lambda kernel, device: True)
+    monkeypatch.setattr(triton_scan, "gluon_kernel_enabled", lambda kernel, device: kernel in kernels)
     return launches
+
+
+@pytest.fixture
+def gluon_launches(monkeypatch) -> Counter:
+    return use_gluon(monkeypatch)
 
 
 CASES = {
@@ -67,6 +71,18 @@ def test_gluon_kernels_match_reference_packed_across_chunks_and_segments(gluon_l
     inputs = make_inputs(1, 15, 24, 6, (1, 1, 2, 2, 2), torch.bfloat16, True, num_states=5)
     check_against_reference(inputs, gradient_clipping=0.3, cu_seqlens=cu_seqlens)
     assert gluon_launches == {"scan_forward_gluon_kernel": 1, "scan_backward_gluon_kernel": 4}  # 15 steps: 4 chunks
+
+
+@pytest.mark.parametrize("kernel", ["backward", "forward"])
+def test_one_gluon_kernel_beside_the_other_twin(kernel, monkeypatch):
+    """Each reads the checkpoints the other writes: the Gluon backward after the Triton forward (what runs where only
+    the backward is checked) and the reverse, on packed sequences across chunks."""
+    launches = use_gluon(monkeypatch, kernels=(kernel,))
+    monkeypatch.setattr(triton_scan, "CONFIG", KernelConfig(chunk=4))
+    cu_seqlens = torch.tensor([0, 3, 13, 14], device=DEVICE)
+    inputs = make_inputs(1, 14, 40, 12, (1, 1, 2, 2, 2), torch.bfloat16, True, num_states=3)
+    check_against_reference(inputs, gradient_clipping=0.5, cu_seqlens=cu_seqlens)
+    assert launches == {f"scan_{kernel}_gluon_kernel": 1}
 
 
 def test_gluon_inference_forward_matches_reference(gluon_launches):
