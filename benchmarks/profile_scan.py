@@ -126,9 +126,10 @@ def main():
     ncu = find_ncu()
     args.output.mkdir(parents=True, exist_ok=True)
     profile = args.output / "scan_profile"
-    command = [ncu, "--kernel-name", KERNELS, "--launch-skip", "2", "--launch-count", "2", "--force-overwrite",
-               *[part for section in SECTIONS for part in ("--section", section)], "-o", str(profile),
-               sys.executable, __file__, "--launch", *shape]
+    # The clocks as the benchmarks run them: ncu would otherwise lock them to base for the profile.
+    command = [ncu, "--clock-control", "none", "--kernel-name", KERNELS, "--launch-skip", "2", "--launch-count", "2",
+               "--force-overwrite", *[part for section in SECTIONS for part in ("--section", section)],
+               "-o", str(profile), sys.executable, __file__, "--launch", *shape]
     subprocess.run(command, check=True, env=os.environ)
     report_file = f"{profile}.ncu-rep"
     source = args.output / "scan_profile_source.csv"
