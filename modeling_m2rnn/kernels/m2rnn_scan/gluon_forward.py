@@ -92,10 +92,15 @@ def scan_forward_gluon_kernel(
     for chunk in range(start // CHUNK, gl.cdiv(end, CHUNK)):
         chunk_start, chunk_end = chunk_bounds(chunk, start, end, CHUNK)
         if PREFETCH:
-            if chunk_end < end:  # into L2, the next chunk's rows
+            # Into L1 this chunk's rows, into L2 the next chunk's. A step's inputs are loaded about a hundred
+            # instructions before their first use (below); with one warp on a scheduler that does not cover a load
+            # from L2, and the step would wait for it.
+            steps = gl.arange(0, CHUNK, layout=STEPS)
+            prefetch_steps(q_ptr, k_ptr, v_ptr, f_ptr, f_ptr, batch, chunk_start, chunk_end, seq_len, head,
+                           rows_block * BR, steps, N, NQ, NK, NV, NF, K, V, False, True)
+            if chunk_end < end:
                 prefetch_steps(q_ptr, k_ptr, v_ptr, f_ptr, f_ptr, batch, chunk_end, end, seq_len, head,
-                               rows_block * BR, gl.arange(0, CHUNK, layout=STEPS), N, NQ, NK, NV, NF, K, V, False,
-                               False)
+                               rows_block * BR, steps, N, NQ, NK, NV, NF, K, V, False, False)
         if STORE_CHECKPOINTS:
             gl.store(checkpoint_ptr + checkpoint_offsets + chunk * BK * BV, H.to(checkpoint_ptr.dtype.element_ty))
         # Step t + 1's inputs are loaded at the top of step t and turned into its operands (k v_tᵀ, 1 - f, q in every
