@@ -89,7 +89,7 @@ class FakeCuda:
 
 @pytest.mark.parametrize("kernel, capability, triton_version, choice, expected", [
     ("backward", (9, 0), "3.6.0", "auto", True),     # checked
-    ("forward", (9, 0), "3.6.0", "auto", False),     # not checked anywhere
+    ("forward", (9, 0), "3.6.0", "auto", False),     # listed nowhere
     ("backward", (9, 0), "3.6.0", "triton", False),  # forced twin
     ("backward", (9, 0), "3.9.0", "auto", False),    # unchecked Triton
     ("backward", (8, 0), "3.6.0", "auto", False),    # unchecked GPU
