@@ -108,6 +108,7 @@ def compare_configs(log) -> dict:
         "fwd 16 rows": KernelConfig(forward_rows=16),
         "fwd 64 rows": KernelConfig(forward_rows=64),
         "chunk 16": KernelConfig(chunk=16),
+        "scratch past L1": KernelConfig(scratch_past_l1=True),
     }
     timings = {}
     run_config = triton_scan.CONFIG
