@@ -2,10 +2,9 @@
 
 A Gluon kernel runs only where it has been checked against the float64 reference on the GPU
 (benchmarks/check_scan_gpu.py) and timed faster than its twin: on the compute capabilities and Triton versions listed
-for it in CHECKED. Everywhere
-else (the CPU and its Triton interpreter, other GPUs, other Triton versions) its Triton twin runs. The CPU test suite
-runs the twins and, read as Triton, the Gluon kernels' logic. The choice is made before a launch, from the device and
-the installed Triton, never by catching a failure.
+for it in CHECKED. Everywhere else (the CPU and its Triton interpreter, other GPUs, other Triton versions) its Triton
+twin runs. The CPU test suite runs the twins and, read as Triton, the Gluon kernels' logic. The choice is made before
+a launch, from the device and the installed Triton, never by catching a failure.
 
 The environment variable M2RNN_SCAN_KERNELS overrides the choice, read at each call:
   auto    (default) each Gluon kernel where it is checked
