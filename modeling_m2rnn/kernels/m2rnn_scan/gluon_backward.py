@@ -26,7 +26,6 @@ from .gluon_building_blocks import (
     A_OPERAND,
     ACCUMULATOR,
     B_OPERAND,
-    COLUMNS,
     ROWS,
     STEPS,
     candidate,
@@ -34,6 +33,7 @@ from .gluon_building_blocks import (
     load_gate,
     load_rows,
     operand_k,
+    program_block,
     transposed_a_operand,
     transposed_b_operand,
 )
@@ -64,12 +64,8 @@ def scan_backward_gluon_kernel(
     ROWS_MASKED: gl.constexpr = K % BR != 0
     COLUMNS_MASKED: gl.constexpr = V != BV
 
-    state_row = gl.program_id(0)
-    head = gl.program_id(1)
-    rows_block = gl.program_id(2)
+    state_row, head, rows_block, rk, rv = program_block(BR, BV)
     num_row_blocks = gl.num_programs(2)
-    rk = rows_block * BR + gl.arange(0, BR, layout=ROWS)  # (BR,)
-    rv = gl.arange(0, BV, layout=COLUMNS)  # (BV,)
     rows = gl.expand_dims(rk, 1)
     columns = gl.expand_dims(rv, 0)
     batch, start, end = sequence_bounds(cu_seqlens_ptr, state_row, seq_len, VARLEN)

@@ -55,6 +55,16 @@ def operand_k(size: gl.constexpr, operand: gl.constexpr):
 
 
 @gluon.jit
+def program_block(BR: gl.constexpr, BV: gl.constexpr):
+    """The program's place in the (state, head, row block) grid, and its state rows (BR,) and columns (BV,) in the
+    row and column slices of the accumulator layout: (state_row, head, rows_block, rk, rv)."""
+    rows_block = gl.program_id(2)
+    rk = rows_block * BR + gl.arange(0, BR, layout=ROWS)
+    rv = gl.arange(0, BV, layout=COLUMNS)
+    return gl.program_id(0), gl.program_id(1), rows_block, rk, rv
+
+
+@gluon.jit
 def candidate(H_dot, W_dot, k_t, v_t, FAST_TANH: gl.constexpr):
     """Z_t = tanh(H_{t-1} W + k_t v_tᵀ), float32 (BR, BV) in the accumulator layout: H_dot (BR, BV) in the dot dtype
     in the accumulator layout, W_dot its B operand, k_t (BR,) and v_t (BV,) in its row and column slices, float32."""

@@ -23,13 +23,13 @@ from .gluon_building_blocks import (
     A_OPERAND,
     ACCUMULATOR,
     B_OPERAND,
-    COLUMNS,
     ROWS,
     STEPS,
     load_columns,
     load_gate,
     load_rows,
     operand_k,
+    program_block,
     transposed_b_operand,
 )
 from .triton_building_blocks import (
@@ -59,11 +59,7 @@ def scan_forward_gluon_kernel(
     ROWS_MASKED: gl.constexpr = K % BR != 0
     COLUMNS_MASKED: gl.constexpr = V != BV
 
-    state_row = gl.program_id(0)
-    head = gl.program_id(1)
-    rows_block = gl.program_id(2)
-    rk = rows_block * BR + gl.arange(0, BR, layout=ROWS)  # (BR,)
-    rv = gl.arange(0, BV, layout=COLUMNS)  # (BV,)
+    state_row, head, rows_block, rk, rv = program_block(BR, BV)
     rows = gl.expand_dims(rk, 1)
     columns = gl.expand_dims(rv, 0)
     batch, start, end = sequence_bounds(cu_seqlens_ptr, state_row, seq_len, VARLEN)
