@@ -26,15 +26,18 @@ def make_inputs(B, S, K, V, counts, dtype, with_initial_state, num_states=None, 
     return [x.to(DEVICE) if x is not None else None for x in inputs]
 
 
-def run_with_grads(scan, inputs, output_grads, **kwargs):
-    """y, final state and the gradients of <y, dy> + <final, d_final> wrt every input."""
+def run_with_grads(scan, inputs, output_grads=None, **kwargs):
+    """y, final state, the gradients of <y, dy> + <final, d_final> wrt every input, and (dy, d_final): given, or
+    drawn (standard normal, like y and the final state) when output_grads is None."""
     inputs = [x.detach().clone().requires_grad_() if x is not None else None for x in inputs]
     y, final_state = scan(*inputs, **kwargs)
+    if output_grads is None:
+        output_grads = (torch.randn_like(y), torch.randn_like(final_state))
     dy, d_final = output_grads
     loss = (y.double() * dy).sum() + (final_state.double() * d_final).sum()
     leaves = [x for x in inputs if x is not None]
     grads = iter(torch.autograd.grad(loss, leaves))
-    return y, final_state, [next(grads) if x is not None else None for x in inputs]
+    return y, final_state, [next(grads) if x is not None else None for x in inputs], output_grads
 
 
 def check_against_reference(inputs, gradient_clipping=None, cu_seqlens=None):
@@ -45,11 +48,8 @@ def check_against_reference(inputs, gradient_clipping=None, cu_seqlens=None):
     def reference(q, k, v, W, f, initial_state):
         return m2rnn_scan_reference(q, k, v, W, f, initial_state, gradient_clipping, cu_seqlens)
 
-    with torch.no_grad():
-        ref_y, ref_final = reference(*as_double)
-    output_grads = (torch.randn_like(ref_y), torch.randn_like(ref_final))
-    ref_y, ref_final, ref_grads = run_with_grads(reference, as_double, output_grads)
-    y, final_state, grads = run_with_grads(
+    ref_y, ref_final, ref_grads, output_grads = run_with_grads(reference, as_double)
+    y, final_state, grads, _ = run_with_grads(
         m2rnn_scan, inputs, output_grads, gradient_clipping=gradient_clipping, cu_seqlens=cu_seqlens, backend="triton"
     )
     assert y.dtype == dtype and final_state.dtype == torch.float32
