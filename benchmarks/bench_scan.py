@@ -104,7 +104,6 @@ def compare_configs(log) -> dict:
     """Launch settings at the 400M shape; returns the timings per setting."""
     configs = {
         "default": KernelConfig(),
-        "scratch past L1": KernelConfig(scratch_past_l1=True),
         "no L2 prefetch": KernelConfig(prefetch=False),
         "bwd 64 rows": KernelConfig(backward_rows=64),
         "bwd 16 rows": KernelConfig(backward_rows=16),

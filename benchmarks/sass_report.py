@@ -41,7 +41,7 @@ from modeling_m2rnn.kernels.m2rnn_scan.gluon_backward import scan_backward_gluon
 from modeling_m2rnn.kernels.m2rnn_scan.gluon_forward import scan_forward_gluon_kernel
 from modeling_m2rnn.kernels.m2rnn_scan.triton_backward import scan_backward_kernel
 from modeling_m2rnn.kernels.m2rnn_scan.triton_forward import scan_forward_kernel
-from modeling_m2rnn.kernels.m2rnn_scan.triton_scan import KernelConfig, ScanShape, backward_constants, dot_constants
+from modeling_m2rnn.kernels.m2rnn_scan.triton_scan import KernelConfig, ScanShape, dot_constants, gradient_constants
 
 TARGET = GPUTarget("cuda", 90, 32)
 SHAPE = ScanShape(batch=8, seq_len=4096, num_heads=84, nq=1, nk=1, nv=84, nf=84, nw=84, key_dim=64, value_dim=16,
@@ -79,7 +79,7 @@ def gpu_constants(config: KernelConfig) -> dict:
     """The dtype constants a CUDA launch with bf16 inputs gets."""
     return dict(**dot_constants(torch.bfloat16, True, config, config.backward_warps,
                               config.backward_max_heads_per_program),
-                **backward_constants(torch.bfloat16, True, config))
+                **gradient_constants(torch.bfloat16, True, config))
 
 
 def forward(config: KernelConfig, store_checkpoints: bool, kernel=scan_forward_kernel):

@@ -45,7 +45,7 @@ def compile_for_hopper(direction: str, K: int, V: int, varlen: bool) -> dict:
         constants.update(HAS_H0=not varlen, STORE_CHECKPOINTS=True)
     else:
         fn, arguments = scan_backward_gluon_kernel, BACKWARD_ARGUMENTS
-        constants.update(CLIP=True, GRAD_DTYPE=tl.bfloat16, GRAD_PRECISION="ieee", SCRATCH_CACHE=".cg")
+        constants.update(CLIP=True, GRAD_DTYPE=tl.bfloat16, GRAD_PRECISION="ieee")
     signature = dict(arguments, **{constant: "constexpr" for constant in constants})
     constexprs = {(fn.arg_names.index(n),): c for n, c in constants.items()}
     kernel = triton.compile(GluonASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),

@@ -136,9 +136,8 @@ def test_ops_pass_opcheck_and_compile_without_graph_breaks():
 
 
 def test_gpu_only_paths_are_chosen_as_documented():
-    """The inline-assembly paths (fast tanh, lane sums), the scratch's L1 bypass and the register cap go to GPU
-    launches only, and the lane sums only to 16-bit inputs on one-warp, one-head programs (the layout they assume, as
-    checked on the GPU)."""
+    """The inline-assembly paths (fast tanh, lane sums) and the register cap go to GPU launches only, and the
+    lane sums only to 16-bit inputs on one-warp, one-head programs (the layout they assume, as checked on the GPU)."""
     config = KernelConfig()
     gpu_bf16 = triton_scan.dot_constants(torch.bfloat16, True, config, warps=1, heads=1)
     assert gpu_bf16["FAST_TANH"] and gpu_bf16["LANE_SUMS"]
@@ -148,11 +147,6 @@ def test_gpu_only_paths_are_chosen_as_documented():
     for dtype, on_gpu in ((torch.float32, True), (torch.bfloat16, False)):
         constants = triton_scan.dot_constants(dtype, on_gpu, config, warps=1, heads=1)
         assert not constants["FAST_TANH"] and not constants["LANE_SUMS"]
-    past_l1 = KernelConfig(scratch_past_l1=True)
-    for dtype in (torch.bfloat16, torch.float32):
-        assert triton_scan.backward_constants(dtype, True, past_l1)["SCRATCH_CACHE"] == ".cg"
-        assert triton_scan.backward_constants(dtype, False, past_l1)["SCRATCH_CACHE"] == ""
-        assert triton_scan.backward_constants(dtype, True, config)["SCRATCH_CACHE"] == ""
     assert triton_scan._register_cap(torch.device("cuda"), 184) == {"maxnreg": 184}
     assert triton_scan._register_cap(torch.device("cpu"), 184) == {}
     assert triton_scan._register_cap(torch.device("cuda"), None) == {}

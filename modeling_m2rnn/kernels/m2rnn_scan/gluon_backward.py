@@ -56,7 +56,7 @@ def scan_backward_gluon_kernel(
     K: gl.constexpr, V: gl.constexpr, BK: gl.constexpr, BV: gl.constexpr, HP: gl.constexpr, BR: gl.constexpr,
     CHUNK: gl.constexpr, VARLEN: gl.constexpr, CLIP: gl.constexpr, DOT_DTYPE: gl.constexpr,
     DOT_PRECISION: gl.constexpr, GRAD_DTYPE: gl.constexpr, GRAD_PRECISION: gl.constexpr, FAST_TANH: gl.constexpr,
-    LANE_SUMS: gl.constexpr, PREFETCH: gl.constexpr, SCRATCH_CACHE: gl.constexpr,
+    LANE_SUMS: gl.constexpr, PREFETCH: gl.constexpr,
 ):
     # The twin's arguments, so that one launch serves both kernels. DOT_PRECISION, GRAD_PRECISION and LANE_SUMS go
     # unused: the products here are 16-bit tensor-core products, and no sum crosses lanes by shuffles but df's.
@@ -132,7 +132,7 @@ def scan_backward_gluon_kernel(
         replay = (H.to(gl.float32),) + _replay_inputs(
             gl.maximum(gl.minimum(replay_start, end - 1), start), inputs, place, N, NK, NV, NF, K, V, BV,
             ROWS_MASKED, COLUMNS_MASKED) + (replay_start,)
-        walk = (dH, dW, _load_scratch(walk_end - 1, scratch, BR, BV, CHUNK, SCRATCH_CACHE)) + _walk_inputs(
+        walk = (dH, dW, gl.load(_scratch_slot(walk_end - 1, scratch, BR, BV, CHUNK))) + _walk_inputs(
             gl.maximum(gl.minimum(walk_end - 1, end - 1), start), inputs, place, N, NQ, NK, NV, NF, K, V, BV,
             ROWS_MASKED, COLUMNS_MASKED) + (walk_end - 1,)
 
@@ -141,19 +141,15 @@ def scan_backward_gluon_kernel(
         mirror = 2 * boundary - 1
         for _ in range(replay_start, gl.minimum(replay_end, mirror + 1 - walk_end)):
             replay = _replay_step(replay, replay_end, W_dot, inputs, place, outputs, scratch, N, NK, NV, NF, K, V,
-                                  BR, BV, CHUNK, ROWS_MASKED, COLUMNS_MASKED, DOT_DTYPE, GRAD_DTYPE, FAST_TANH,
-                                  SCRATCH_CACHE)
+                                  BR, BV, CHUNK, ROWS_MASKED, COLUMNS_MASKED, DOT_DTYPE, GRAD_DTYPE, FAST_TANH)
         for _ in range(walk_end - gl.maximum(walk_start, mirror + 1 - replay_start)):
             walk = _walk_step(walk, walk_start, W_dot, W_t, clip, inputs, place, outputs, scratch, N, NQ, NK, NV,
-                              NF, K, V, BR, BV, CHUNK, ROWS_MASKED, COLUMNS_MASKED, CLIP, GRAD_DTYPE, FAST_TANH,
-                              SCRATCH_CACHE)
+                              NF, K, V, BR, BV, CHUNK, ROWS_MASKED, COLUMNS_MASKED, CLIP, GRAD_DTYPE, FAST_TANH)
         for _ in range(gl.minimum(walk_end, mirror + 1 - replay_start) - walk_start):
             walk = _walk_step(walk, walk_start, W_dot, W_t, clip, inputs, place, outputs, scratch, N, NQ, NK, NV,
-                              NF, K, V, BR, BV, CHUNK, ROWS_MASKED, COLUMNS_MASKED, CLIP, GRAD_DTYPE, FAST_TANH,
-                              SCRATCH_CACHE)
+                              NF, K, V, BR, BV, CHUNK, ROWS_MASKED, COLUMNS_MASKED, CLIP, GRAD_DTYPE, FAST_TANH)
             replay = _replay_step(replay, replay_end, W_dot, inputs, place, outputs, scratch, N, NK, NV, NF, K, V,
-                                  BR, BV, CHUNK, ROWS_MASKED, COLUMNS_MASKED, DOT_DTYPE, GRAD_DTYPE, FAST_TANH,
-                                  SCRATCH_CACHE)
+                                  BR, BV, CHUNK, ROWS_MASKED, COLUMNS_MASKED, DOT_DTYPE, GRAD_DTYPE, FAST_TANH)
         dH = walk[0]
         dW = walk[1]
 
@@ -169,8 +165,7 @@ def scan_backward_gluon_kernel(
 def _replay_step(replay, replay_end, W_dot, inputs, place, outputs, scratch, N: gl.constexpr, NK: gl.constexpr,
                  NV: gl.constexpr, NF: gl.constexpr, K: gl.constexpr, V: gl.constexpr, BR: gl.constexpr,
                  BV: gl.constexpr, CHUNK: gl.constexpr, ROWS_MASKED: gl.constexpr, COLUMNS_MASKED: gl.constexpr,
-                 DOT_DTYPE: gl.constexpr, GRAD_DTYPE: gl.constexpr, FAST_TANH: gl.constexpr,
-                 SCRATCH_CACHE: gl.constexpr):
+                 DOT_DTYPE: gl.constexpr, GRAD_DTYPE: gl.constexpr, FAST_TANH: gl.constexpr):
     """The replay's step t, from its state (H_{t-1}, k_t, v_t, f_t, dy_t, t): keeps H_{t-1} in t's scratch slot and
     writes dq_t = H_t dy_t. Returns the state at step t + 1 (with step t's inputs again at the replay's last step)."""
     H, k_t, v_t, f_t, dy_t, t = replay
@@ -178,7 +173,7 @@ def _replay_step(replay, replay_end, W_dot, inputs, place, outputs, scratch, N: 
     inputs_next = _replay_inputs(gl.minimum(t + 1, replay_end - 1), inputs, place, N, NK, NV, NF, K, V, BV,
                                  ROWS_MASKED, COLUMNS_MASKED)
     H_dot = H.to(DOT_DTYPE)
-    gl.store(_scratch_slot(t, scratch, BR, BV, CHUNK), _lane_major(H_dot, BR, BV), cache_modifier=SCRATCH_CACHE)
+    gl.store(_scratch_slot(t, scratch, BR, BV, CHUNK), _lane_major(H_dot, BR, BV))
     Z = candidate(H_dot, W_dot, k_t, v_t, FAST_TANH)
     H = H + g_t * (Z - H)
     # dq_t = H_t dy_t as a tensor-core product with dy_t in every column of the B operand.
@@ -194,8 +189,7 @@ def _replay_step(replay, replay_end, W_dot, inputs, place, outputs, scratch, N: 
 def _walk_step(walk, walk_start, W_dot, W_t, clip, inputs, place, outputs, scratch, N: gl.constexpr,
                NQ: gl.constexpr, NK: gl.constexpr, NV: gl.constexpr, NF: gl.constexpr, K: gl.constexpr,
                V: gl.constexpr, BR: gl.constexpr, BV: gl.constexpr, CHUNK: gl.constexpr, ROWS_MASKED: gl.constexpr,
-               COLUMNS_MASKED: gl.constexpr, CLIP: gl.constexpr, GRAD_DTYPE: gl.constexpr, FAST_TANH: gl.constexpr,
-               SCRATCH_CACHE: gl.constexpr):
+               COLUMNS_MASKED: gl.constexpr, CLIP: gl.constexpr, GRAD_DTYPE: gl.constexpr, FAST_TANH: gl.constexpr):
     """The walk's step t, from its state (dH, dW, H_{t-1} lane-major, then _walk_inputs of t, then t), dH the
     gradient reaching H_t from H_{t+1}: writes dk_t and this row block's dv_t and df_t, adds to dW. Returns the state
     at step t - 1 (with step t's H_{t-1} and inputs again at the walk's last step)."""
@@ -204,7 +198,7 @@ def _walk_step(walk, walk_start, W_dot, W_t, clip, inputs, place, outputs, scrat
     H_prev_dot = _from_lane_major(H_prev, BR, BV)
     t_prev = gl.maximum(t - 1, walk_start)
     inputs_prev = _walk_inputs(t_prev, inputs, place, N, NQ, NK, NV, NF, K, V, BV, ROWS_MASKED, COLUMNS_MASKED)
-    H_prev_prev = _load_scratch(t_prev, scratch, BR, BV, CHUNK, SCRATCH_CACHE)
+    H_prev_prev = gl.load(_scratch_slot(t_prev, scratch, BR, BV, CHUNK))
 
     Z = candidate(H_prev_dot, W_dot, k_t, v_t, FAST_TANH)
     H_prev32 = H_prev_dot.to(gl.float32)
@@ -244,12 +238,6 @@ def _scratch_slot(t, scratch, BR: gl.constexpr, BV: gl.constexpr, CHUNK: gl.cons
     scratch_base, block_offsets = scratch
     slot = (t % CHUNK) ^ ((t // CHUNK) % 2 * (CHUNK - 1))
     return scratch_base + slot * BR * BV + block_offsets
-
-
-@gluon.jit
-def _load_scratch(t, scratch, BR: gl.constexpr, BV: gl.constexpr, CHUNK: gl.constexpr, CACHE: gl.constexpr):
-    """Step t's H_{t-1} from the scratch, lane-major."""
-    return gl.load(_scratch_slot(t, scratch, BR, BV, CHUNK), cache_modifier=CACHE)
 
 
 @gluon.jit

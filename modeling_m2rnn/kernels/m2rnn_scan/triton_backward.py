@@ -63,7 +63,7 @@ def scan_backward_kernel(
     K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HP: tl.constexpr, BR: tl.constexpr,
     CHUNK: tl.constexpr, VARLEN: tl.constexpr, CLIP: tl.constexpr, DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, GRAD_DTYPE: tl.constexpr, GRAD_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr,
-    LANE_SUMS: tl.constexpr, PREFETCH: tl.constexpr, SCRATCH_CACHE: tl.constexpr,
+    LANE_SUMS: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     state_row = tl.program_id(0)
     head_block = tl.program_id(1)
@@ -123,8 +123,7 @@ def scan_backward_kernel(
                                                         heads, rk, rv, N, NQ, NK, NV, NF, K, V, True)
             dy_next = load_output_grad(dy_ptr, batch, t_next, seq_len, heads, rv, N, V, True)
             H_dot = H.to(DOT_DTYPE)
-            tl.store(scratch_base + (t - chunk_start) * HP * BR * BV + block_offsets, H_dot,
-                     cache_modifier=SCRATCH_CACHE)
+            tl.store(scratch_base + (t - chunk_start) * HP * BR * BV + block_offsets, H_dot)
             H = blend(H, candidate(H_dot, W_dot, k_t, v_t, DOT_PRECISION, FAST_TANH), g_t)
             dq_row = dq_ptr + _partial_row(batch, t, segment_start, segment_steps, N, HP, K)
             store_row_sums(dq_row, H * dy_t[:, None, :], head_block, HP, BR, BV, K, LANE_SUMS)
@@ -137,7 +136,7 @@ def scan_backward_kernel(
         q_t, k_t, v_t, f_t = load_step(q_ptr, k_ptr, v_ptr, f_ptr, batch, t, seq_len, heads, rk, rv,
                                        N, NQ, NK, NV, NF, K, V, False)
         dy_t = load_output_grad(dy_ptr, batch, t, seq_len, heads, rv, N, V, False)
-        H_prev = tl.load(scratch_base + (t - chunk_start) * HP * BR * BV + block_offsets, cache_modifier=SCRATCH_CACHE)
+        H_prev = tl.load(scratch_base + (t - chunk_start) * HP * BR * BV + block_offsets)
         for _step in range(chunk_end - chunk_start):
             # First, what the step needs of the values prefetched in the step before (see input_gate).
             H_prev32 = H_prev.to(tl.float32)
@@ -148,8 +147,7 @@ def scan_backward_kernel(
             dy_prev = load_output_grad(dy_ptr, batch, t_prev, seq_len, heads, rv, N, V, False)
             # At the chunk's first step this reloads its own slot: in bounds, and never used.
             prev_slot = tl.maximum(t - 1 - chunk_start, 0)
-            H_prev_prev = tl.load(scratch_base + prev_slot * HP * BR * BV + block_offsets,
-                                  cache_modifier=SCRATCH_CACHE)
+            H_prev_prev = tl.load(scratch_base + prev_slot * HP * BR * BV + block_offsets)
 
             Z = candidate(H_prev32.to(DOT_DTYPE), W_dot, k_t, v_t, DOT_PRECISION, FAST_TANH)
             G = dH + q_t[:, :, None] * dy_t[:, None, :]

@@ -82,10 +82,6 @@ class KernelConfig:
     # at each chunk, the next chunk's input rows asked into L2 and, in the backward, the chunk's own into L1 (GPU only;
     # see triton_building_blocks.prefetch_steps)
     prefetch: bool = True
-    # The backward's scratch past L1 (ld/st.global.cg): the walk reads each replayed state once, so L1 holds it for
-    # nothing, and the states of a chunk (32 KiB a program at 32 rows) can push out the input rows prefetched into L1
-    # (GPU only).
-    scratch_past_l1: bool = False
 
 
 CONFIG = KernelConfig()
@@ -156,15 +152,14 @@ def dot_constants(dtype: torch.dtype, on_gpu: bool, config: KernelConfig, warps:
     )
 
 
-def backward_constants(dtype: torch.dtype, on_gpu: bool, config: KernelConfig) -> dict:
-    """The backward's gradient products (see KernelConfig.backward_products) and its scratch's caching. The Triton
-    interpreter multiplies bf16 dot operands wrongly (triton 3.9), so off the GPU they stay tf32-like float32."""
-    scratch = dict(SCRATCH_CACHE=".cg" if config.scratch_past_l1 and on_gpu else "")
+def gradient_constants(dtype: torch.dtype, on_gpu: bool, config: KernelConfig) -> dict:
+    """The backward's gradient products (see KernelConfig.backward_products). The Triton interpreter
+    multiplies bf16 dot operands wrongly (triton 3.9), so off the GPU they stay tf32-like float32."""
     if dtype == torch.float32:
-        return dict(GRAD_DTYPE=tl.float32, GRAD_PRECISION="ieee", **scratch)
+        return dict(GRAD_DTYPE=tl.float32, GRAD_PRECISION="ieee")
     if config.backward_products == "bf16" and on_gpu:
-        return dict(GRAD_DTYPE=tl.bfloat16, GRAD_PRECISION="ieee", **scratch)
-    return dict(GRAD_DTYPE=tl.float32, GRAD_PRECISION="tf32", **scratch)
+        return dict(GRAD_DTYPE=tl.bfloat16, GRAD_PRECISION="ieee")
+    return dict(GRAD_DTYPE=tl.float32, GRAD_PRECISION="tf32")
 
 
 def _register_cap(device: torch.device, max_registers: Optional[int]) -> dict:
@@ -393,7 +388,7 @@ def scan_backward_op(
             **shape.head_constants(), HP=heads, BR=rows, CHUNK=CONFIG.chunk, VARLEN=shape.varlen,
             CLIP=gradient_clipping is not None,
             **dot_constants(v.dtype, v.is_cuda, CONFIG, CONFIG.backward_warps, heads),
-            **backward_constants(v.dtype, v.is_cuda, CONFIG),
+            **gradient_constants(v.dtype, v.is_cuda, CONFIG),
             num_warps=CONFIG.backward_warps,
             **_register_cap(device, CONFIG.gluon_backward_max_registers if gluon else CONFIG.backward_max_registers),
         )
