@@ -97,8 +97,8 @@ def test_gluon_inference_forward_matches_reference(gluon_launches):
 
 
 def test_gluon_kernels_match_reference_with_64_row_blocks(gluon_launches, monkeypatch):
-    """Forward and backward programs of 64 rows (one per head at K = 64, no y, dv or df partials across row blocks):
-    K = 72 in two blocks, the second mostly padding."""
+    """Forward and backward programs of 64 rows (at K = 64 one per head, with no y, dv or df partials across row
+    blocks); here K = 72 in two blocks, the second mostly padding."""
     monkeypatch.setattr(triton_scan, "CONFIG", KernelConfig(forward_rows=64, backward_rows=64))
     check_against_reference(make_inputs(1, 37, 72, 20, (1, 1, 2, 2, 2), torch.float16, True))
     assert gluon_launches == {name: 1 for name in GLUON_KERNELS}
