@@ -9,9 +9,9 @@ A variant is NAME=ROOT[:FIELD=VALUE,...]: the folder whose `modeling_m2rnn` pack
 copy of that folder) and KernelConfig fields changed for it; M2RNN_SCAN_KERNELS applies to every variant as set.
 Each variant runs in a process of its own (two trees of one package cannot share a process), with this checkout's
 check and timing code (check_scan_gpu.check_correctness, bench_scan.measure_shape) on the variant's package: in the
-first round the float64 check, whose failure drops the variant before any timing; in every round the inference
-forward and the forward+backward at bench_scan's shapes. Figures of one call compare; the rounds show the spread.
-The log (one JSON line per variant and round, then a table of the medians) goes to
+first round the float64 check (its errors go in the log), whose failure drops the variant before any timing; in every
+round the inference forward and the forward+backward at bench_scan's shapes. Figures of one call compare; the rounds
+show the spread. The log (the check's lines, one JSON line per variant and round, then a table of the medians) goes to
 benchmarks/results/compare_scan_variants.log and to $OUT when set.
 """
 
@@ -52,8 +52,9 @@ def summary(rounds: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
-def run_variant(variant: dict, check: bool) -> dict | None:
-    """One round of a variant in a process of its own; its figures, or None where its check or its run failed."""
+def run_variant(variant: dict, check: bool, log) -> dict | None:
+    """One round of a variant in a process of its own; its figures, or None where its check or its run failed. The
+    check's lines (the errors against float64) go to `log`."""
     command = [sys.executable, __file__, "--one", *(["--check"] if check else []), *variant["config"]]
     environment = dict(os.environ, PYTHONPATH=variant["root"])
     try:
@@ -61,10 +62,14 @@ def run_variant(variant: dict, check: bool) -> dict | None:
     except subprocess.TimeoutExpired:
         print(f"{variant['name']}: no result within {ROUND_TIMEOUT_S} s", file=sys.stderr)
         return None
-    if done.returncode != 0:
+    lines = done.stdout.strip().splitlines()
+    figures = lines.pop() if done.returncode == 0 else None  # the last line, a JSON object
+    for line in lines:
+        log(f"{variant['name']} check: {line}")
+    if figures is None:
         print(done.stderr[-4000:], file=sys.stderr)
         return None
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(figures)
 
 
 def one(check: bool, config: list[str]):
@@ -77,7 +82,7 @@ def one(check: bool, config: list[str]):
 
     triton_scan.CONFIG = bench_scan.config_with(config)
     if check:
-        report = check_correctness(lambda line: print(line, file=sys.stderr, flush=True))
+        report = check_correctness(lambda line: print(line, flush=True))
         if not all(case["passed"] for case in report.values()):
             raise SystemExit("check failed")
     torch.manual_seed(0)
@@ -114,7 +119,7 @@ def main():
         for variant in variants:
             if round_index > 0 and not rounds[variant["name"]]:
                 continue  # failed in the first round, its check included
-            figures = run_variant(variant, check=round_index == 0)
+            figures = run_variant(variant, round_index == 0, log)
             log(f"{variant['name']} round {round_index}: " + (json.dumps(figures) if figures else "FAILED (above)"))
             if figures:
                 rounds[variant["name"]].append(figures)
