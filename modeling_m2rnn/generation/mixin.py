@@ -15,12 +15,14 @@ class M2RNNGenerationMixin:
     """Overrides of transformers' generate hooks; it goes before the PreTrainedModel in the bases of a model class
     (PreTrainedModel defines `get_compiled_call` too), which keeps GenerationMixin among its bases as well."""
 
-    def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):
+    def prepare_inputs_for_generation(self, input_ids, *args, inputs_embeds=None, **kwargs):
         """On the first step of a generate that continues a cache, the input must be the cached tokens followed by new
         ones (or only the new ones with an attention mask over both): generate trims the cached tokens off it. Where
-        the cache came from a prompt-state file that kept the prompt's ids, the cached tokens must be those."""
+        the cache came from a prompt-state file that kept the prompt's ids, the cached tokens must be those.
+        (`inputs_embeds` is named in the signature: generate starts from embeddings only for models whose hook
+        names it.)"""
         cache = kwargs.get("past_key_values", kwargs.get("cache"))
-        if kwargs.get("is_first_iteration") and cache is not None and kwargs.get("inputs_embeds") is None:
+        if kwargs.get("is_first_iteration") and cache is not None and inputs_embeds is None:
             cached = cached_tokens(cache)
             new = new_tokens_of_first_input(input_ids, cached or 0, kwargs)
             if cached and new <= 0:
@@ -30,7 +32,7 @@ class M2RNNGenerationMixin:
                 )
             if new < input_ids.shape[1]:   # the input holds the cached tokens too
                 check_starts_with_prompt(input_ids, getattr(cache, "prompt_ids", None))
-        return super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        return super().prepare_inputs_for_generation(input_ids, *args, inputs_embeds=inputs_embeds, **kwargs)
 
     def create_masks_for_generate(self, config, inputs_embeds, attention_mask, past_key_values=None, **kwargs):
         """The masks generate hands a compiled forward, built on the host before every decode step while the GPU

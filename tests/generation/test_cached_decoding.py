@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from helpers import KINDS, decode_in_pieces, random_ids, tiny_model
+from helpers import KINDS, decode_in_pieces, left_pad, random_ids, tiny_model
 
 
 @pytest.mark.parametrize(
@@ -31,6 +31,19 @@ def test_generate_is_the_same_with_and_without_the_cache(kind):
         uncached = model.generate(prompt, max_new_tokens=8, min_new_tokens=8, use_cache=False, **options)
         assert cached.shape == (prompt.shape[0] * options.get("num_return_sequences", 1), 14)
         assert torch.equal(cached, uncached), options
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_generate_from_embeddings_gives_the_tokens_generate_from_ids_gives(kind):
+    """`generate(inputs_embeds=...)` (soft prompts, other modalities) returns only the new tokens; they must be the
+    ones the same prompt as token ids gets, in a left-padded batch too."""
+    model = tiny_model(kind)
+    # (without a mask, generate would infer one from the pad ids, and cannot from embeddings)
+    for ids, attention_mask in ((random_ids(2, 5), None), left_pad([random_ids(n, seed=n) for n in (3, 7)])):
+        from_ids = model.generate(ids, attention_mask=attention_mask, max_new_tokens=6, min_new_tokens=6)
+        from_embeddings = model.generate(inputs_embeds=model.get_input_embeddings()(ids),
+                                         attention_mask=attention_mask, max_new_tokens=6, min_new_tokens=6)
+        assert torch.equal(from_embeddings, from_ids[:, ids.shape[1]:])
 
 
 @pytest.mark.parametrize("kind", KINDS)
