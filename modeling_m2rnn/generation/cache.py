@@ -2,6 +2,8 @@
 and float32 state) per M2RNN layer and a key/value layer per attention layer, plus a token count; and the accessors
 through which the layers read and write a recurrent layer's part of any such cache (docs/design.md, "The cache")."""
 
+import sys
+
 import torch
 from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import LinearAttentionLayer
@@ -25,6 +27,17 @@ class _TokenCount:
         if self.has_attention_layers and not recurrent:
             return super().get_seq_length(layer_idx)
         return self.seen_tokens
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Roll the last -`tokens_to_remove` tokens back (assisted decoding, after `activate_past_recording`): the
+        attention layers forget their keys, the recurrent layers return to a recorded state (see states_to_record)."""
+        super().crop(tokens_to_remove)
+        if tokens_to_remove >= 0:   # (a positive count is refused by the recurrent layers in every version)
+            return
+        if isinstance(self.seen_tokens, torch.Tensor):
+            self.seen_tokens.sub_(-tokens_to_remove)   # in place: a static cache keeps its addresses
+        else:
+            self.seen_tokens += tokens_to_remove
 
     @property
     def is_linear(self) -> list[bool]:
@@ -79,6 +92,12 @@ class M2RNNStaticCache(_TokenCount, StaticCache):
         if isinstance(self.seen_tokens, torch.Tensor):
             self.seen_tokens.zero_()
 
+    @property
+    def is_croppable(self) -> bool:
+        # Assisted decoding checks its drafts in forwards that write past the cache's length (a static Llama's cache
+        # overflows there too): generate refuses it over a cache that cannot be cropped.
+        return False
+
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor the cache holds: what a captured decode step reads and writes in place. (Attributes named
         one by one: a generic walk over the layers took ~10x the host time, and this runs before every graph replay.)"""
@@ -112,6 +131,17 @@ def recurrent_state(cache, layer_idx: int) -> torch.Tensor | None:
     return layer.recurrent_states[0] if layer.is_recurrent_states_initialized[0] else None
 
 
+def states_to_record(cache, layer_idx: int) -> int:
+    """0 unless the cache records the past of layer `layer_idx` so that generate can roll it back (assisted decoding,
+    transformers 5.25 on); then how many per-step states a forward must hand `update_recurrent_state`, the last of
+    its steps' states: one more than the most steps a roll-back removes (every step's where the cache does not say)."""
+    layer = cache.layers[layer_idx] if cache is not None else None
+    if not getattr(layer, "record_past", False):
+        return 0
+    keep = getattr(layer, "recurrent_states_to_keep", None)
+    return sys.maxsize if keep is None else keep + 1
+
+
 def has_previous_state(cache, layer_idx: int) -> bool:
     """Whether layer `layer_idx` has seen tokens, so that the next forward continues from its cache."""
     return cache is not None and bool(cache.layers[layer_idx].has_previous_state[0])
@@ -125,13 +155,15 @@ def update_conv_state(cache, layer_idx: int, x_bct: torch.Tensor, kernel_size: i
 
 def set_conv_state(cache, layer_idx: int, window: torch.Tensor) -> None:
     """Overwrite the cached window with `window` (B, C, k), in place (a static cache keeps its addresses): with
-    padding among the last k positions, the window is the last k real inputs, not the last k positions."""
-    cache.layers[layer_idx].conv_states[0].copy_(window)
+    padding among the last k positions, the window is the last k real inputs, not the last k positions. (A cache
+    that records the past keeps every input of the forward, the window last.)"""
+    cache.layers[layer_idx].conv_states[0][..., -window.shape[-1]:].copy_(window)
 
 
-def update_recurrent_state(cache, layer_idx: int, state: torch.Tensor) -> None:
+def update_recurrent_state(cache, layer_idx: int, state: torch.Tensor | list[torch.Tensor]) -> None:
     """Store the state (B, N, K, V) after this forward, in place, and mark the layer as continuing: without a conv,
-    nothing else would mark it."""
+    nothing else would mark it. Where the cache records the past, `state` is the list of the states after each of the
+    forward's last steps (states_to_record), the final state last."""
     cache.update_recurrent_state(state, layer_idx)
     cache.layers[layer_idx].has_previous_state[0] = True
 

@@ -70,6 +70,18 @@ class M2RNNGenerationMixin:
                 model_kwargs[name] = M2RNNCache(config=config)
             elif type(cache) is StaticCache:
                 model_kwargs[name] = M2RNNStaticCache(config=config, max_cache_len=cache.get_max_length())
+            else:
+                continue
+            _keep_recording_past(cache, model_kwargs[name])
+
+
+def _keep_recording_past(built, replacement) -> None:
+    """generate asks the cache it built for an assistant model to record its past (the assistant's drafts are rolled
+    back): the cache that replaces it must record too."""
+    recording = [layer for layer in built.layers if getattr(layer, "record_past", False)]
+    if recording:
+        keep = getattr(recording[0], "recurrent_states_to_keep", None)
+        replacement.activate_past_recording(**({} if keep is None else {"recurrent_states_to_keep": keep}))
 
 
 def _static_decode_masks(config, inputs_embeds, attention_mask, cache) -> dict | None:

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..generation.cache import recurrent_state, update_recurrent_state
 from ..kernels import gated_delta_rule
+from .cached_recurrence import cached_recurrence
 from .decay import softplus_log_decay
 from .linear import Linear
 from .norm import RMSNorm, rms_norm
@@ -102,9 +102,7 @@ class GatedDeltaNet(nn.Module):
             is_pad = ~padding_mask.bool()[..., None]
             g, beta = g.masked_fill(is_pad, 0.0), beta.masked_fill(is_pad, 0.0)
 
-        o, final_state = self.recurrence(q, k, v, g, beta, recurrent_state(cache, self.layer_idx), packed)
-        if cache is not None:
-            update_recurrent_state(cache, self.layer_idx, final_state)
+        o = cached_recurrence(self.recurrence, (q, k, v, g, beta), packed, cache, self.layer_idx)   # (B, S, H, V)
 
         if self.use_gate:
             o = o * F.silu(gate[0].view(batch, seq_len, self.num_heads, self.value_head_dim))

@@ -4,8 +4,8 @@ gated norm."""
 import torch
 from torch import nn
 
-from ..generation.cache import recurrent_state, update_recurrent_state
 from ..kernels import gated_rms_norm, m2rnn_scan
+from .cached_recurrence import cached_recurrence
 from .decay import softplus_log_decay
 from .linear import Linear
 from .norm import RMSNorm
@@ -108,10 +108,7 @@ class M2RNNMixer(nn.Module):
         if padding_mask is not None:
             forget = forget.masked_fill(~padding_mask.bool()[..., None], 1.0)     # f = 1 holds the state exactly
 
-        y, final_state = self.recurrence(q, k, v, forget, recurrent_state(cache, self.layer_idx), packed)
-        if cache is not None:
-            update_recurrent_state(cache, self.layer_idx, final_state)
-
+        y = cached_recurrence(self.recurrence, (q, k, v, forget), packed, cache, self.layer_idx)   # (B, S, N, V)
         g = g.view(batch, seq_len, self.num_g_heads, self.value_head_dim)
         return self.out_proj(self.gate_and_norm(y, v, g))                         # (B, S, N·V) → (B, S, hidden)
 

@@ -3,7 +3,7 @@ causal conv) of the fused q·k·v projection, reading and updating the layer's c
 
 import torch
 
-from ..generation.cache import conv_state, has_previous_state, set_conv_state, update_conv_state
+from ..generation.cache import conv_state, has_previous_state, set_conv_state, states_to_record, update_conv_state
 from ..kernels import causal_conv1d_silu, causal_conv1d_step
 from .packing import PackedSequences
 
@@ -20,10 +20,12 @@ def short_conv_silu(
 ) -> tuple[torch.Tensor, ...]:
     """The blocks `split_sizes` of silu(causal conv1d(qkv (B, S, C), weight (C, k))). One new token after a cached
     window is a decode step (the window updated in place); otherwise the whole chunk runs, after the cached window
-    when there is one, and the cache keeps the last k real inputs."""
+    when there is one, and the cache keeps the last k real inputs (every input, where it records the past to roll it
+    back: see generation.cache.states_to_record)."""
     kernel_size = weight.shape[1]
     window = conv_state(cache, layer_idx)                                          # (B, C, k) or None
-    decode_step = qkv.shape[1] == 1 and padding_mask is None and has_previous_state(cache, layer_idx)
+    decode_step = (qkv.shape[1] == 1 and padding_mask is None and has_previous_state(cache, layer_idx)
+                   and not states_to_record(cache, layer_idx))
     if decode_step and window is not None and window.shape[-1] == kernel_size:
         out = causal_conv1d_step(qkv[:, 0], window, weight, backend)
         return out.unsqueeze(1).split(split_sizes, dim=-1)

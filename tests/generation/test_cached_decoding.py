@@ -1,7 +1,12 @@
 """Decoding with the cache: piecewise forwards and generate give what one full forward and uncached generate give."""
 
+import inspect
+
 import pytest
 import torch
+from transformers.cache_utils import LinearAttentionLayer
+
+from modeling_m2rnn import M2RNNCache
 
 from helpers import KINDS, decode_in_pieces, left_pad, random_ids, tiny_model
 
@@ -62,3 +67,52 @@ def test_sampling_and_continuing_from_a_returned_cache(kind):
                                min_new_tokens=4)
     in_one_go = model.generate(prompt, max_new_tokens=8, min_new_tokens=8)
     assert torch.equal(continued, in_one_go)
+
+
+# transformers 5.25 rolls recurrent layers back after rejected drafts, from the states they recorded; before, it refused
+# assisted decoding for models with recurrent state.
+ROLLS_BACK_RECURRENT_STATES = "recurrent_states_to_keep" in inspect.signature(
+    LinearAttentionLayer.activate_past_recording).parameters
+
+
+GATED_DELTANET_HYBRID = dict(layer_types=["gated_deltanet", "m2rnn", "full_attention"], gdn_num_heads=2,
+                             gdn_key_head_dim=8, gdn_value_head_dim=16, gdn_conv_kernel_size=4)
+
+
+@pytest.mark.parametrize(
+    "kind, overrides, drafts",
+    [("pure", {}, "assistant_model"), ("pure", {}, "prompt_lookup"), ("hybrid", {}, "assistant_model"),
+     ("hybrid", {}, "prompt_lookup"), ("hybrid", GATED_DELTANET_HYBRID, "assistant_model"),
+     ("hybrid", {"m2rnn_kernel_backend": "triton"}, "prompt_lookup")],
+    ids=["pure-assistant", "pure-lookup", "hybrid-assistant", "hybrid-lookup", "gated_deltanet-assistant",
+         "triton-lookup"],
+)
+def test_assisted_decoding_gives_the_greedy_tokens(kind, overrides, drafts, monkeypatch):
+    """Drafts from another model or from the prompt's n-grams are checked in one forward, and the rejected ones are
+    rolled back: the tokens must be greedy decoding's, and the returned cache must continue like greedy's."""
+    model = tiny_model(kind, **overrides)
+    prompt = random_ids(1, 4, seed=3).repeat(1, 3)   # repeats, so that prompt lookup finds drafts
+    options = (dict(assistant_model=tiny_model(kind, seed=1, **overrides)) if drafts == "assistant_model"
+               else dict(prompt_lookup_num_tokens=3))
+    greedy = model.generate(prompt, max_new_tokens=16, min_new_tokens=16)
+    if not ROLLS_BACK_RECURRENT_STATES:
+        with pytest.raises(ValueError, match="stateful"):
+            model.generate(prompt, max_new_tokens=10, **options)
+        return
+
+    rolled_back = []
+    crop = M2RNNCache.crop
+    monkeypatch.setattr(M2RNNCache, "crop", lambda cache, n: (rolled_back.append(-n), crop(cache, n))[1])
+    out = model.generate(prompt, max_new_tokens=10, min_new_tokens=10, return_dict_in_generate=True, **options)
+    assert torch.equal(out.sequences, greedy[:, :prompt.shape[1] + 10])
+    assert max(rolled_back) > 0   # some drafts were rejected
+    assert out.past_key_values.get_seq_length() == out.sequences.shape[1] - 1
+    continued = model.generate(out.sequences, past_key_values=out.past_key_values, max_new_tokens=6, min_new_tokens=6)
+    assert torch.equal(continued, greedy)
+
+
+def test_assisted_decoding_over_a_static_cache_is_refused():
+    model = tiny_model("hybrid")
+    prompt = random_ids(1, 4, seed=3).repeat(1, 3)
+    with pytest.raises(ValueError, match="cropped" if ROLLS_BACK_RECURRENT_STATES else "stateful"):
+        model.generate(prompt, max_new_tokens=10, cache_implementation="static", prompt_lookup_num_tokens=3)
