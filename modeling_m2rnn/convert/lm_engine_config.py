@@ -11,6 +11,8 @@ False, 0: a newer lm-engine's feature left disabled) and refused otherwise, sinc
 import math
 import warnings
 
+from ..configuration import M2RNNConfig
+
 LM_ENGINE_MODEL_TYPE = "gpt_base"
 # lm-engine builds the M2RNN output norm (g_norm) with its normalisation function's default eps, whatever
 # `layer_norm_epsilon` says; our M2RNN layer uses `rms_norm_eps` for it.
@@ -87,6 +89,9 @@ def _warn_dropped(option: str, value):
 
 
 def _check_top_level(config: dict):
+    if config.get("model_type") == M2RNNConfig.model_type:
+        raise ValueError(f"this is a checkpoint of ours (model_type {M2RNNConfig.model_type!r}), not lm-engine's: it "
+                         "loads with from_pretrained as it is, and `--to lm-engine` converts it the other way")
     if config.get("model_type") != LM_ENGINE_MODEL_TYPE:
         _refuse("model_type", config.get("model_type"), f"only lm-engine's {LM_ENGINE_MODEL_TYPE!r} models convert")
     for option in ("m_emb", "m_width", "m_residual"):

@@ -189,6 +189,7 @@ def export_lm_engine_checkpoint(src, dst, *, progress: bool = True) -> Path:
 
     src, dst = Path(src), Path(dst)
     check_destination(dst, src)
+    _check_ours(src)
     config = M2RNNConfig.from_pretrained(src)
     lm_config = lm_engine_config_of(config)
     recipes = _recipes(config)
@@ -207,6 +208,22 @@ def export_lm_engine_checkpoint(src, dst, *, progress: bool = True) -> Path:
         written.append(dst / "config.json")
         (dst / "config.json").write_text(json.dumps(lm_config, indent=2) + "\n", encoding="utf-8")
     return dst
+
+
+def _check_ours(src: Path):
+    """`src` must hold a config.json of ours: one of lm-engine's, or none, would load as a default M2RNNConfig."""
+    from ..configuration import M2RNNConfig
+
+    config_file = src / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{src} holds no config.json: expected a folder that save_pretrained wrote")
+    model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    if model_type == LM_ENGINE_MODEL_TYPE:
+        raise ValueError(f"{src} is an lm-engine checkpoint (model_type {model_type!r}): `--from lm-engine` converts "
+                         "it to ours")
+    if model_type != M2RNNConfig.model_type:
+        raise ValueError(f"{src} is not a checkpoint of ours: its config.json has model_type {model_type!r}, "
+                         f"expected {M2RNNConfig.model_type!r}")
 
 
 def _write_shards(source, recipes, waiting_for, dst: Path, progress: bool, written: list) -> list[tuple[Path, dict]]:

@@ -370,3 +370,15 @@ def test_export_refuses_a_setting_lm_engine_cannot_hold(tmp_path):
     with pytest.raises(ValueError, match=r"`use_rope` = True cannot be written for lm-engine"):
         export_lm_engine_checkpoint(ours, tmp_path / "exported", progress=False)
     assert not (tmp_path / "exported").exists()
+
+
+def test_a_checkpoint_given_for_the_wrong_direction_is_named_as_such(tmp_path):
+    fixture = FIXTURES["m2rnn-tiny"]
+    ours = convert_lm_engine_checkpoint(fixture, tmp_path / "ours", progress=False)
+    with pytest.raises(ValueError, match="checkpoint of ours .*`--to lm-engine`"):
+        convert_lm_engine_checkpoint(ours, tmp_path / "again", progress=False)
+    with pytest.raises(ValueError, match="is an lm-engine checkpoint .*`--from lm-engine`"):
+        export_lm_engine_checkpoint(fixture, tmp_path / "exported", progress=False)
+    with pytest.raises(ValueError, match="holds no config.json"):
+        export_lm_engine_checkpoint(tmp_path / "ours" / "..", tmp_path / "exported", progress=False)
+    assert not (tmp_path / "again").exists() and not (tmp_path / "exported").exists()
