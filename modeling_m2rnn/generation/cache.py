@@ -21,6 +21,7 @@ class _TokenCount:
     def _init_token_count(self, config) -> None:
         self.has_attention_layers = "full_attention" in config.layer_types
         self.recurrent_layers = [layer_type != "full_attention" for layer_type in config.layer_types]
+        self.seen_tokens = 0
 
     def get_seq_length(self, layer_idx: int = 0):
         recurrent = layer_idx < len(self.recurrent_layers) and self.recurrent_layers[layer_idx]
@@ -54,7 +55,9 @@ class M2RNNCache(_TokenCount, DynamicCache):
     def __init__(self, config, **kwargs):
         super().__init__(config=config, **kwargs)
         self._init_token_count(config)
-        self.seen_tokens = 0
+
+    def _init_token_count(self, config) -> None:
+        super()._init_token_count(config)
         self.prompt_ids = None   # (batch, tokens) the state was built from, where a prompt-state file kept them
 
     def advance(self, num_tokens: int, device: torch.device) -> None:
@@ -77,8 +80,7 @@ class M2RNNStaticCache(_TokenCount, StaticCache):
 
     def __init__(self, config, max_cache_len: int, **kwargs):
         super().__init__(config=config, max_cache_len=max_cache_len, **kwargs)
-        self._init_token_count(config)
-        self.seen_tokens = 0   # becomes a tensor on the model's device at the first forward (the prefill)
+        self._init_token_count(config)   # seen_tokens becomes a tensor on the model's device at the prefill
 
     def advance(self, num_tokens: int, device: torch.device) -> None:
         if not isinstance(self.seen_tokens, torch.Tensor):
@@ -109,6 +111,36 @@ class M2RNNStaticCache(_TokenCount, StaticCache):
             elif layer.is_initialized:
                 found.extend((layer.keys, layer.values, layer.cumulative_length))
         return found
+
+
+def as_m2rnn_cache(cache, config):
+    """`cache` as one of ours: a DynamicCache or StaticCache that the caller or generate built from the model's config
+    becomes an M2RNNCache or M2RNNStaticCache in place (it then counts tokens, see _TokenCount), so that the object
+    the caller holds is the one the model fills; ours, None and other kinds pass unchanged. Raises ValueError for a
+    cache whose layers are not the model's, one holding tokens it did not count, and an offloading one."""
+    kind = type(cache)
+    if kind not in (DynamicCache, StaticCache):
+        return cache
+    recurrent = [layer_type != "full_attention" for layer_type in config.layer_types]
+    if len(cache.layers) != len(recurrent) or any(
+        is_recurrent != isinstance(layer, LinearAttentionLayer) for is_recurrent, layer in zip(recurrent, cache.layers)
+    ):
+        raise ValueError(
+            f"the {kind.__name__} was not built for this model's layers {config.layer_types}: build it with "
+            f"`{kind.__name__}(config=model.config, ...)`, or use modeling_m2rnn.M2RNNCache(model.config)"
+        )
+    if getattr(cache, "offloading", False):
+        raise ValueError("offloading caches (cache_implementation='offloaded' or 'offloaded_static') are not supported "
+                         "by M2RNN models: their layers read the cached state in place")
+    if any(layer.has_previous_state[0] if isinstance(layer, LinearAttentionLayer) else layer.get_seq_length() > 0
+           for layer in cache.layers):
+        raise ValueError(
+            f"the {kind.__name__} already holds tokens this model did not count: fill a cache with this model only "
+            "(a forward or generate counts them from the first token), or start from an empty one"
+        )
+    cache.__class__ = M2RNNCache if kind is DynamicCache else M2RNNStaticCache
+    cache._init_token_count(config)
+    return cache
 
 
 # The accessors: a layer reads and writes its conv window and state only through these, never through the cache

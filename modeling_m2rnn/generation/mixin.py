@@ -3,11 +3,10 @@ replayed as CUDA graphs."""
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache, StaticCache
 from transformers.masking_utils import create_masks_for_generate
 
 from ..configuration.configuration_m2rnn import ATTENTION_LAYER, M2RNN_LAYER
-from .cache import CACHE_ARGUMENT_NAMES, M2RNNCache, M2RNNStaticCache, cached_tokens
+from .cache import CACHE_ARGUMENT_NAMES, M2RNNStaticCache, as_m2rnn_cache, cached_tokens
 from .decode_graphs import DecodeGraphs, graph_free_compile_kwargs
 
 
@@ -60,28 +59,14 @@ class M2RNNGenerationMixin:
         return graphs
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        """generate() builds a plain DynamicCache or StaticCache; ours also count tokens, which a model made only
-        of M2RNN layers needs (it has no attention layer to measure the cache length by)."""
+        """generate() builds a plain DynamicCache or StaticCache, or takes the caller's; both become ours in place
+        (as_m2rnn_cache): ours also count tokens, which a model made only of M2RNN layers needs (it has no attention
+        layer to measure the cache length by)."""
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         config = self.config.get_text_config(decoder=True)
         for name in CACHE_ARGUMENT_NAMES:
-            cache = model_kwargs.get(name)
-            if type(cache) is DynamicCache:
-                model_kwargs[name] = M2RNNCache(config=config)
-            elif type(cache) is StaticCache:
-                model_kwargs[name] = M2RNNStaticCache(config=config, max_cache_len=cache.get_max_length())
-            else:
-                continue
-            _keep_recording_past(cache, model_kwargs[name])
-
-
-def _keep_recording_past(built, replacement) -> None:
-    """generate asks the cache it built for an assistant model to record its past (the assistant's drafts are rolled
-    back): the cache that replaces it must record too."""
-    recording = [layer for layer in built.layers if getattr(layer, "record_past", False)]
-    if recording:
-        keep = getattr(recording[0], "recurrent_states_to_keep", None)
-        replacement.activate_past_recording(**({} if keep is None else {"recurrent_states_to_keep": keep}))
+            if name in model_kwargs:
+                as_m2rnn_cache(model_kwargs[name], config)
 
 
 def _static_decode_masks(config, inputs_embeds, attention_mask, cache) -> dict | None:

@@ -20,7 +20,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from ..configuration import M2RNNConfig
 from ..configuration.configuration_m2rnn import ATTENTION_LAYER, M2RNN_LAYER, SPARSE_MLP
 from ..distributed import check_tensor_parallel_degree, cut_to_local_heads, gather_full_tensors, is_split_by_heads
-from ..generation import CACHE_OUTPUT_FIELD, M2RNNCache, M2RNNGenerationMixin, M2RNNStaticCache
+from ..generation import CACHE_OUTPUT_FIELD, M2RNNCache, M2RNNGenerationMixin, M2RNNStaticCache, as_m2rnn_cache
 from ..layers import (
     Attention,
     Experts,
@@ -249,7 +249,8 @@ class M2RNNModel(M2RNNPreTrainedModel):
         cache=None,
         **kwargs,
     ) -> MoeModelOutputWithPast:
-        past_key_values = past_key_values if past_key_values is not None else cache
+        # (a DynamicCache or StaticCache the caller built becomes ours, in place: see as_m2rnn_cache)
+        past_key_values = as_m2rnn_cache(past_key_values if past_key_values is not None else cache, self.config)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` (B, S) or `inputs_embeds` (B, S, hidden_size)")
         if inputs_embeds is None:

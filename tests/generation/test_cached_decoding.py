@@ -4,9 +4,10 @@ import inspect
 
 import pytest
 import torch
+from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import LinearAttentionLayer
 
-from modeling_m2rnn import M2RNNCache
+from modeling_m2rnn import M2RNNCache, M2RNNStaticCache
 
 from helpers import KINDS, decode_in_pieces, left_pad, random_ids, tiny_model
 
@@ -67,6 +68,43 @@ def test_sampling_and_continuing_from_a_returned_cache(kind):
                                min_new_tokens=4)
     in_one_go = model.generate(prompt, max_new_tokens=8, min_new_tokens=8)
     assert torch.equal(continued, in_one_go)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_cache_the_caller_builds_from_the_config_is_filled_in_place(kind):
+    """transformers' way of reusing a prompt: fill a DynamicCache(config=...) with a forward, then generate from it.
+    The caller's object becomes one of ours (it counts tokens) and is the one generate fills; a StaticCache the
+    caller passes to generate likewise."""
+    model = tiny_model(kind)
+    prompt, question = random_ids(1, 6), random_ids(1, 3, seed=5)
+    full = torch.cat([prompt, question], dim=1)
+    greedy = model.generate(full, max_new_tokens=5, min_new_tokens=5)
+
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(prompt, past_key_values=cache)
+    assert isinstance(cache, M2RNNCache) and cache.get_seq_length() == 6
+    out = model.generate(full, past_key_values=cache, max_new_tokens=5, min_new_tokens=5, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, greedy) and out.past_key_values is cache and cache.get_seq_length() == 13
+
+    static = StaticCache(config=model.config, max_cache_len=16)
+    out = model.generate(full, past_key_values=static, max_new_tokens=5, min_new_tokens=5, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, greedy) and out.past_key_values is static
+    assert isinstance(static, M2RNNStaticCache)
+
+
+def test_a_cache_this_model_cannot_use_is_refused_by_what_is_wrong():
+    model = tiny_model("hybrid")
+    ids = random_ids(1, 4)
+    with pytest.raises(ValueError, match=r"not built for this model's layers .*config=model.config"):
+        model(ids, past_key_values=DynamicCache())   # layers made lazily, all of them attention layers
+    filled_elsewhere = DynamicCache(config=model.config)
+    filled_elsewhere.update(torch.zeros(1, 2, 3, 8), torch.zeros(1, 2, 3, 8), layer_idx=1)
+    with pytest.raises(ValueError, match="already holds tokens this model did not count"):
+        model.generate(ids, past_key_values=filled_elsewhere, max_new_tokens=2)
+    for implementation in ("offloaded", "offloaded_static"):
+        with pytest.raises(ValueError, match="offloading caches"):
+            model.generate(ids, cache_implementation=implementation, max_new_tokens=2)
 
 
 # transformers 5.25 rolls recurrent layers back after rejected drafts, from the states they recorded; before, it refused
