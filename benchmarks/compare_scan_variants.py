@@ -10,9 +10,9 @@ copy of that folder) and KernelConfig fields changed for it; M2RNN_SCAN_KERNELS 
 Each variant runs in a process of its own (two trees of one package cannot share a process), with this checkout's
 check and timing code (check_scan_gpu.check_correctness, bench_scan.measure_shape) on the variant's package: in the
 first round the float64 check (its errors go in the log), whose failure drops the variant before any timing; in every
-round the inference forward and the forward+backward at bench_scan's shapes. Figures of one call compare; the rounds
-show the spread. The log (the check's lines, one JSON line per variant and round, then a table of the medians) goes to
-benchmarks/results/compare_scan_variants.log and to $OUT when set.
+round the inference forward and the forward+backward at bench_scan's shapes (`--shapes` names fewer). Figures of one
+call compare; the rounds show the spread. The log (the check's lines, one JSON line per variant and round, then a
+table of the medians) goes to benchmarks/results/compare_scan_variants.log and to $OUT when set.
 """
 
 import argparse
@@ -52,10 +52,11 @@ def summary(rounds: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
-def run_variant(variant: dict, check: bool, log) -> dict | None:
-    """One round of a variant in a process of its own; its figures, or None where its check or its run failed. The
-    check's lines (the errors against float64) go to `log`."""
-    command = [sys.executable, __file__, "--one", *(["--check"] if check else []), *variant["config"]]
+def run_variant(variant: dict, check: bool, shapes: list[str], log) -> dict | None:
+    """One round of a variant in a process of its own, at `shapes` (names of bench_scan.SHAPES); its figures, or None
+    where its check or its run failed. The check's lines (the errors against float64) go to `log`."""
+    command = [sys.executable, __file__, "--one", *(["--check"] if check else []), "--shapes", *shapes, "--",
+               *variant["config"]]
     environment = dict(os.environ, PYTHONPATH=variant["root"])
     try:
         done = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=ROUND_TIMEOUT_S)
@@ -72,7 +73,7 @@ def run_variant(variant: dict, check: bool, log) -> dict | None:
     return json.loads(figures)
 
 
-def one(check: bool, config: list[str]):
+def one(check: bool, config: list[str], shapes: list[str]):
     """The child process: the variant's package under this checkout's benchmarks."""
     import bench_scan
     import torch
@@ -87,21 +88,31 @@ def one(check: bool, config: list[str]):
             raise SystemExit("check failed")
     torch.manual_seed(0)
     figures = {}
-    for shape, (B, N, S) in bench_scan.SHAPES.items():
+    for shape in shapes:
+        B, N, S = bench_scan.SHAPES[shape]
         measured = bench_scan.measure_shape(B, N, S, timings_only=True)
         figures[shape] = {key: round(measured[key], 4) for key in ("fwd_ms", "fwdbwd_ms")}
     print(json.dumps(figures))
 
 
-def main():
+def arguments() -> argparse.ArgumentParser:
+    from bench_scan import SHAPES
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("variants", nargs="*", help="NAME=ROOT[:FIELD=VALUE,...]")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES),
+                        help="bench_scan's shapes to time (default: all); fewer fit more variants in one GPU call")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a child process: FIELD=VALUE ...
     parser.add_argument("--check", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+def main():
+    parser = arguments()
     args = parser.parse_args()
     if args.one:
-        return one(args.check, args.variants)
+        return one(args.check, args.variants, args.shapes)
     variants = [parse_variant(text) for text in args.variants]
     if len({v["name"] for v in variants}) != len(variants) or not variants:
         parser.error("expected one or more variants with distinct names")
@@ -119,7 +130,7 @@ def main():
         for variant in variants:
             if round_index > 0 and not rounds[variant["name"]]:
                 continue  # failed in the first round, its check included
-            figures = run_variant(variant, round_index == 0, log)
+            figures = run_variant(variant, round_index == 0, args.shapes, log)
             log(f"{variant['name']} round {round_index}: " + (json.dumps(figures) if figures else "FAILED (above)"))
             if figures:
                 rounds[variant["name"]].append(figures)

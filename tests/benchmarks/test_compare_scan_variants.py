@@ -1,6 +1,7 @@
 """benchmarks/compare_scan_variants.py's reading of its variants and its table of medians (the timing itself needs a
 GPU)."""
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -34,3 +35,21 @@ def test_table_gives_medians_against_the_first_variant():
     rows = [line.split() for line in table.splitlines()[1:]]
     assert rows == [["base", "400m_B8", "1.900", "8.400", "+0.0%"], ["base", "7b_B4", "1.000", "5.000", "+0.0%"],
                     ["new", "400m_B8", "1.100", "6.300", "-25.0%"], ["new", "7b_B4", "1.000", "5.000", "+0.0%"]]
+
+
+def test_a_round_runs_in_a_child_at_the_shapes_asked_for(monkeypatch):
+    """What run_variant passes its child process reads back as the shapes and the launch settings."""
+    commands = []
+
+    def no_child(command, **kwargs):
+        commands.append(command)
+        raise subprocess.TimeoutExpired(command, 0)
+
+    monkeypatch.setattr(subprocess, "run", no_child)
+    variant = compare_scan_variants.parse_variant(f"rows64={REPO}:backward_rows=64")
+    assert compare_scan_variants.run_variant(variant, True, ["7b_B4", "400m_B1"], print) is None   # no figures
+    args = compare_scan_variants.arguments().parse_args(commands[0][2:])
+    assert (args.one, args.check, args.shapes) == (True, True, ["7b_B4", "400m_B1"])
+    assert args.variants == ["backward_rows=64"]
+    with pytest.raises(SystemExit):
+        compare_scan_variants.arguments().parse_args(["main=.", "--shapes", "400m_B9"])
