@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..configuration import M2RNNConfig
 from .lm_engine import OUTPUT_INDEX, check_destination, writing_into
 from .lm_engine_config import INVERSE_SQRT_HEAD_DIM, LM_ENGINE_MODEL_TYPE, M2RNN_G_NORM_EPS
 from .lm_engine_sources import SafetensorsSource
@@ -185,7 +186,6 @@ def export_lm_engine_checkpoint(src, dst, *, progress: bool = True) -> Path:
     """Write our checkpoint `src` (a folder save_pretrained wrote) as an lm-engine unsharded checkpoint in the new
     folder `dst` (config.json and safetensors, sharded as `src` is; tokenizer files copied). Raises ValueError for
     a setting lm-engine's layout cannot hold, and for tensors of `src` the conversion would leave behind."""
-    from ..configuration import M2RNNConfig
 
     src, dst = Path(src), Path(dst)
     check_destination(dst, src)
@@ -212,8 +212,6 @@ def export_lm_engine_checkpoint(src, dst, *, progress: bool = True) -> Path:
 
 def _check_ours(src: Path):
     """`src` must hold a config.json of ours: one of lm-engine's, or none, would load as a default M2RNNConfig."""
-    from ..configuration import M2RNNConfig
-
     config_file = src / "config.json"
     if not config_file.is_file():
         raise ValueError(f"{src} holds no config.json: expected a folder that save_pretrained wrote")

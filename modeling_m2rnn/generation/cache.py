@@ -12,6 +12,11 @@ from transformers.cache_utils import LinearAttentionLayer
 CACHE_ARGUMENT_NAMES = ("past_key_values", "cache")
 
 
+def _recurrent_layers(config) -> list[bool]:
+    """Which of the model's layers keep a recurrent state (a LinearAttentionLayer in a cache): all but attention."""
+    return [layer_type != "full_attention" for layer_type in config.layer_types]
+
+
 class _TokenCount:
     """The number of tokens the cache has seen; the model calls `advance` once per forward. Attention layers know
     it from their keys. An M2RNN layer answers with this count: a model made only of M2RNN layers has no attention
@@ -19,8 +24,8 @@ class _TokenCount:
     through `update_conv_state`, which the conv step kernel, conv-free layers and a loaded prompt state bypass."""
 
     def _init_token_count(self, config) -> None:
-        self.has_attention_layers = "full_attention" in config.layer_types
-        self.recurrent_layers = [layer_type != "full_attention" for layer_type in config.layer_types]
+        self.recurrent_layers = _recurrent_layers(config)
+        self.has_attention_layers = not all(self.recurrent_layers)
         self.seen_tokens = 0
 
     def get_seq_length(self, layer_idx: int = 0):
@@ -121,7 +126,7 @@ def as_m2rnn_cache(cache, config):
     kind = type(cache)
     if kind not in (DynamicCache, StaticCache):
         return cache
-    recurrent = [layer_type != "full_attention" for layer_type in config.layer_types]
+    recurrent = _recurrent_layers(config)
     if len(cache.layers) != len(recurrent) or any(
         is_recurrent != isinstance(layer, LinearAttentionLayer) for is_recurrent, layer in zip(recurrent, cache.layers)
     ):

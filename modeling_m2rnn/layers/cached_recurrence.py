@@ -27,11 +27,13 @@ def cached_recurrence(recurrence, inputs: tuple, packed: PackedSequences | None,
 
     seq_len = inputs[0].shape[1]
     first = max(seq_len - count, 0)   # the steps before `first` run at once
-    pieces = ([slice(0, first)] if first else []) + [slice(t, t + 1) for t in range(first, seq_len)]
     outputs, states, state = [], [], initial_state
-    for steps in pieces:
-        output, state = recurrence(*(x[:, steps] for x in inputs), state, None)
+    if first:
+        output, state = recurrence(*(x[:, :first] for x in inputs), state, None)
+        outputs.append(output)
+    for t in range(first, seq_len):
+        output, state = recurrence(*(x[:, t:t + 1] for x in inputs), state, None)
         outputs.append(output)
         states.append(state)
-    update_recurrent_state(cache, layer_idx, states[1:] if first else states)
+    update_recurrent_state(cache, layer_idx, states)
     return torch.cat(outputs, dim=1)
